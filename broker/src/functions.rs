@@ -1,0 +1,134 @@
+//! The server-side functions: one Redis Functions library named `fleetq`, assembled from
+//! the Lua files in `broker/src/lua/` and loaded idempotently by any process at start.
+//!
+//! Why Redis Functions rather than `EVALSHA` scripts: a library is loaded once and then
+//! callable by name from any language (`FCALL fleetq_enqueue 1 fleetq:{q}:stream '{…}'`),
+//! so a producer in Python or a shell needs no copy of the script text; functions are
+//! persisted and replicated with the data set. Every step that touches more than one key is
+//! one function, so it is atomic.
+//!
+//! Versioning: `fleetq_version` answers the library version (`<semver>+<hash of the
+//! sources>`). At start a process loads the library when the server has none, an older one,
+//! or one of the same version with other sources; it leaves a newer one in place.
+
+use redis::aio::ConnectionLike;
+use redis::FromRedisValue;
+
+use crate::keys::QueueKeys;
+use crate::{Error, Result};
+
+/// The library's name in `FUNCTION LIST`.
+pub const LIBRARY_NAME: &str = "fleetq";
+/// Wire-protocol and library version; the major number is the protocol version.
+pub const LIBRARY_SEMVER: &str = "1.0.0";
+
+/// The Lua sources, in load order (helpers first). Each file documents its KEYS, ARGV and reply.
+pub const SOURCES: &[(&str, &str)] = &[
+    ("common.lua", include_str!("lua/common.lua")),
+    ("enqueue.lua", include_str!("lua/enqueue.lua")),
+    ("take.lua", include_str!("lua/take.lua")),
+    ("renew.lua", include_str!("lua/renew.lua")),
+    ("complete.lua", include_str!("lua/complete.lua")),
+    ("promote.lua", include_str!("lua/promote.lua")),
+    ("reclaim.lua", include_str!("lua/reclaim.lua")),
+    ("cancel.lua", include_str!("lua/cancel.lua")),
+    ("status.lua", include_str!("lua/status.lua")),
+    ("version.lua", include_str!("lua/version.lua")),
+];
+
+/// The full library version, `<semver>+<hash of the sources>`.
+pub fn library_version() -> String {
+    // FNV-1a: tiny, stable across builds and platforms.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for (_, src) in SOURCES {
+        for b in src.bytes() {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{LIBRARY_SEMVER}+{:08x}", hash >> 32)
+}
+
+/// The library text passed to `FUNCTION LOAD`.
+pub fn library_source() -> String {
+    let mut out = format!("#!lua name={LIBRARY_NAME}\n");
+    for (name, src) in SOURCES {
+        out.push_str(&format!("\n-- ===== {name} =====\n"));
+        out.push_str(&src.replace("__FLEETQ_VERSION__", &library_version()));
+        out.push('\n');
+    }
+    out
+}
+
+/// Loads the library unless the server already has this version or a newer one.
+pub async fn load<C: ConnectionLike + Send>(conn: &mut C) -> Result<()> {
+    let source = library_source();
+    let loaded: redis::RedisResult<String> = redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg(&source)
+        .query_async(conn)
+        .await;
+    match loaded {
+        Ok(_) => Ok(()),
+        Err(e) if e.to_string().contains("already exists") => {
+            let theirs: Option<String> = redis::cmd("FCALL_RO")
+                .arg("fleetq_version")
+                .arg(0)
+                .query_async(conn)
+                .await
+                .ok();
+            let ours = library_version();
+            let replace = match &theirs {
+                None => true,
+                Some(v) if *v == ours => false,
+                Some(v) => semver_of(v) <= semver_of(&ours),
+            };
+            if replace {
+                redis::cmd("FUNCTION")
+                    .arg("LOAD")
+                    .arg("REPLACE")
+                    .arg(&source)
+                    .query_async::<String>(conn)
+                    .await
+                    .map_err(|e| Error::redis("load functions", e))?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(Error::redis("load functions", e)),
+    }
+}
+
+fn semver_of(v: &str) -> Vec<u64> {
+    v.split('+')
+        .next()
+        .unwrap_or("")
+        .split('.')
+        .map(|p| p.parse().unwrap_or(0))
+        .collect()
+}
+
+/// An `FCALL` of function `name` on queue `keys`, ready for its arguments.
+pub fn fcall(name: &str, keys: &QueueKeys) -> redis::Cmd {
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg(name).arg(1).arg(keys.stream());
+    cmd
+}
+
+/// Runs `cmd` (an [`fcall`]); when the server lost the library (a restart without
+/// persistence), loads it and tries once more.
+pub async fn call<T, C>(conn: &mut C, cmd: &redis::Cmd, step: &'static str) -> Result<T>
+where
+    T: FromRedisValue,
+    C: ConnectionLike + Send,
+{
+    match cmd.query_async(conn).await {
+        Ok(v) => Ok(v),
+        Err(e) if e.to_string().contains("Function not found") => {
+            load(conn).await?;
+            cmd.query_async(conn)
+                .await
+                .map_err(|e| Error::redis(step, e))
+        }
+        Err(e) => Err(Error::redis(step, e)),
+    }
+}

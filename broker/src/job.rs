@@ -1,0 +1,462 @@
+//! The job envelope: what a stream entry must hold to be a job, and what a job's status says.
+//!
+//! A stream entry is a flat list of string fields. Only `payload` is required; see
+//! `docs/protocol.md` for every field. [`JobEntry::parse`] checks an entry the way a worker
+//! must before running it; an entry that fails the check is [`Malformed`] and goes to the
+//! dead letters with the reason, never crashing anything.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::queue_config::QueueConfig;
+
+/// A stream entry as read from Redis: its id and its fields in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawEntry {
+    /// The stream entry id, `<ms>-<seq>`.
+    pub id: String,
+    /// Field names and raw values.
+    pub fields: Vec<(String, Vec<u8>)>,
+}
+
+impl RawEntry {
+    /// The job id this entry carries: its `id` field when that is valid text, else the entry id.
+    pub fn job_id(&self) -> String {
+        self.fields
+            .iter()
+            .find(|(f, _)| f == "id")
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+            .filter(|v| !v.is_empty() && v.len() <= 200)
+            .map_or_else(|| self.id.clone(), str::to_owned)
+    }
+}
+
+/// Why an entry is not a valid job. The `Display` text is the dead-letter reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Malformed {
+    /// No `payload` field.
+    #[error("entry has no payload field; add the job as XADD <stream> * payload '<json>'")]
+    MissingPayload,
+    /// The payload is not UTF-8 JSON.
+    #[error("payload is not valid JSON ({0}); send a JSON text such as {{\"prompt\":\"…\"}}")]
+    PayloadNotJson(String),
+    /// The payload is over the queue's limit.
+    #[error("payload is {size} bytes, over the queue limit of {limit} (config max_payload_bytes); pass a reference to large inputs instead")]
+    PayloadTooLarge {
+        /// Payload size in bytes.
+        size: usize,
+        /// The queue's `max_payload_bytes`.
+        limit: usize,
+    },
+    /// A known field holds a value of the wrong type.
+    #[error("field {field} must be {expected}, got {value:?}")]
+    BadField {
+        /// Field name.
+        field: String,
+        /// What the field must hold.
+        expected: &'static str,
+        /// The value found (cut to 100 bytes).
+        value: String,
+    },
+}
+
+/// Per-job limits: each overrides the queue default when set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct JobLimits {
+    /// Field `max_attempts`.
+    pub max_attempts: Option<u32>,
+    /// Field `queue_timeout_ms`.
+    pub queue_timeout: Option<Duration>,
+    /// Field `start_timeout_ms`.
+    pub start_timeout: Option<Duration>,
+    /// Field `progress_timeout_ms`.
+    pub progress_timeout: Option<Duration>,
+    /// Field `run_timeout_ms`.
+    pub run_timeout: Option<Duration>,
+}
+
+/// A valid job read from the stream.
+#[derive(Debug, Clone)]
+pub struct JobEntry {
+    /// The stream entry id (changes when a retry is re-added).
+    pub entry_id: String,
+    /// The job id (field `id`, else the first entry id); stable across retries.
+    pub job_id: String,
+    /// The payload, parsed.
+    pub payload: serde_json::Value,
+    /// Field `workflow`: what a failing node may be blocked for.
+    pub workflow: Option<String>,
+    /// Field `traceparent`, passed through to handlers.
+    pub traceparent: Option<String>,
+    /// Per-job limits.
+    pub limits: JobLimits,
+    /// Field `attempts`: attempts made before this entry was added (retries, releases).
+    pub prior_attempts: u32,
+    /// Field `enqueued_ms`, else the entry id's time: when the job was first enqueued.
+    pub enqueued_ms: u64,
+    /// Field `avoid`: nodes where earlier attempts failed.
+    pub avoid: Vec<String>,
+}
+
+impl JobEntry {
+    /// Checks an entry and turns it into a job. Unknown fields are ignored (a newer producer
+    /// may add some); known fields must have the right type.
+    pub fn parse(raw: &RawEntry, max_payload_bytes: usize) -> Result<Self, Malformed> {
+        let fields: HashMap<&str, &[u8]> = raw
+            .fields
+            .iter()
+            .map(|(f, v)| (f.as_str(), v.as_slice()))
+            .collect();
+        let payload = fields.get("payload").ok_or(Malformed::MissingPayload)?;
+        if payload.len() > max_payload_bytes {
+            return Err(Malformed::PayloadTooLarge {
+                size: payload.len(),
+                limit: max_payload_bytes,
+            });
+        }
+        let payload: serde_json::Value = serde_json::from_slice(payload)
+            .map_err(|e| Malformed::PayloadNotJson(e.to_string()))?;
+        let text = |name: &str| -> Result<Option<String>, Malformed> {
+            match fields.get(name) {
+                None => Ok(None),
+                Some(v) => match std::str::from_utf8(v) {
+                    Ok(s) if s.len() <= 200 => Ok(Some(s.to_owned())),
+                    _ => Err(bad(name, "UTF-8 text of at most 200 bytes", v)),
+                },
+            }
+        };
+        let int = |name: &str| -> Result<Option<u64>, Malformed> {
+            match fields.get(name) {
+                None => Ok(None),
+                Some(v) => std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .map(Some)
+                    .ok_or_else(|| bad(name, "a whole number", v)),
+            }
+        };
+        let positive_ms = |name: &str| -> Result<Option<Duration>, Malformed> {
+            match int(name)? {
+                Some(0) => Err(bad(name, "a positive number of milliseconds", b"0")),
+                v => Ok(v.map(Duration::from_millis)),
+            }
+        };
+        let max_attempts = match int("max_attempts")? {
+            Some(0) => return Err(bad("max_attempts", "a positive whole number", b"0")),
+            Some(v) => Some(u32::try_from(v).map_err(|_| {
+                bad(
+                    "max_attempts",
+                    "a positive whole number",
+                    v.to_string().as_bytes(),
+                )
+            })?),
+            None => None,
+        };
+        let limits = JobLimits {
+            max_attempts,
+            queue_timeout: positive_ms("queue_timeout_ms")?,
+            start_timeout: positive_ms("start_timeout_ms")?,
+            progress_timeout: positive_ms("progress_timeout_ms")?,
+            run_timeout: positive_ms("run_timeout_ms")?,
+        };
+        let enqueued_ms = match int("enqueued_ms")? {
+            Some(v) => v,
+            None => entry_ms(&raw.id),
+        };
+        let prior_attempts = int("attempts")?.map_or(0, |v| u32::try_from(v).unwrap_or(u32::MAX));
+        let avoid = text("avoid")?
+            .map(|s| {
+                s.split(',')
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(JobEntry {
+            entry_id: raw.id.clone(),
+            job_id: text("id")?
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| raw.id.clone()),
+            payload,
+            workflow: text("workflow")?,
+            traceparent: text("traceparent")?,
+            limits,
+            prior_attempts,
+            enqueued_ms,
+            avoid,
+        })
+    }
+
+    /// The attempts this job may make: its own limit, else the queue's.
+    pub fn max_attempts(&self, queue: &QueueConfig) -> u32 {
+        self.limits.max_attempts.unwrap_or(queue.max_attempts)
+    }
+
+    /// The queue timeout in force: the job's own, else the queue's.
+    pub fn queue_timeout(&self, queue: &QueueConfig) -> Option<Duration> {
+        self.limits.queue_timeout.or(queue.queue_timeout)
+    }
+
+    /// The start timeout in force.
+    pub fn start_timeout(&self, queue: &QueueConfig) -> Option<Duration> {
+        self.limits.start_timeout.or(queue.start_timeout)
+    }
+
+    /// The progress timeout in force.
+    pub fn progress_timeout(&self, queue: &QueueConfig) -> Option<Duration> {
+        self.limits.progress_timeout.or(queue.progress_timeout)
+    }
+
+    /// The run timeout in force.
+    pub fn run_timeout(&self, queue: &QueueConfig) -> Option<Duration> {
+        self.limits.run_timeout.or(queue.run_timeout)
+    }
+}
+
+fn bad(field: &str, expected: &'static str, value: &[u8]) -> Malformed {
+    let mut value = String::from_utf8_lossy(value).into_owned();
+    if value.len() > 100 {
+        let mut cut = 100;
+        while !value.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        value.truncate(cut);
+    }
+    Malformed::BadField {
+        field: field.to_owned(),
+        expected,
+        value,
+    }
+}
+
+/// The millisecond part of a stream entry id (its enqueue time).
+pub fn entry_ms(entry_id: &str) -> u64 {
+    entry_id
+        .split('-')
+        .next()
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum JobState {
+    /// In the stream, not yet delivered to a worker.
+    Waiting,
+    /// In the delayed set until its due time.
+    Scheduled,
+    /// Failed an attempt; waiting out its backoff in the delayed set.
+    Retrying,
+    /// Delivered to a worker that has not started it yet.
+    Taken,
+    /// Running on a worker.
+    Running,
+    /// Running, and a producer asked to cancel it.
+    Cancelling,
+    /// Ended with a result.
+    Succeeded,
+    /// Ended with an error that is not worth retrying.
+    Failed,
+    /// Ended in the dead-letter stream (attempts exhausted, malformed, poison).
+    Dead,
+    /// Ended without starting: its queue timeout passed.
+    Expired,
+    /// Ended by a cancel.
+    Cancelled,
+    /// Unknown: never enqueued, or ended longer ago than the retention.
+    NotFound,
+}
+
+impl JobState {
+    /// Parses the state names used in Redis.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "waiting" => Self::Waiting,
+            "scheduled" => Self::Scheduled,
+            "retrying" => Self::Retrying,
+            "taken" => Self::Taken,
+            "running" => Self::Running,
+            "cancelling" => Self::Cancelling,
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            "dead" => Self::Dead,
+            "expired" => Self::Expired,
+            "cancelled" => Self::Cancelled,
+            "not_found" => Self::NotFound,
+            _ => return None,
+        })
+    }
+
+    /// The name used in Redis and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Waiting => "waiting",
+            Self::Scheduled => "scheduled",
+            Self::Retrying => "retrying",
+            Self::Taken => "taken",
+            Self::Running => "running",
+            Self::Cancelling => "cancelling",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Dead => "dead",
+            Self::Expired => "expired",
+            Self::Cancelled => "cancelled",
+            Self::NotFound => "not_found",
+        }
+    }
+
+    /// True for the states a job never leaves.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::Dead | Self::Expired | Self::Cancelled
+        )
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a producer may know about a job (the reply of `fleetq_status`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobStatus {
+    /// The job id.
+    pub id: String,
+    /// Where the job is.
+    pub state: JobState,
+    /// 1-based place among waiting jobs, when waiting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
+    /// Attempts made so far (first run included).
+    pub attempts: u32,
+    /// Node of the current or last attempt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Nodes of every attempt, in order.
+    pub nodes: Vec<String>,
+    /// The result JSON, when succeeded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// The last error, when failed, dead, expired or retrying.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Latest progress report (JSON), when any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<serde_json::Value>,
+    /// Every other field of the job hash (timestamps in ms, reason, timeout kind, …).
+    pub fields: HashMap<String, String>,
+}
+
+impl JobStatus {
+    /// Builds a status from the flat field/value reply of `fleetq_status`.
+    pub fn from_fields(id: &str, flat: Vec<(String, String)>) -> Self {
+        let mut fields: HashMap<String, String> = flat.into_iter().collect();
+        let state = fields
+            .remove("state")
+            .and_then(|s| JobState::from_name(&s))
+            .unwrap_or(JobState::NotFound);
+        let position = fields.remove("position").and_then(|p| p.parse().ok());
+        let attempts = fields
+            .get("attempts")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(0);
+        let node = fields.get("node").cloned();
+        let nodes = fields
+            .get("nodes")
+            .map(|n| {
+                n.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let json = |v: Option<String>| {
+            v.map(|s| serde_json::from_str(&s).unwrap_or(serde_json::Value::String(s)))
+        };
+        let result = json(fields.remove("result"));
+        let progress = json(fields.remove("progress"));
+        let error = fields.remove("error");
+        Self {
+            id: id.to_owned(),
+            state,
+            position,
+            attempts,
+            node,
+            nodes,
+            result,
+            error,
+            progress,
+            fields,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(fields: &[(&str, &str)]) -> RawEntry {
+        RawEntry {
+            id: "1700000000000-0".into(),
+            fields: fields
+                .iter()
+                .map(|(f, v)| ((*f).to_owned(), v.as_bytes().to_vec()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_payload_alone_is_a_job() {
+        let j = JobEntry::parse(&raw(&[("payload", r#"{"a":1}"#)]), 1024).unwrap();
+        assert_eq!(j.job_id, "1700000000000-0");
+        assert_eq!(j.enqueued_ms, 1_700_000_000_000);
+        assert_eq!(j.payload["a"], 1);
+        assert_eq!(j.prior_attempts, 0);
+    }
+
+    #[test]
+    fn each_malformation_is_named() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("data", "{}")], "no payload"),
+            (&[("payload", "{nope")], "not valid JSON"),
+            (&[("payload", &"1".repeat(2000))], "over the queue limit"),
+            (
+                &[("payload", "{}"), ("max_attempts", "many")],
+                "max_attempts",
+            ),
+            (
+                &[("payload", "{}"), ("run_timeout_ms", "0")],
+                "run_timeout_ms",
+            ),
+        ];
+        for (fields, want) in cases {
+            let err = JobEntry::parse(&raw(fields), 1024).unwrap_err().to_string();
+            assert!(err.contains(want), "{err} lacks {want}");
+        }
+    }
+
+    #[test]
+    fn status_parses_result_json() {
+        let s = JobStatus::from_fields(
+            "j1",
+            vec![
+                ("state".into(), "succeeded".into()),
+                ("result".into(), r#"{"ok":true}"#.into()),
+                ("nodes".into(), "a,b".into()),
+                ("attempts".into(), "2".into()),
+            ],
+        );
+        assert_eq!(s.state, JobState::Succeeded);
+        assert_eq!(s.result.unwrap()["ok"], true);
+        assert_eq!(s.nodes, vec!["a", "b"]);
+        assert_eq!(s.attempts, 2);
+    }
+}

@@ -1,0 +1,29 @@
+//! fleetq: a job queue for GPU fleets on Redis Streams.
+//!
+//! This crate is the queue itself, shared by producers, workers, the broker and the CLI:
+//!
+//! - [`keys`] — the Redis key layout (the only place keys are built).
+//! - [`job`] — the job envelope: entry fields, validation, states, status.
+//! - [`queue_config`] — queue defaults kept in Redis (timeouts, attempts, backoff, retention).
+//! - [`functions`] — the server-side Redis Functions library (Lua) and its loader.
+//! - [`connection`] — connections to Redis (TLS, passwords, timeouts).
+//! - [`producer`] — enqueue, status, wait for the result, cancel.
+//! - [`local_redis`] — a throwaway `redis-server` for the demo, benchmarks and tests.
+//! - [`error`] — the crate's error type.
+
+pub mod connection;
+pub mod error;
+pub mod functions;
+pub mod job;
+pub mod keys;
+pub mod local_redis;
+pub mod producer;
+pub mod queue_config;
+
+pub use connection::{Redis, RedisConfig};
+pub use error::{Error, Result};
+pub use job::{JobEntry, JobState, JobStatus, Malformed, RawEntry};
+pub use keys::QueueKeys;
+pub use local_redis::LocalRedis;
+pub use producer::{EnqueueOptions, Enqueued, Producer};
+pub use queue_config::QueueConfig;

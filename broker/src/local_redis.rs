@@ -1,0 +1,187 @@
+//! A throwaway `redis-server` on a free loopback port in a temporary directory, for the demo,
+//! the benchmarks and the tests. It is killed and its directory removed when dropped.
+//! Tests may stop, pause and restart it to play failures.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{Error, Result};
+
+/// How long to wait for a fresh server to answer `PING`.
+pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Options for [`LocalRedis::start_with`].
+#[derive(Debug, Clone, Default)]
+pub struct LocalRedisOptions {
+    /// Require this password (`requirepass`).
+    pub password: Option<String>,
+    /// Turn on the append-only file (for crash tests); off by default.
+    pub appendonly: bool,
+    /// Extra `--name value` arguments.
+    pub extra: Vec<(String, String)>,
+}
+
+/// A running local `redis-server`.
+#[derive(Debug)]
+pub struct LocalRedis {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    options: LocalRedisOptions,
+}
+
+impl LocalRedis {
+    /// Starts a server without persistence on a free loopback port.
+    pub fn start() -> Result<Self> {
+        Self::start_with(LocalRedisOptions::default())
+    }
+
+    /// Starts a server with `options`.
+    pub fn start_with(options: LocalRedisOptions) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("fleetq-redis-")
+            .tempdir()
+            .map_err(|e| Error::LocalRedis(format!("cannot create a temporary directory: {e}")))?;
+        let mut server = Self {
+            child: None,
+            port: 0,
+            dir,
+            options,
+        };
+        let mut last_err = String::new();
+        // A port found free may be taken before redis binds it; try a few.
+        for _ in 0..5 {
+            server.port = free_port()?;
+            match server.spawn() {
+                Ok(()) => return Ok(server),
+                Err(e) => {
+                    last_err = e.to_string();
+                    server.kill();
+                }
+            }
+        }
+        Err(Error::LocalRedis(last_err))
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let mut cmd = Command::new("redis-server");
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.log_path())
+            .arg("--save")
+            .arg("")
+            .arg("--appendonly")
+            .arg(if self.options.appendonly { "yes" } else { "no" })
+            .arg("--daemonize")
+            .arg("no");
+        if let Some(pw) = &self.options.password {
+            cmd.arg("--requirepass").arg(pw);
+        }
+        for (k, v) in &self.options.extra {
+            cmd.arg(format!("--{k}")).arg(v);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().map_err(|e| {
+            Error::LocalRedis(format!(
+                "cannot run redis-server ({e}); install it (Debian: apt-get install -y redis-server) or set REDIS_URL to a running server"
+            ))
+        })?;
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(child) = &mut self.child {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(Error::LocalRedis(format!(
+                        "redis-server exited at start ({status}); its log:\n{}",
+                        self.log()
+                    )));
+                }
+            }
+            if self.ping() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Error::LocalRedis(format!(
+                    "redis-server did not answer within {START_TIMEOUT:?}; its log:\n{}",
+                    self.log()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn ping(&self) -> bool {
+        let Ok(client) = redis::Client::open(self.url()) else {
+            return false;
+        };
+        let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(200)) else {
+            return false;
+        };
+        redis::cmd("PING").query::<String>(&mut conn).is_ok()
+    }
+
+    /// `redis://[:password@]127.0.0.1:<port>/0`.
+    pub fn url(&self) -> String {
+        match &self.options.password {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
+    }
+
+    /// The port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    /// The server's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Kills the server (SIGKILL); [`LocalRedis::restart`] brings it back on the same port.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and directory after [`LocalRedis::kill`].
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn()
+    }
+}
+
+impl Drop for LocalRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| Error::LocalRedis(format!("cannot find a free loopback port: {e}")))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| Error::LocalRedis(format!("cannot find a free loopback port: {e}")))
+}

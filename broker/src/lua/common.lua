@@ -1,0 +1,198 @@
+-- common.lua: helpers shared by every fleetq function. Prepended to the library.
+--
+-- Key layout: every function takes the queue's stream key `fleetq:{q}:stream` as KEYS[1]
+-- and derives the queue's other keys from it (they share the `{q}` hash tag, so they live
+-- in the same Redis Cluster slot). The table of keys is in broker/src/keys.rs and
+-- docs/protocol.md; the suffixes below must match it.
+
+local GROUP = 'workers'
+
+local DEFAULT_RETENTION_MS = 3600000
+local DEFAULT_EVENTS_MAXLEN = 10000
+-- Plain-XADD jobs carry no `seq` field; their position is counted with XRANGE up to this.
+local POSITION_SCAN_LIMIT = 1000
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function queue_keys(stream_key)
+  if string.sub(stream_key, -7) ~= ':stream' then
+    return error('fleetq: KEYS[1] must be a queue stream key such as fleetq:{q}:stream, got: ' .. stream_key)
+  end
+  local p = string.sub(stream_key, 1, #stream_key - 6)
+  return {
+    prefix = p,
+    stream = stream_key,
+    delayed = p .. 'delayed',
+    dead = p .. 'dead',
+    events = p .. 'events',
+    config = p .. 'config',
+    leases = p .. 'leases',
+    stats = p .. 'stats',
+  }
+end
+
+local function job_key(K, job_id) return K.prefix .. 'job:' .. job_id end
+local function notify_key(K, job_id) return K.prefix .. 'notify:' .. job_id end
+
+local function to_map(flat)
+  local m = {}
+  for i = 1, #flat, 2 do m[flat[i]] = flat[i + 1] end
+  return m
+end
+
+local TERMINAL = { succeeded = true, failed = true, dead = true, expired = true, cancelled = true }
+
+local function config_num(K, name, default)
+  local v = tonumber(redis.call('HGET', K.config, name))
+  if v == nil then return default end
+  return v
+end
+
+-- The fields of one stream entry as a flat array, or nil when the entry is gone.
+local function entry_fields(K, entry_id)
+  local r = redis.call('XRANGE', K.stream, entry_id, entry_id)
+  if #r == 0 then return nil end
+  return r[1][2]
+end
+
+-- The job id of an entry: its `id` field, else the entry id itself.
+local function job_id_of(entry_id, fields)
+  for i = 1, #fields, 2 do
+    if fields[i] == 'id' then return fields[i + 1] end
+  end
+  return entry_id
+end
+
+-- Owner (consumer name) and delivery count of a pending entry, or nil when not pending.
+local function pending_owner(K, entry_id)
+  local ok, r = pcall(redis.call, 'XPENDING', K.stream, GROUP, entry_id, entry_id, 1)
+  if not ok or #r == 0 then return nil, 0 end
+  return r[1][2], tonumber(r[1][4])
+end
+
+-- The fencing check: the caller still holds this delivery of the entry.
+local function owns(K, entry_id, consumer, deliveries)
+  local owner, count = pending_owner(K, entry_id)
+  return owner == consumer and count == tonumber(deliveries)
+end
+
+local function emit(K, kind, job_id, extra)
+  local maxlen = config_num(K, 'events_maxlen', DEFAULT_EVENTS_MAXLEN)
+  if maxlen <= 0 then return end
+  local args = { 'XADD', K.events, 'MAXLEN', '~', maxlen, '*', 'type', kind, 'job', job_id }
+  if extra then
+    for i = 1, #extra do args[#args + 1] = extra[i] end
+  end
+  redis.call(unpack(args))
+end
+
+local function stat(K, field, n)
+  redis.call('HINCRBY', K.stats, field, n or 1)
+end
+
+-- Add an entry to the stream, stamping it with its sequence number `seq` (the stream's
+-- entries-added counter after the add) so that its queue position is O(1) to compute.
+-- Fields named in `drop` are left out. Returns the new entry id and its seq.
+local function add_entry(K, flat, drop)
+  local added = 0
+  if redis.call('EXISTS', K.stream) == 1 then
+    local info = to_map(redis.call('XINFO', 'STREAM', K.stream))
+    added = tonumber(info['entries-added']) or 0
+  end
+  local seq = added + 1
+  local args = { 'XADD', K.stream, '*' }
+  for i = 1, #flat, 2 do
+    local f = flat[i]
+    if f ~= 'seq' and not (drop and drop[f]) then
+      args[#args + 1] = f
+      args[#args + 1] = flat[i + 1]
+    end
+  end
+  args[#args + 1] = 'seq'
+  args[#args + 1] = tostring(seq)
+  local id = redis.call(unpack(args))
+  return id, seq
+end
+
+local function group_state(K)
+  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', K.stream)
+  if not ok then return nil end
+  for _, g in ipairs(groups) do
+    local m = to_map(g)
+    if m['name'] == GROUP then return m end
+  end
+  return nil
+end
+
+local function id_lt(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if am == nil or bm == nil then return false end
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+
+-- 1-based position of a waiting entry (how many undelivered entries are at or before it),
+-- or 0 when the entry has already been delivered to a worker.
+local function position_of(K, entry_id, seq)
+  local g = group_state(K)
+  if g ~= nil then
+    if not id_lt(g['last-delivered-id'], entry_id) then return 0 end
+    local read = tonumber(g['entries-read'])
+    if seq and read then return tonumber(seq) - read end
+    local r = redis.call('XRANGE', K.stream, '(' .. g['last-delivered-id'], entry_id, 'COUNT', POSITION_SCAN_LIMIT)
+    if #r > 0 and r[#r][1] == entry_id then return #r end
+    return POSITION_SCAN_LIMIT + 1
+  end
+  -- No consumer group yet: nothing was delivered.
+  if seq then
+    local info = to_map(redis.call('XINFO', 'STREAM', K.stream))
+    return tonumber(seq) - ((tonumber(info['entries-added']) or 0) - tonumber(info['length']))
+  end
+  local r = redis.call('XRANGE', K.stream, '-', entry_id, 'COUNT', POSITION_SCAN_LIMIT)
+  if #r > 0 and r[#r][1] == entry_id then return #r end
+  return POSITION_SCAN_LIMIT + 1
+end
+
+-- End a job: set its terminal state, wake its waiters, start its retention clock.
+local function finish(K, job_id, state, fields)
+  local jk = job_key(K, job_id)
+  local args = { 'HSET', jk, 'state', state, 'ended_ms', tostring(now_ms()) }
+  if fields then
+    for i = 1, #fields do args[#args + 1] = fields[i] end
+  end
+  redis.call(unpack(args))
+  redis.call('HDEL', jk, 'retry', 'cancel')
+  local waiters = tonumber(redis.call('HGET', jk, 'waiters')) or 0
+  if waiters > 0 then
+    local nk = notify_key(K, job_id)
+    for _ = 1, waiters do redis.call('RPUSH', nk, state) end
+    redis.call('PEXPIRE', nk, 60000)
+    redis.call('HDEL', jk, 'waiters')
+  end
+  redis.call('PEXPIRE', jk, config_num(K, 'retention_ms', DEFAULT_RETENTION_MS))
+  stat(K, state)
+end
+
+-- Remove a delivered entry from the group and the stream (the entry is finished).
+local function drop_entry(K, entry_id)
+  redis.call('XACK', K.stream, GROUP, entry_id)
+  redis.call('XDEL', K.stream, entry_id)
+  redis.call('ZREM', K.leases, entry_id)
+end
+
+-- Copy an entry to the dead-letter stream with its reason.
+local function dead_letter(K, job_id, fields, reason, err, attempts, nodes)
+  local args = { 'XADD', K.dead, '*', 'job', job_id, 'reason', reason, 'error', err or '',
+    'attempts', tostring(attempts or 0), 'nodes', nodes or '', 'dead_ms', tostring(now_ms()) }
+  if fields then
+    for i = 1, #fields, 2 do
+      args[#args + 1] = 'f:' .. fields[i]
+      args[#args + 1] = fields[i + 1]
+    end
+  end
+  redis.call(unpack(args))
+end

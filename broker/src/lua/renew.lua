@@ -1,0 +1,36 @@
+-- fleetq_renew: extend the lease of every entry a worker holds, in one call.
+--
+-- KEYS[1]  queue stream key
+-- ARGV[1]  consumer name of the caller
+-- ARGV[2]  lease in ms
+-- ARGV[3…] per entry, 3 values: entry_id, deliveries (as returned by fleetq_take), job_id
+-- Reply    per entry: 'ok' (renewed), 'lost' (another consumer or delivery holds it now; the
+--          caller must stop: it cannot commit), or 'cancel' (renewed, but a producer asked to
+--          cancel the job; the caller should stop it and commit 'cancelled').
+--
+-- The ownership check comes first: a bare XCLAIM … JUSTID would silently take back an entry
+-- another host has already reclaimed.
+
+local function renew(keys, args)
+  local K = queue_keys(keys[1])
+  local consumer, lease = args[1], tonumber(args[2])
+  local deadline = now_ms() + lease
+  local out = {}
+  for i = 3, #args, 3 do
+    local entry_id, deliveries, job_id = args[i], args[i + 1], args[i + 2]
+    if owns(K, entry_id, consumer, deliveries) then
+      redis.call('XCLAIM', K.stream, GROUP, consumer, 0, entry_id, 'JUSTID')
+      redis.call('ZADD', K.leases, deadline, entry_id)
+      if redis.call('HGET', job_key(K, job_id), 'cancel') == '1' then
+        out[#out + 1] = 'cancel'
+      else
+        out[#out + 1] = 'ok'
+      end
+    else
+      out[#out + 1] = 'lost'
+    end
+  end
+  return out
+end
+
+redis.register_function('fleetq_renew', renew)

@@ -1,0 +1,78 @@
+-- fleetq_take: a worker took entries (XREADGROUP or reclaim); decide for each whether it runs.
+--
+-- KEYS[1]  queue stream key
+-- ARGV[1]  consumer name of the caller
+-- ARGV[2]  node name of the caller
+-- ARGV[3]  lease in ms (the entry is reclaimable when not renewed within it)
+-- ARGV[4]  1 when the job counts as started at once (in-process handlers), else 0
+-- ARGV[5…] per entry, 6 values: entry_id, job_id, prior_attempts, max_attempts,
+--          queue_deadline_ms (0 = none), enqueued_ms
+-- Reply    per entry { entry_id, decision, deliveries, attempts }, decision one of
+--          run (the caller owns it and runs it), lost (not owned by the caller),
+--          duplicate (another entry already carries this job id, or the job has ended),
+--          cancelled, expired (queue timeout passed), dead (attempts exhausted).
+
+local function take(keys, args)
+  local K = queue_keys(keys[1])
+  local consumer, node = args[1], args[2]
+  local lease = tonumber(args[3])
+  local started_now = args[4] == '1'
+  local now = now_ms()
+  local out = {}
+  for i = 5, #args, 6 do
+    local entry_id, job_id = args[i], args[i + 1]
+    local prior, max_attempts = tonumber(args[i + 2]), tonumber(args[i + 3])
+    local deadline, enqueued = tonumber(args[i + 4]), args[i + 5]
+    local owner, deliveries = pending_owner(K, entry_id)
+    local jk = job_key(K, job_id)
+    if owner ~= consumer then
+      out[#out + 1] = { entry_id, 'lost', deliveries, 0 }
+    else
+      local h = redis.call('HMGET', jk, 'state', 'entry', 'cancel', 'nodes', 'started_ms')
+      local state, known_entry, cancel, nodes, started = h[1], h[2], h[3], h[4] or '', h[5]
+      local attempts = prior + deliveries
+      if (known_entry and known_entry ~= entry_id) or TERMINAL[state] then
+        drop_entry(K, entry_id)
+        stat(K, 'duplicates')
+        out[#out + 1] = { entry_id, 'duplicate', deliveries, attempts }
+      elseif cancel == '1' then
+        drop_entry(K, entry_id)
+        finish(K, job_id, 'cancelled')
+        emit(K, 'cancelled', job_id)
+        out[#out + 1] = { entry_id, 'cancelled', deliveries, attempts }
+      elseif deadline > 0 and now > deadline and not started then
+        drop_entry(K, entry_id)
+        local waited = now - (tonumber(enqueued) or now)
+        finish(K, job_id, 'expired', { 'error', 'queue timeout: not started within its queue_timeout_ms (waited ' .. waited .. ' ms)',
+          'timeout', 'queue', 'enqueued_ms', enqueued })
+        stat(K, 'timeout:queue')
+        emit(K, 'expired', job_id, { 'waited_ms', tostring(waited) })
+        out[#out + 1] = { entry_id, 'expired', deliveries, attempts }
+      elseif attempts > max_attempts then
+        local fields = entry_fields(K, entry_id)
+        local reason = 'attempts exhausted: ' .. attempts - 1 .. ' of ' .. max_attempts ..
+          ' used; the last holder lost its lease (dead, frozen or partitioned host)'
+        dead_letter(K, job_id, fields, 'attempts_exhausted', reason, attempts - 1, nodes)
+        drop_entry(K, entry_id)
+        finish(K, job_id, 'dead', { 'error', reason, 'reason', 'attempts_exhausted', 'attempts', tostring(attempts - 1) })
+        emit(K, 'dead', job_id, { 'reason', 'attempts_exhausted' })
+        out[#out + 1] = { entry_id, 'dead', deliveries, attempts }
+      else
+        if nodes ~= '' then nodes = nodes .. ',' end
+        nodes = nodes .. node
+        local st = started_now and 'running' or 'taken'
+        redis.call('HSET', jk, 'state', st, 'entry', entry_id, 'consumer', consumer, 'node', node,
+          'attempts', tostring(attempts), 'max_attempts', tostring(max_attempts), 'taken_ms', tostring(now),
+          'nodes', nodes, 'enqueued_ms', enqueued, 'deliveries', tostring(deliveries))
+        if started_now then redis.call('HSET', jk, 'started_ms', tostring(now)) end
+        redis.call('PERSIST', jk)
+        redis.call('ZADD', K.leases, now + lease, entry_id)
+        emit(K, started_now and 'started' or 'taken', job_id, { 'node', node, 'attempt', tostring(attempts) })
+        out[#out + 1] = { entry_id, 'run', deliveries, attempts }
+      end
+    end
+  end
+  return out
+end
+
+redis.register_function('fleetq_take', take)

@@ -1,0 +1,9 @@
+-- fleetq_version: the version of this function library.
+--
+-- Reply    the version string, e.g. '1.0.0'. The major number is the wire-protocol version;
+--          a process loads the library when the server has none or an older one.
+
+local LIBRARY_VERSION = '__FLEETQ_VERSION__'
+
+redis.register_function{ function_name = 'fleetq_version', callback = function() return LIBRARY_VERSION end,
+  flags = { 'no-writes' } }

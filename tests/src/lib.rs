@@ -1,0 +1,265 @@
+//! Test harness shared by the end-to-end tests: a private `redis-server` per test, worker
+//! processes to kill, freeze and stop, and polling with deadlines (tests never sleep to wait).
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleetq_broker::{LocalRedis, Producer, QueueConfig, QueueKeys, Redis};
+use fleetq_worker::{Handler, Job, JobContext, Outcome, WorkerConfig};
+use tokio_util::sync::CancellationToken;
+
+pub use fleetq_broker;
+pub use fleetq_worker;
+
+/// A private Redis for one test plus handles on it.
+pub struct Stack {
+    /// The server (kill, restart, log).
+    pub server: LocalRedis,
+    /// A client handle.
+    pub redis: Redis,
+}
+
+impl Stack {
+    /// Starts a fresh `redis-server` on a free port.
+    pub async fn start() -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        let server = LocalRedis::start().expect("start redis-server");
+        let redis = Redis::connect(&server.url()).await.expect("connect");
+        Self { server, redis }
+    }
+
+    /// A producer for `queue`.
+    pub async fn producer(&self, queue: &str) -> Producer {
+        Producer::new(&self.redis, queue).await.expect("producer")
+    }
+
+    /// Writes queue config `cfg` for `queue`.
+    pub async fn configure(&self, queue: &str, cfg: &QueueConfig) {
+        let keys = QueueKeys::new(queue).unwrap();
+        cfg.store(&mut self.redis.conn(), &keys).await.unwrap();
+    }
+
+    /// A plain connection for raw commands.
+    pub fn conn(&self) -> redis::aio::ConnectionManager {
+        self.redis.conn()
+    }
+
+    /// Runs an in-process worker until the returned token is cancelled.
+    pub fn worker<H: Handler>(&self, config: WorkerConfig, handler: H) -> InProcessWorker {
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let redis = self.redis.clone();
+        let task = tokio::spawn(async move {
+            fleetq_worker::run(redis, config, handler, async move { s.cancelled().await })
+                .await
+                .expect("worker run");
+        });
+        InProcessWorker { stop, task }
+    }
+
+    /// A field of the queue's stats hash, 0 when absent.
+    pub async fn stat(&self, queue: &str, field: &str) -> i64 {
+        let keys = QueueKeys::new(queue).unwrap();
+        let v: Option<i64> = redis::cmd("HGET")
+            .arg(keys.stats())
+            .arg(field)
+            .query_async(&mut self.conn())
+            .await
+            .unwrap();
+        v.unwrap_or(0)
+    }
+}
+
+/// A worker running in this test process.
+pub struct InProcessWorker {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl InProcessWorker {
+    /// Signals shutdown and waits until the worker has stopped.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.expect("worker task");
+    }
+}
+
+/// Worker settings for tests: 1 slot, short grace.
+pub fn worker_config(queue: &str, node: &str, slots: usize) -> WorkerConfig {
+    let mut c = WorkerConfig::new(queue, node);
+    c.slots = slots;
+    c.shutdown_grace = Duration::from_secs(2);
+    c
+}
+
+/// A handler built from a closure; counts its calls.
+pub struct FnHandler<F> {
+    f: F,
+    /// How many times the handler ran.
+    pub calls: Arc<AtomicUsize>,
+}
+
+impl<F, Fut> FnHandler<F>
+where
+    F: Fn(Job, JobContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send,
+{
+    /// Wraps `f`.
+    pub fn new(f: F) -> Self {
+        Self {
+            f,
+            calls: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+impl<F, Fut> Handler for FnHandler<F>
+where
+    F: Fn(Job, JobContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send,
+{
+    fn handle(&self, job: Job, ctx: JobContext) -> impl Future<Output = Outcome> + Send {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        (self.f)(job, ctx)
+    }
+}
+
+/// Polls `cond` every 20 ms until it is true or `timeout` passes; panics with `what` then.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Path of a binary built by this workspace (next to the test executable's directory).
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("target dir")
+    } else {
+        dir
+    };
+    dir.join(name)
+}
+
+/// A worker in a process of its own (the `fleetq-test-worker` binary), to kill or freeze.
+pub struct WorkerProcess {
+    child: Child,
+    /// The worker's node name.
+    pub node: String,
+    log: tempfile_path::LogFile,
+}
+
+mod tempfile_path {
+    /// A log file in the system temp dir, removed on drop.
+    pub struct LogFile(pub std::path::PathBuf);
+    impl Drop for LogFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+impl WorkerProcess {
+    /// Starts `fleetq-test-worker` on `queue` as `node` with `slots` and extra flags.
+    pub fn spawn(url: &str, queue: &str, node: &str, slots: usize, extra: &[&str]) -> Self {
+        let log = std::env::temp_dir().join(format!(
+            "fleetq-test-worker-{node}-{}-{}.log",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos() ^ rand_suffix()
+        ));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(bin_path("fleetq-test-worker"))
+            .args(["--redis-url", url, "--queue", queue, "--node", node])
+            .args(["--slots", &slots.to_string()])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn fleetq-test-worker (built by cargo test)");
+        Self {
+            child,
+            node: node.to_owned(),
+            log: tempfile_path::LogFile(log),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends `signal` (libc::SIGKILL, SIGSTOP, SIGCONT, SIGTERM).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY-free: libc::kill only sends a signal to our own child.
+        let rc = unsafe_kill(self.pid(), signal);
+        assert_eq!(rc, 0, "kill({}, {signal}) failed", self.pid());
+    }
+
+    /// Waits for the process to exit, up to `timeout`; returns its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "worker {} did not exit within {timeout:?}; log:\n{}",
+                    self.node,
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// What the worker logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log.0).unwrap_or_default()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = unsafe_kill(self.pid(), libc::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rand_suffix() -> u128 {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    N.fetch_add(1, Ordering::SeqCst) as u128
+}
+
+#[allow(unsafe_code)]
+fn unsafe_kill(pid: i32, signal: i32) -> i32 {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(pid, signal) }
+}

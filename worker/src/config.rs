@@ -1,0 +1,72 @@
+//! Worker settings: typed, with named defaults, validated before connecting.
+
+use std::time::Duration;
+
+use fleetq_broker::keys::QueueKeys;
+
+/// Default number of jobs a worker runs at once (one per GPU is usual).
+pub const DEFAULT_SLOTS: usize = 1;
+/// Default time running jobs get to finish after a stop signal before they are released.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Longest a worker blocks in one read; it also wakes earlier when a lease or a retry
+/// falls due. Default 10 s (so an idle worker sends about 0.2 commands a second).
+pub const DEFAULT_MAX_BLOCK: Duration = Duration::from_secs(10);
+/// How often an idle worker re-reads the queue config from Redis. Default 60 s.
+pub const DEFAULT_CONFIG_REFRESH: Duration = Duration::from_secs(60);
+
+/// Settings of one worker process.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The queue to work. Flag `--queue`, env `FLEETQ_QUEUE`.
+    pub queue: String,
+    /// This host's name, stable across restarts (metrics and failover use it).
+    /// Flag `--node`, env `FLEETQ_NODE`. Default: the host name.
+    pub node: String,
+    /// Jobs run at once. Flag `--slots`, env `FLEETQ_SLOTS`. Default [`DEFAULT_SLOTS`].
+    pub slots: usize,
+    /// Time running jobs get after a stop signal. Default [`DEFAULT_SHUTDOWN_GRACE`].
+    pub shutdown_grace: Duration,
+    /// Longest single blocking read. Default [`DEFAULT_MAX_BLOCK`]; capped by the lease.
+    pub max_block: Duration,
+    /// How often the queue config is re-read. Default [`DEFAULT_CONFIG_REFRESH`].
+    pub config_refresh: Duration,
+}
+
+impl WorkerConfig {
+    /// Settings for `queue` on `node` with the defaults.
+    pub fn new(queue: impl Into<String>, node: impl Into<String>) -> Self {
+        Self {
+            queue: queue.into(),
+            node: node.into(),
+            slots: DEFAULT_SLOTS,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            max_block: DEFAULT_MAX_BLOCK,
+            config_refresh: DEFAULT_CONFIG_REFRESH,
+        }
+    }
+
+    /// Checks the settings; the message says which one is wrong and what to use.
+    pub fn validate(&self) -> Result<(), crate::Error> {
+        QueueKeys::new(&self.queue)?;
+        let bad = |msg: String| Err(crate::Error::Config(msg));
+        if self.node.is_empty()
+            || self.node.len() > 100
+            || !self
+                .node
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        {
+            return bad(format!(
+                "node name {:?} must be 1 to 100 letters, digits, '-', '_' or '.'",
+                self.node
+            ));
+        }
+        if self.slots == 0 || self.slots > 1024 {
+            return bad(format!("slots is {}; use 1 to 1024", self.slots));
+        }
+        if self.max_block < Duration::from_millis(10) {
+            return bad("max_block must be at least 10 ms".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,44 @@
+//! Reclaim: a worker with free slots takes over entries whose lease ran out (their host died,
+//! froze or lost its network) with `XAUTOCLAIM`, inside `fleetq_reclaim`, which also promotes
+//! due retries. The reply says when something may next fall due, so an idle worker sleeps
+//! (blocked on its read) exactly until then instead of polling.
+
+use std::time::Duration;
+
+use fleetq_broker::functions::{self, fcall};
+use fleetq_broker::{QueueKeys, RawEntry, Redis};
+
+/// What one reclaim call found.
+#[derive(Debug)]
+pub(crate) struct Reclaimed {
+    pub(crate) entries: Vec<RawEntry>,
+    /// Time until the next lease deadline or due retry; `None` when nothing is pending.
+    pub(crate) next_wake: Option<Duration>,
+}
+
+pub(crate) async fn reclaim(
+    redis: &Redis,
+    keys: &QueueKeys,
+    consumer: &str,
+    lease: Duration,
+    free: usize,
+) -> Result<Reclaimed, fleetq_broker::Error> {
+    let mut cmd = fcall("fleetq_reclaim", keys);
+    cmd.arg(consumer).arg(lease.as_millis() as u64).arg(free);
+    type Entry = (String, Vec<(String, redis::Value)>);
+    let (entries, next_wake_ms, now_ms): (Vec<Entry>, u64, u64) =
+        functions::call(&mut redis.conn(), &cmd, "reclaim").await?;
+    let entries = entries
+        .into_iter()
+        .map(|(id, fields)| RawEntry {
+            id,
+            fields: fields
+                .into_iter()
+                .map(|(f, v)| (f, crate::take::value_bytes(v)))
+                .collect(),
+        })
+        .collect();
+    let next_wake =
+        (next_wake_ms > 0).then(|| Duration::from_millis(next_wake_ms.saturating_sub(now_ms)));
+    Ok(Reclaimed { entries, next_wake })
+}

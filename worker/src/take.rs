@@ -1,0 +1,181 @@
+//! Taking work: read entries for the free slots only (`XREADGROUP … COUNT free`), then let
+//! `fleetq_take` decide, in one call per batch, which of them run here.
+//!
+//! Entries that are not valid jobs are taken too, then dead-lettered with the reason by the
+//! caller: a foreign producer's mistake never crashes a worker and is never lost.
+
+use std::time::Duration;
+
+use fleetq_broker::functions::{self, fcall};
+use fleetq_broker::job::entry_ms;
+use fleetq_broker::keys::GROUP;
+use fleetq_broker::{JobEntry, Malformed, QueueConfig, QueueKeys, RawEntry, Redis};
+use redis::aio::MultiplexedConnection;
+use redis::streams::StreamReadReply;
+use redis::Value;
+
+/// An entry after `fleetq_take`.
+#[derive(Debug)]
+pub(crate) struct Taken {
+    pub(crate) entry_id: String,
+    pub(crate) job_id: String,
+    pub(crate) decision: Decision,
+    pub(crate) deliveries: u64,
+    /// This attempt's number (prior attempts + deliveries).
+    pub(crate) attempt: u32,
+    pub(crate) job: Result<JobEntry, Malformed>,
+}
+
+/// What `fleetq_take` decided for an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Run it here.
+    Run,
+    /// Someone else owns it (or it was already settled): do nothing.
+    Skip,
+}
+
+/// Reads up to `count` new entries, blocking up to `block`. `from_start` reads this
+/// consumer's own pending entries instead (id `0`), as a worker does first on start.
+pub(crate) async fn read(
+    conn: &mut MultiplexedConnection,
+    keys: &QueueKeys,
+    consumer: &str,
+    count: usize,
+    block: Option<Duration>,
+    from_start: bool,
+) -> redis::RedisResult<Vec<RawEntry>> {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP")
+        .arg(GROUP)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count);
+    if let Some(block) = block {
+        cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+    }
+    cmd.arg("STREAMS")
+        .arg(keys.stream())
+        .arg(if from_start { "0" } else { ">" });
+    let reply: Option<StreamReadReply> = cmd.query_async(conn).await?;
+    let mut out = Vec::new();
+    for key in reply.map(|r| r.keys).unwrap_or_default() {
+        for id in key.ids {
+            out.push(RawEntry {
+                fields: id
+                    .map
+                    .into_iter()
+                    .map(|(f, v)| (f, value_bytes(v)))
+                    .collect(),
+                id: id.id,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Raw bytes of a field value.
+pub(crate) fn value_bytes(v: Value) -> Vec<u8> {
+    match v {
+        Value::BulkString(b) => b,
+        Value::SimpleString(s) => s.into_bytes(),
+        Value::Int(i) => i.to_string().into_bytes(),
+        other => format!("{other:?}").into_bytes(),
+    }
+}
+
+/// Creates the consumer group (reading from the start of the stream) when missing.
+pub(crate) async fn ensure_group(
+    redis: &Redis,
+    keys: &QueueKeys,
+) -> Result<(), fleetq_broker::Error> {
+    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(keys.stream())
+        .arg(GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut redis.conn())
+        .await;
+    match created {
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        Err(e) => Err(fleetq_broker::Error::redis("create consumer group", e)),
+    }
+}
+
+/// Runs `fleetq_take` for a batch of entries this worker read.
+pub(crate) async fn take(
+    redis: &Redis,
+    keys: &QueueKeys,
+    consumer: &str,
+    node: &str,
+    queue: &QueueConfig,
+    entries: Vec<RawEntry>,
+) -> Result<Vec<Taken>, fleetq_broker::Error> {
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let parsed: Vec<(RawEntry, Result<JobEntry, Malformed>)> = entries
+        .into_iter()
+        .map(|raw| {
+            let job = JobEntry::parse(&raw, queue.max_payload_bytes);
+            (raw, job)
+        })
+        .collect();
+    let mut cmd = fcall("fleetq_take", keys);
+    cmd.arg(consumer)
+        .arg(node)
+        .arg(queue.lease.as_millis() as u64)
+        .arg(1);
+    for (raw, job) in &parsed {
+        match job {
+            Ok(j) => {
+                let deadline = match j.queue_timeout(queue) {
+                    Some(t) if j.prior_attempts == 0 => j.enqueued_ms + t.as_millis() as u64,
+                    _ => 0,
+                };
+                cmd.arg(&raw.id)
+                    .arg(&j.job_id)
+                    .arg(j.prior_attempts)
+                    .arg(j.max_attempts(queue))
+                    .arg(deadline)
+                    .arg(j.enqueued_ms);
+            }
+            Err(_) => {
+                // Taken so that it can be dead-lettered with its reason.
+                cmd.arg(&raw.id)
+                    .arg(raw.job_id())
+                    .arg(0)
+                    .arg(u32::MAX)
+                    .arg(0)
+                    .arg(entry_ms(&raw.id));
+            }
+        }
+    }
+    let replies: Vec<(String, String, u64, u32)> =
+        functions::call(&mut redis.conn(), &cmd, "take").await?;
+    Ok(parsed
+        .into_iter()
+        .zip(replies)
+        .map(|((raw, job), (entry_id, decision, deliveries, attempt))| {
+            let decision = if decision == "run" {
+                Decision::Run
+            } else {
+                tracing::debug!(entry = %entry_id, %decision, "entry settled at take");
+                Decision::Skip
+            };
+            Taken {
+                job_id: match &job {
+                    Ok(j) => j.job_id.clone(),
+                    Err(_) => raw.job_id(),
+                },
+                entry_id,
+                decision,
+                deliveries,
+                attempt,
+                job,
+            }
+        })
+        .collect())
+}

@@ -1,0 +1,475 @@
+//! The worker runtime: N slots, reading only for free slots, leases renewed while jobs run,
+//! idle capacity reclaiming stale entries, fenced commits, retries with backoff, and a
+//! two-phase shutdown.
+//!
+//! The loop, with `free` = slots not running a job:
+//! 1. on start, take this consumer's own pending entries (`XREADGROUP … 0`);
+//! 2. when a lease deadline or a retry is due, call `fleetq_reclaim` for up to `free` entries;
+//! 3. otherwise block in `XREADGROUP … COUNT free BLOCK t >`, with `t` the time until the next
+//!    deadline (at most `max_block`), on a connection of its own;
+//! 4. pass what was read to `fleetq_take`, run each job in a slot, commit it fenced.
+//!
+//! Shutdown: stop reading; running jobs get `shutdown_grace` to finish; what is still running
+//! then is stopped and released (given back at once, the attempt not counted), and so is
+//! anything left in this consumer's pending list; then the consumer is removed.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use fleetq_broker::functions;
+use fleetq_broker::keys::GROUP;
+use fleetq_broker::{JobEntry, QueueConfig, QueueKeys, RawEntry, Redis};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::completion::{self, Commit, Committed};
+use crate::config::WorkerConfig;
+use crate::handler::{Handler, Job, JobContext, Outcome};
+use crate::lease::{self, Held, HeldJob, StopReason};
+use crate::reclaim;
+use crate::take::{self, Decision, Taken};
+use crate::Error;
+
+/// Longest wait between attempts to reach Redis again after an error.
+const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(5);
+/// Tries of a commit that fails for a transient reason before the job is left to its lease.
+const COMMIT_TRIES: u32 = 5;
+
+/// What every slot task shares.
+struct Runtime<H> {
+    redis: Redis,
+    keys: QueueKeys,
+    consumer: String,
+    node: String,
+    /// The lease in force for this process (fixed at start, so renewals and reclaims agree).
+    lease: Duration,
+    queue: Mutex<QueueConfig>,
+    handler: H,
+    held: Held,
+}
+
+impl<H> Runtime<H> {
+    fn queue_config(&self) -> QueueConfig {
+        self.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// A unique consumer name for this process start: `<node>:<pid>:<start ms>`.
+pub fn consumer_name(node: &str) -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!("{node}:{}:{ms}", std::process::id())
+}
+
+/// Runs a worker until `shutdown` resolves, then shuts down in two phases (see the module
+/// docs). Returns an error only when the worker cannot start (bad config, Redis unreachable).
+pub async fn run<H, S>(
+    redis: Redis,
+    config: WorkerConfig,
+    handler: H,
+    shutdown: S,
+) -> Result<(), Error>
+where
+    H: Handler,
+    S: Future<Output = ()> + Send + 'static,
+{
+    config.validate()?;
+    let keys = QueueKeys::new(&config.queue)?;
+    functions::load(&mut redis.conn()).await?;
+    take::ensure_group(&redis, &keys).await?;
+    let queue = QueueConfig::load(&mut redis.conn(), &keys).await?;
+    let consumer = consumer_name(&config.node);
+    let max_block = config.max_block.min(queue.lease);
+    tracing::info!(queue = %config.queue, node = %config.node, %consumer, slots = config.slots,
+        lease_ms = queue.lease.as_millis() as u64, "worker started");
+
+    let stop_reading = CancellationToken::new();
+    {
+        let token = stop_reading.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            token.cancel();
+        });
+    }
+    let rt = Arc::new(Runtime {
+        redis: redis.clone(),
+        keys: keys.clone(),
+        consumer: consumer.clone(),
+        node: config.node.clone(),
+        lease: queue.lease,
+        queue: Mutex::new(queue),
+        handler,
+        held: Held::default(),
+    });
+    let renew_stop = CancellationToken::new();
+    let renewer = tokio::spawn(lease::renew_loop(
+        redis.clone(),
+        keys.clone(),
+        consumer.clone(),
+        rt.lease,
+        rt.held.clone(),
+        renew_stop.clone(),
+    ));
+    let slots = Arc::new(Semaphore::new(config.slots));
+    let mut tasks = JoinSet::new();
+
+    let mut reader = redis.blocking_conn(max_block).await?;
+    // Our own pending entries first (empty unless a consumer name is reused).
+    let own = take::read(&mut reader, &keys, &consumer, config.slots, None, true)
+        .await
+        .map_err(|e| fleetq_broker::Error::redis("read own pending entries", e))?;
+    dispatch(&rt, own, &slots, &mut tasks).await?;
+
+    let mut next_wake = Instant::now();
+    let mut next_refresh = Instant::now() + config.config_refresh;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        while tasks.try_join_next().is_some() {}
+        if stop_reading.is_cancelled() {
+            break;
+        }
+        let free = slots.available_permits();
+        if free == 0 {
+            tokio::select! {
+                _ = stop_reading.cancelled() => break,
+                permit = slots.clone().acquire_owned() => drop(permit),
+            }
+            continue;
+        }
+        if Instant::now() >= next_refresh {
+            next_refresh = Instant::now() + config.config_refresh;
+            match QueueConfig::load(&mut redis.conn(), &keys).await {
+                Ok(q) => *rt.queue.lock().unwrap_or_else(PoisonError::into_inner) = q,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot refresh the queue config; keeping the old one")
+                }
+            }
+        }
+        let step = async {
+            if Instant::now() >= next_wake {
+                let r = reclaim::reclaim(&redis, &keys, &consumer, rt.lease, free).await?;
+                next_wake = Instant::now() + r.next_wake.unwrap_or(max_block).min(max_block);
+                if !r.entries.is_empty() {
+                    tracing::info!(
+                        count = r.entries.len(),
+                        "reclaimed entries whose lease ran out"
+                    );
+                    return Ok::<_, Error>(r.entries);
+                }
+            }
+            let block = next_wake
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(1), max_block);
+            take::read(&mut reader, &keys, &consumer, free, Some(block), false)
+                .await
+                .map_err(|e| fleetq_broker::Error::redis("read jobs", e).into())
+        };
+        let read = tokio::select! {
+            r = step => r,
+            _ = stop_reading.cancelled() => break,
+        };
+        let result = match read {
+            Ok(entries) => dispatch(&rt, entries, &slots, &mut tasks).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                if let Error::Queue(fleetq_broker::Error::Redis { source, .. }) = &e {
+                    if source.code() == Some("NOGROUP") {
+                        // The stream was deleted (or the server restarted empty): recreate.
+                        let _ = take::ensure_group(&redis, &keys).await;
+                    }
+                }
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "worker step failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop_reading.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(MAX_ERROR_BACKOFF);
+                if let Ok(conn) = redis.blocking_conn(max_block).await {
+                    reader = conn;
+                }
+            }
+        }
+    }
+
+    // Phase 1: stop reading (a read cut short by the signal dies with its connection).
+    drop(reader);
+    tracing::info!(
+        running = rt.held.len(),
+        grace_ms = config.shutdown_grace.as_millis() as u64,
+        "stopping: no new jobs; waiting for running jobs"
+    );
+    let drained = tokio::time::timeout(config.shutdown_grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    // Phase 2: release what is still running.
+    if drained.is_err() {
+        let left = rt.held.snapshot();
+        tracing::warn!(
+            count = left.len(),
+            "grace period over; releasing running jobs to other hosts"
+        );
+        for (_, job) in left {
+            job.stop(StopReason::Shutdown);
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+    renew_stop.cancel();
+    let _ = renewer.await;
+    release_pending(&rt).await;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// Passes entries to `fleetq_take` and starts a slot task for each job that runs here.
+async fn dispatch<H: Handler>(
+    rt: &Arc<Runtime<H>>,
+    entries: Vec<RawEntry>,
+    slots: &Arc<Semaphore>,
+    tasks: &mut JoinSet<()>,
+) -> Result<(), Error> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let queue = rt.queue_config();
+    let taken = take::take(&rt.redis, &rt.keys, &rt.consumer, &rt.node, &queue, entries).await?;
+    for t in taken {
+        if t.decision != Decision::Run {
+            continue;
+        }
+        match t.job {
+            Ok(ref job) => {
+                let job = job.clone();
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    // Cannot happen: we read no more than the free slots. Give it back.
+                    tracing::error!(job = %t.job_id, "no free slot for a job read for a free slot; releasing it");
+                    let _ = completion::commit(
+                        &rt.redis,
+                        &rt.keys,
+                        &rt.consumer,
+                        &t.entry_id,
+                        t.deliveries,
+                        &t.job_id,
+                        &Commit::Release,
+                        None,
+                    )
+                    .await;
+                    continue;
+                };
+                let rt = rt.clone();
+                tasks.spawn(run_job(rt, t, job, queue.clone(), permit));
+            }
+            Err(ref malformed) => {
+                tracing::warn!(entry = %t.entry_id, reason = %malformed, "malformed entry sent to the dead letters");
+                let commit = Commit::Dead {
+                    reason: "malformed",
+                    error: malformed.to_string(),
+                };
+                commit_with_retries(rt, &t, &commit, None).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+enum Ended {
+    Outcome(Outcome),
+    Stopped(StopReason),
+    Timeout(&'static str),
+}
+
+async fn run_job<H: Handler>(
+    rt: Arc<Runtime<H>>,
+    t: Taken,
+    entry: JobEntry,
+    queue: QueueConfig,
+    _permit: OwnedSemaphorePermit,
+) {
+    let held = Arc::new(HeldJob {
+        job_id: t.job_id.clone(),
+        deliveries: t.deliveries,
+        cancel: CancellationToken::new(),
+        reason: Mutex::new(None),
+    });
+    rt.held.insert(t.entry_id.clone(), held.clone());
+    let max_attempts = entry.max_attempts(&queue);
+    let job = Job {
+        id: t.job_id.clone(),
+        queue: rt.keys.name().to_owned(),
+        payload: entry.payload.clone(),
+        attempt: t.attempt,
+        max_attempts,
+        workflow: entry.workflow.clone(),
+        traceparent: entry.traceparent.clone(),
+        enqueued_ms: entry.enqueued_ms,
+    };
+    let ctx = JobContext {
+        cancel: held.cancel.clone(),
+    };
+    let run_timeout = entry.run_timeout(&queue);
+    let started = Instant::now();
+    let ended = tokio::select! {
+        out = rt.handler.handle(job, ctx) => Ended::Outcome(out),
+        _ = held.cancel.cancelled() => Ended::Stopped(held.stop_reason().unwrap_or(StopReason::Shutdown)),
+        _ = sleep_opt(run_timeout) => Ended::Timeout("run"),
+    };
+    // Whatever ended the attempt, work the handler spawned elsewhere must stop too.
+    held.cancel.cancel();
+    let retry_or_dead = |error: String| {
+        if t.attempt < max_attempts {
+            Commit::Retry {
+                error,
+                delay: queue.backoff(t.attempt, rand::random::<f64>()),
+            }
+        } else {
+            Commit::Dead {
+                reason: "attempts_exhausted",
+                error: format!(
+                    "attempts exhausted ({max_attempts} of {max_attempts}); last error: {error}"
+                ),
+            }
+        }
+    };
+    let (commit, timeout_kind) = match ended {
+        Ended::Outcome(Outcome::Succeeded(v)) => (Some(Commit::Succeeded(v.to_string())), None),
+        Ended::Outcome(Outcome::Fail(e)) => (Some(Commit::Failed(e)), None),
+        Ended::Outcome(Outcome::Retry(e)) => (Some(retry_or_dead(e)), None),
+        Ended::Timeout(kind) => {
+            let msg = format!(
+                "{kind} timeout on node {} after {} ms",
+                rt.node,
+                started.elapsed().as_millis()
+            );
+            tracing::warn!(job = %t.job_id, %kind, "timeout fired; stopping the attempt");
+            (Some(retry_or_dead(msg)), Some(kind))
+        }
+        Ended::Stopped(StopReason::LeaseLost) => (None, None),
+        Ended::Stopped(StopReason::Cancelled) => (Some(Commit::Cancelled), None),
+        Ended::Stopped(StopReason::Shutdown) => (Some(Commit::Release), None),
+    };
+    if let Some(commit) = commit {
+        commit_with_retries(&rt, &t, &commit, timeout_kind).await;
+    }
+    rt.held.remove(&t.entry_id);
+}
+
+async fn commit_with_retries<H>(
+    rt: &Runtime<H>,
+    t: &Taken,
+    commit: &Commit,
+    timeout_kind: Option<&str>,
+) {
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1..=COMMIT_TRIES {
+        match completion::commit(
+            &rt.redis,
+            &rt.keys,
+            &rt.consumer,
+            &t.entry_id,
+            t.deliveries,
+            &t.job_id,
+            commit,
+            timeout_kind,
+        )
+        .await
+        {
+            Ok(Committed::Ok | Committed::Fenced) => return,
+            Err(e) if e.is_transient() && attempt < COMMIT_TRIES => {
+                tracing::warn!(job = %t.job_id, error = %e, "commit failed; trying again");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => {
+                tracing::error!(job = %t.job_id, error = %e,
+                    "cannot record the end of the job; its lease will run out and another host will run it again");
+                return;
+            }
+        }
+    }
+}
+
+async fn sleep_opt(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Gives back everything still in this consumer's pending list, then removes the consumer.
+async fn release_pending<H>(rt: &Runtime<H>) {
+    let pending: redis::RedisResult<Vec<(String, String, u64, u64)>> = redis::cmd("XPENDING")
+        .arg(rt.keys.stream())
+        .arg(GROUP)
+        .arg("-")
+        .arg("+")
+        .arg(10_000)
+        .arg(&rt.consumer)
+        .query_async(&mut rt.redis.conn())
+        .await;
+    let pending = match pending {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list pending entries at shutdown; their leases will run out");
+            return;
+        }
+    };
+    for (entry_id, _, _, deliveries) in &pending {
+        let job_id = job_id_of(rt, entry_id).await;
+        let r = completion::commit(
+            &rt.redis,
+            &rt.keys,
+            &rt.consumer,
+            entry_id,
+            *deliveries,
+            &job_id,
+            &Commit::Release,
+            None,
+        )
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(entry = %entry_id, error = %e, "cannot release an entry at shutdown; its lease will run out");
+        }
+    }
+    if !pending.is_empty() {
+        tracing::info!(count = pending.len(), "released unstarted entries");
+    }
+    let _: redis::RedisResult<i64> = redis::cmd("XGROUP")
+        .arg("DELCONSUMER")
+        .arg(rt.keys.stream())
+        .arg(GROUP)
+        .arg(&rt.consumer)
+        .query_async(&mut rt.redis.conn())
+        .await;
+}
+
+async fn job_id_of<H>(rt: &Runtime<H>, entry_id: &str) -> String {
+    let r: redis::RedisResult<Vec<(String, Vec<(String, redis::Value)>)>> = redis::cmd("XRANGE")
+        .arg(rt.keys.stream())
+        .arg(entry_id)
+        .arg(entry_id)
+        .query_async(&mut rt.redis.conn())
+        .await;
+    match r {
+        Ok(mut entries) if !entries.is_empty() => {
+            let (id, fields) = entries.swap_remove(0);
+            RawEntry {
+                id,
+                fields: fields
+                    .into_iter()
+                    .map(|(f, v)| (f, take::value_bytes(v)))
+                    .collect(),
+            }
+            .job_id()
+        }
+        _ => entry_id.to_owned(),
+    }
+}
