@@ -8,6 +8,9 @@ use std::time::Duration;
 use fleetq_broker::functions::{self, fcall};
 use fleetq_broker::{QueueKeys, RawEntry, Redis};
 
+/// Added to every wake-up delay so the worker wakes just after a deadline, not before.
+const WAKE_MARGIN_MS: u64 = 5;
+
 /// What one reclaim call found.
 #[derive(Debug)]
 pub(crate) struct Reclaimed {

@@ -25,6 +25,8 @@ local function reclaim(keys, args)
   local claimed = {}
   if want > 0 and redis.call('EXISTS', K.stream) == 1 then
     local cursor = redis.call('HGET', K.stats, 'reclaim_cursor') or '0-0'
+    -- Scan from where the last call stopped, wrapping to the start once.
+    local wrapped = cursor == '0-0'
     for _ = 1, RECLAIM_MAX_STEPS do
       local ok, r = pcall(redis.call, 'XAUTOCLAIM', K.stream, GROUP, consumer, lease, cursor,
         'COUNT', want - #claimed)
@@ -37,19 +39,23 @@ local function reclaim(keys, args)
       for _, gone in ipairs(r[3] or {}) do
         redis.call('ZREM', K.leases, gone)
       end
-      if #claimed >= want or cursor == '0-0' then break end
+      if #claimed >= want then break end
+      if cursor == '0-0' then
+        if wrapped then break end
+        wrapped = true
+      end
     end
     redis.call('HSET', K.stats, 'reclaim_cursor', cursor)
     if #claimed > 0 then stat(K, 'reclaimed', #claimed) end
   end
-  -- Lease records far past their deadline belong to entries that left the pending list
-  -- without a fleetq step (XACK by hand, say); forget them.
-  redis.call('ZREMRANGEBYSCORE', K.leases, '-inf', now - 10 * lease)
+  -- A lease record a whole lease past its deadline would have been claimed by now: its entry
+  -- left the pending list without a fleetq step (XACK by hand, say). Forget it.
+  redis.call('ZREMRANGEBYSCORE', K.leases, '-inf', now - lease)
   local next_wake = next_due
   local first = redis.call('ZRANGE', K.leases, 0, 0, 'WITHSCORES')
   if #first > 0 then
     local d = tonumber(first[2])
-    if d <= now then d = now + 1000 end
+    if d <= now then d = now + 100 end
     if next_wake == 0 or d < next_wake then next_wake = d end
   end
   return { claimed, next_wake, now }

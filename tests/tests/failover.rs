@@ -1,0 +1,216 @@
+//! Hosts that die, freeze or stop: jobs move on within the lease, exactly one success is
+//! recorded, and a graceful stop gives work back at once without burning an attempt.
+//! Each worker here is a process of its own (`fleetq-test-worker`).
+
+use std::time::{Duration, Instant};
+
+use fleetq_broker::{EnqueueOptions, JobState, QueueConfig, QueueKeys};
+use fleetq_tests::{eventually, Stack, WorkerProcess};
+use serde_json::json;
+
+async fn running_on(p: &fleetq_broker::Producer, id: &str, node: &str) -> bool {
+    let st = p.status(id).await.unwrap();
+    st.state == JobState::Running && st.node.as_deref() == Some(node)
+}
+
+async fn events_of(s: &Stack, queue: &str, kind: &str, job: &str) -> usize {
+    let keys = QueueKeys::new(queue).unwrap();
+    let events: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(keys.events())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut s.conn())
+        .await
+        .unwrap();
+    events
+        .iter()
+        .filter(|(_, f)| {
+            f.contains(&("type".into(), kind.into())) && f.contains(&("job".into(), job.into()))
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_worker_job_completes_elsewhere_within_lease_plus_2s_once() {
+    let s = Stack::start().await;
+    let lease = Duration::from_secs(2);
+    s.configure(
+        "q",
+        &QueueConfig {
+            lease,
+            ..QueueConfig::default()
+        },
+    )
+    .await;
+    let p = s.producer("q").await;
+    let url = s.server.url();
+    let a = WorkerProcess::spawn(&url, "q", "node-a", 1, &[]);
+    let e = p
+        .enqueue(
+            &json!({"sleep_ms": 1000, "result": "r"}),
+            &EnqueueOptions::default(),
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(15), "job running on node-a", || {
+        running_on(&p, &e.id, "node-a")
+    })
+    .await;
+    let b = WorkerProcess::spawn(&url, "q", "node-b", 1, &[]);
+    // Let B start and go idle (its first read is then blocked until A's lease deadline).
+    eventually(Duration::from_secs(15), "node-b registered", || async {
+        let consumers: Vec<redis::Value> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(p.keys().stream())
+            .arg("workers")
+            .query_async(&mut s.conn())
+            .await
+            .unwrap();
+        consumers.len() == 2
+    })
+    .await;
+    a.signal(libc::SIGKILL);
+    let killed = Instant::now();
+    eventually(
+        lease + Duration::from_secs(2),
+        "job started on node-b",
+        || running_on(&p, &e.id, "node-b"),
+    )
+    .await;
+    let moved = killed.elapsed();
+    let st = p.wait(&e.id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(st.state, JobState::Succeeded, "{st:?}\nB log:\n{}", b.log());
+    assert_eq!(st.result.unwrap()["node"], "node-b");
+    assert_eq!(st.attempts, 2, "the reclaim counts as an attempt");
+    assert_eq!(st.nodes, vec!["node-a", "node-b"]);
+    assert_eq!(s.stat("q", "succeeded").await, 1);
+    assert_eq!(events_of(&s, "q", "succeeded", &e.id).await, 1);
+    assert!(s.stat("q", "reclaimed").await >= 1);
+    assert!(
+        moved <= lease + Duration::from_secs(2),
+        "moved after {moved:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_worker_cannot_record_its_result() {
+    let s = Stack::start().await;
+    let lease = Duration::from_secs(1);
+    s.configure(
+        "q",
+        &QueueConfig {
+            lease,
+            ..QueueConfig::default()
+        },
+    )
+    .await;
+    let p = s.producer("q").await;
+    let url = s.server.url();
+    let a = WorkerProcess::spawn(&url, "q", "node-a", 1, &[]);
+    let e = p
+        .enqueue(&json!({"sleep_ms": 1500}), &EnqueueOptions::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(15), "job running on node-a", || {
+        running_on(&p, &e.id, "node-a")
+    })
+    .await;
+    a.signal(libc::SIGSTOP);
+    let b = WorkerProcess::spawn(&url, "q", "node-b", 1, &[]);
+    let st = p.wait(&e.id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(st.state, JobState::Succeeded, "{st:?}\nB log:\n{}", b.log());
+    assert_eq!(st.result.as_ref().unwrap()["node"], "node-b");
+    // A wakes up with a finished handler and a stale lease: it must be refused.
+    a.signal(libc::SIGCONT);
+    eventually(
+        Duration::from_secs(10),
+        "node-a notices it lost the job",
+        || async {
+            let log = a.log();
+            log.contains("commit refused") || log.contains("lease lost")
+        },
+    )
+    .await;
+    // Give A's commit (if it tried one) time to land before checking nothing changed.
+    eventually(Duration::from_secs(5), "A idle again", || async {
+        p.status(&e.id).await.unwrap().state == JobState::Succeeded
+    })
+    .await;
+    let after = p.status(&e.id).await.unwrap();
+    assert_eq!(after.result.unwrap()["node"], "node-b");
+    assert_eq!(s.stat("q", "succeeded").await, 1);
+    assert_eq!(events_of(&s, "q", "succeeded", &e.id).await, 1);
+    let log = a.log();
+    if log.contains("commit refused") {
+        assert!(s.stat("q", "fenced").await >= 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_short_jobs_and_releases_long_ones() {
+    let s = Stack::start().await;
+    // Default lease (10 s): released jobs must move far sooner than a lease.
+    let p = s.producer("q").await;
+    let url = s.server.url();
+    let mut a = WorkerProcess::spawn(&url, "q", "node-a", 3, &["--grace-ms", "700"]);
+    let short = p
+        .enqueue(&json!({"sleep_ms": 200}), &EnqueueOptions::default())
+        .await
+        .unwrap();
+    let long1 = p
+        .enqueue(&json!({"sleep_ms": 3000}), &EnqueueOptions::default())
+        .await
+        .unwrap();
+    let long2 = p
+        .enqueue(&json!({"sleep_ms": 3000}), &EnqueueOptions::default())
+        .await
+        .unwrap();
+    for id in [&long1.id, &long2.id] {
+        eventually(
+            Duration::from_secs(15),
+            "long job running on node-a",
+            || running_on(&p, id, "node-a"),
+        )
+        .await;
+    }
+    let b = WorkerProcess::spawn(&url, "q", "node-b", 2, &[]);
+    a.signal(libc::SIGTERM);
+    let stopped = Instant::now();
+    let code = a.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "A log:\n{}", a.log());
+    let st = p.wait(&short.id, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        st.result.unwrap()["node"],
+        "node-a",
+        "the short job finished within the grace period"
+    );
+    for id in [&long1.id, &long2.id] {
+        eventually(
+            Duration::from_secs(5),
+            "released job running on node-b",
+            || running_on(&p, id, "node-b"),
+        )
+        .await;
+    }
+    assert!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "released jobs waited {:?}",
+        stopped.elapsed()
+    );
+    for id in [&long1.id, &long2.id] {
+        let st = p.wait(id, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(st.state, JobState::Succeeded, "B log:\n{}", b.log());
+        assert_eq!(st.result.unwrap()["node"], "node-b");
+        assert_eq!(st.attempts, 1, "a release does not burn an attempt");
+    }
+    assert_eq!(s.stat("q", "released").await, 2);
+    // The stopped worker removed its consumer.
+    let consumers: Vec<Vec<redis::Value>> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(p.keys().stream())
+        .arg("workers")
+        .query_async(&mut s.conn())
+        .await
+        .unwrap();
+    assert_eq!(consumers.len(), 1);
+}
