@@ -30,6 +30,9 @@ pub struct RedisConfig {
     pub connect_timeout: Duration,
     /// Default [`DEFAULT_RESPONSE_TIMEOUT`].
     pub response_timeout: Duration,
+    /// PEM file of the CA that signed the server's certificate, for `rediss://` servers with
+    /// a private CA. Env: `FLEETQ_REDIS_CA_CERT`. Default: none (the webpki public roots).
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 impl RedisConfig {
@@ -39,6 +42,7 @@ impl RedisConfig {
             url: url.into(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            ca_cert: None,
         }
     }
 }
@@ -70,11 +74,27 @@ impl Redis {
     pub async fn connect_with(config: RedisConfig) -> Result<Self> {
         install_tls_provider();
         let url = redact(&config.url);
-        let client = redis::Client::open(config.url.as_str()).map_err(|e| {
+        let bad_url = |e: redis::RedisError| {
             Error::Config(format!(
                 "invalid Redis URL {url}: {e}; expected redis://[user:password@]host[:port][/db] or rediss://…"
             ))
-        })?;
+        };
+        let client = match &config.ca_cert {
+            None => redis::Client::open(config.url.as_str()).map_err(bad_url)?,
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    Error::Config(format!(
+                        "cannot read the Redis CA certificate {}: {e}; check FLEETQ_REDIS_CA_CERT",
+                        path.display()
+                    ))
+                })?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                redis::Client::build_with_tls(config.url.as_str(), certs).map_err(bad_url)?
+            }
+        };
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.response_timeout))
@@ -118,6 +138,12 @@ impl Redis {
     /// The server URL with its password masked.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Where the server is and how to reach it (TLS settings included), for other clients
+    /// such as connection pools.
+    pub fn connection_info(&self) -> redis::ConnectionInfo {
+        self.client.get_connection_info().clone()
     }
 
     /// The settings this handle was made with.

@@ -37,6 +37,12 @@ impl QueueKeys {
     ///
     /// A name is 1 to [`MAX_QUEUE_NAME_LEN`] bytes of letters, digits, `-`, `_` and `.`: braces
     /// would break the hash tag, and colons the key layout.
+    ///
+    /// ```
+    /// let keys = fleetq_broker::QueueKeys::new("images").unwrap();
+    /// assert_eq!(keys.stream(), "fleetq:{images}:stream");
+    /// assert!(fleetq_broker::QueueKeys::new("a:b").is_err());
+    /// ```
     pub fn new(name: &str) -> Result<Self, crate::Error> {
         let valid = !name.is_empty()
             && name.len() <= MAX_QUEUE_NAME_LEN

@@ -19,6 +19,8 @@ pub struct LocalRedisOptions {
     pub password: Option<String>,
     /// Turn on the append-only file (for crash tests); off by default.
     pub appendonly: bool,
+    /// Serve TLS only, with this PEM certificate and key (`rediss://` URLs).
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// Extra `--name value` arguments.
     pub extra: Vec<(String, String)>,
 }
@@ -81,6 +83,18 @@ impl LocalRedis {
             .arg(if self.options.appendonly { "yes" } else { "no" })
             .arg("--daemonize")
             .arg("no");
+        if let Some((cert, key)) = &self.options.tls {
+            cmd.arg("--port")
+                .arg("0")
+                .arg("--tls-port")
+                .arg(self.port.to_string())
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-auth-clients")
+                .arg("no");
+        }
         if let Some(pw) = &self.options.password {
             cmd.arg("--requirepass").arg(pw);
         }
@@ -120,6 +134,10 @@ impl LocalRedis {
     }
 
     fn ping(&self) -> bool {
+        if self.options.tls.is_some() {
+            // A TLS client needs the CA; a TCP connect shows the server is listening.
+            return std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+        }
         let Ok(client) = redis::Client::open(self.url()) else {
             return false;
         };
@@ -129,11 +147,17 @@ impl LocalRedis {
         redis::cmd("PING").query::<String>(&mut conn).is_ok()
     }
 
-    /// `redis://[:password@]127.0.0.1:<port>/0`.
+    /// `redis[s]://[:password@]<host>:<port>/0`: `localhost` for TLS (the name in the test
+    /// certificate), `127.0.0.1` otherwise.
     pub fn url(&self) -> String {
+        let (scheme, host) = if self.options.tls.is_some() {
+            ("rediss", "localhost")
+        } else {
+            ("redis", "127.0.0.1")
+        };
         match &self.options.password {
-            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}/0", self.port),
-            None => format!("redis://127.0.0.1:{}/0", self.port),
+            Some(pw) => format!("{scheme}://:{pw}@{host}:{}/0", self.port),
+            None => format!("{scheme}://{host}:{}/0", self.port),
         }
     }
 

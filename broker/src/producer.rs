@@ -103,7 +103,7 @@ impl Producer {
             .set_connection_timeout(Some(redis.config().connect_timeout))
             // Waits bound themselves (BLPOP timeout plus a margin, below).
             .set_response_timeout(None);
-        let manager = deadpool_redis::Manager::new_with_config(redis.config().url.as_str(), cfg)
+        let manager = deadpool_redis::Manager::new_with_config(redis.connection_info(), cfg)
             .map_err(|e| Error::Config(format!("invalid Redis URL {}: {e}", redis.url())))?;
         let waits = deadpool_redis::Pool::builder(manager)
             .max_size(DEFAULT_MAX_CONCURRENT_WAITS)

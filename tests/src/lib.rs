@@ -1,6 +1,8 @@
 //! Test harness shared by the end-to-end tests: a private `redis-server` per test, worker
 //! processes to kill, freeze and stop, and polling with deadlines (tests never sleep to wait).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -1,6 +1,8 @@
 //! The core queue end to end: enqueue → run → result, idempotency, positions, retries and
 //! dead letters, malformed entries, cancel, memory staying flat.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use fleetq_broker::{EnqueueOptions, JobState, QueueConfig, QueueKeys};

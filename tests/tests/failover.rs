@@ -2,6 +2,8 @@
 //! recorded, and a graceful stop gives work back at once without burning an attempt.
 //! Each worker here is a process of its own (`fleetq-test-worker`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use fleetq_broker::{EnqueueOptions, JobState, QueueConfig, QueueKeys};

@@ -1,6 +1,8 @@
 //! Memory stays flat: after 10 000 jobs the stream is empty and Redis is back near where it
 //! started once the finished jobs' retention has passed.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use fleetq_broker::{QueueConfig, QueueKeys};

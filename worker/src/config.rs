@@ -46,6 +46,18 @@ impl WorkerConfig {
     }
 
     /// Checks the settings; the message says which one is wrong and what to use.
+    ///
+    /// ```
+    /// use fleetq_worker::WorkerConfig;
+    ///
+    /// let mut config = WorkerConfig::new("images", "gpu-07");
+    /// config.slots = 4;
+    /// assert!(config.validate().is_ok());
+    ///
+    /// config.slots = 0;
+    /// let err = config.validate().unwrap_err().to_string();
+    /// assert!(err.contains("slots is 0; use 1 to 1024"), "{err}");
+    /// ```
     pub fn validate(&self) -> Result<(), crate::Error> {
         QueueKeys::new(&self.queue)?;
         let bad = |msg: String| Err(crate::Error::Config(msg));

@@ -7,10 +7,12 @@
 //! - [`lease`] — held entries and their renewal every lease/3.
 //! - `reclaim` — taking over entries whose lease ran out (`XAUTOCLAIM`).
 //! - `completion` — fenced commits of results, errors, retries and dead letters.
+//! - [`executor`] — ready-made handlers for the `fleetq-worker` binary.
 //! - [`error`] — the crate's error type.
 
 pub mod config;
 pub mod error;
+pub mod executor;
 pub mod handler;
 pub mod lease;
 pub mod worker;

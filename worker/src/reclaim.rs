@@ -8,6 +8,8 @@ use std::time::Duration;
 use fleetq_broker::functions::{self, fcall};
 use fleetq_broker::{QueueKeys, RawEntry, Redis};
 
+use crate::take::{raw_entry, EntryReply};
+
 /// Added to every wake-up delay so the worker wakes just after a deadline, not before.
 const WAKE_MARGIN_MS: u64 = 5;
 
@@ -28,20 +30,11 @@ pub(crate) async fn reclaim(
 ) -> Result<Reclaimed, fleetq_broker::Error> {
     let mut cmd = fcall("fleetq_reclaim", keys);
     cmd.arg(consumer).arg(lease.as_millis() as u64).arg(free);
-    type Entry = (String, Vec<(String, redis::Value)>);
-    let (entries, next_wake_ms, now_ms): (Vec<Entry>, u64, u64) =
+    let (entries, next_wake_ms, now_ms): (Vec<EntryReply>, u64, u64) =
         functions::call(&mut redis.conn(), &cmd, "reclaim").await?;
-    let entries = entries
-        .into_iter()
-        .map(|(id, fields)| RawEntry {
-            id,
-            fields: fields
-                .into_iter()
-                .map(|(f, v)| (f, crate::take::value_bytes(v)))
-                .collect(),
-        })
-        .collect();
-    let next_wake =
-        (next_wake_ms > 0).then(|| Duration::from_millis(next_wake_ms.saturating_sub(now_ms)));
+    let entries = entries.into_iter().map(raw_entry).collect();
+    // A few ms late rather than early: an entry is claimable once its idle time reaches the lease.
+    let next_wake = (next_wake_ms > 0)
+        .then(|| Duration::from_millis(next_wake_ms.saturating_sub(now_ms) + WAKE_MARGIN_MS));
     Ok(Reclaimed { entries, next_wake })
 }

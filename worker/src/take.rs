@@ -74,6 +74,20 @@ pub(crate) async fn read(
     Ok(out)
 }
 
+/// An entry as Lua and `XRANGE` return it: id and flat field/value pairs.
+pub(crate) type EntryReply = (String, Vec<(String, Value)>);
+
+/// Turns an [`EntryReply`] into a [`RawEntry`].
+pub(crate) fn raw_entry((id, fields): EntryReply) -> RawEntry {
+    RawEntry {
+        id,
+        fields: fields
+            .into_iter()
+            .map(|(f, v)| (f, value_bytes(v)))
+            .collect(),
+    }
+}
+
 /// Raw bytes of a field value.
 pub(crate) fn value_bytes(v: Value) -> Vec<u8> {
     match v {

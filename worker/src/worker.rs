@@ -452,24 +452,17 @@ async fn release_pending<H>(rt: &Runtime<H>) {
 }
 
 async fn job_id_of<H>(rt: &Runtime<H>, entry_id: &str) -> String {
-    let r: redis::RedisResult<Vec<(String, Vec<(String, redis::Value)>)>> = redis::cmd("XRANGE")
+    let r: redis::RedisResult<Vec<take::EntryReply>> = redis::cmd("XRANGE")
         .arg(rt.keys.stream())
         .arg(entry_id)
         .arg(entry_id)
         .query_async(&mut rt.redis.conn())
         .await;
     match r {
-        Ok(mut entries) if !entries.is_empty() => {
-            let (id, fields) = entries.swap_remove(0);
-            RawEntry {
-                id,
-                fields: fields
-                    .into_iter()
-                    .map(|(f, v)| (f, take::value_bytes(v)))
-                    .collect(),
-            }
-            .job_id()
-        }
-        _ => entry_id.to_owned(),
+        Ok(entries) => entries
+            .into_iter()
+            .next()
+            .map_or_else(|| entry_id.to_owned(), |e| take::raw_entry(e).job_id()),
+        Err(_) => entry_id.to_owned(),
     }
 }

@@ -2,6 +2,8 @@
 //! `{"sleep_ms": N, "fail": "retry"|"fatal", "result": …}` — sleeps N ms, then fails as told or
 //! succeeds with `{"node": <node>, "result": <result>}`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use clap::Parser;

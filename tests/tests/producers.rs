@@ -1,0 +1,65 @@
+//! Producers in other languages follow docs/protocol.md against a live worker, so the
+//! document cannot drift from the code.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use fleetq_tests::{worker_config, FnHandler, Stack};
+use fleetq_worker::Outcome;
+use serde_json::json;
+
+fn example(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_producer_plain_xadd_and_blocking_wait() {
+    let probe = Command::new("python3")
+        .args(["-c", "import redis"])
+        .output();
+    let ready = probe.as_ref().is_ok_and(|o| o.status.success());
+    assert!(
+        ready,
+        "python3 with redis-py is needed for this test: run `pip install redis` (.ci/run does)"
+    );
+    let s = Stack::start().await;
+    let w = s.worker(
+        worker_config("images", "gpu-1", 1),
+        FnHandler::new(|job, _| async move {
+            Outcome::Succeeded(json!({"prompt": job.payload["prompt"], "by": "gpu-1"}))
+        }),
+    );
+    let url = s.server.url();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(example("examples/producers/python/producer.py"))
+            .args([
+                "--queue",
+                "images",
+                "--payload",
+                r#"{"prompt": "a red fox; $(rm -rf /)"}"#,
+            ])
+            .args(["--timeout", "20"])
+            .env("REDIS_URL", url)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "producer failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["state"], "succeeded");
+    assert_eq!(v["result"]["prompt"], "a red fox; $(rm -rf /)");
+    assert_eq!(v["result"]["by"], "gpu-1");
+    w.stop().await;
+}

@@ -1,0 +1,116 @@
+//! `fleetq-worker`: runs jobs from one queue on this host. Parses flags, sets up logging and
+//! calls `fleetq_worker::run` until SIGTERM or Ctrl-C.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use fleetq_broker::connection::DEFAULT_REDIS_URL;
+use fleetq_broker::{Redis, RedisConfig};
+use fleetq_worker::config::{DEFAULT_MAX_BLOCK, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SLOTS};
+use fleetq_worker::executor::Echo;
+use fleetq_worker::WorkerConfig;
+
+/// What runs the jobs.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Executor {
+    /// Answer each job with its payload (smoke tests).
+    Echo,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Run fleetq jobs from one queue on this host.
+///
+/// Example: fleetq-worker --queue images --node gpu-07 --slots 4 --executor echo
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Redis server, redis://[user:password@]host:port/db or rediss://… for TLS.
+    #[arg(long, env = "REDIS_URL", default_value = DEFAULT_REDIS_URL, hide_env_values = true)]
+    redis_url: String,
+    /// PEM file of a private CA for rediss:// servers.
+    #[arg(long, env = "FLEETQ_REDIS_CA_CERT")]
+    redis_ca_cert: Option<std::path::PathBuf>,
+    /// Queue to work.
+    #[arg(long, env = "FLEETQ_QUEUE")]
+    queue: String,
+    /// This host's name, stable across restarts. Default: the host name.
+    #[arg(long, env = "FLEETQ_NODE")]
+    node: Option<String>,
+    /// Jobs run at once (usually one per GPU).
+    #[arg(long, env = "FLEETQ_SLOTS", default_value_t = DEFAULT_SLOTS)]
+    slots: usize,
+    /// Seconds running jobs get to finish after SIGTERM before they are handed to other hosts.
+    #[arg(long, env = "FLEETQ_SHUTDOWN_GRACE_SECS", default_value_t = DEFAULT_SHUTDOWN_GRACE.as_secs())]
+    shutdown_grace_secs: u64,
+    /// Longest single blocking read, in ms (an idle worker wakes at least this often).
+    #[arg(long, env = "FLEETQ_MAX_BLOCK_MS", default_value_t = DEFAULT_MAX_BLOCK.as_millis() as u64)]
+    max_block_ms: u64,
+    /// What runs the jobs.
+    #[arg(long, env = "FLEETQ_EXECUTOR", value_enum, default_value = "echo")]
+    executor: Executor,
+    /// Log format.
+    #[arg(long, env = "FLEETQ_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".to_owned())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+    }
+    let node = args.node.clone().unwrap_or_else(host_name);
+    let mut config = WorkerConfig::new(&args.queue, &node);
+    config.slots = args.slots;
+    config.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
+    config.max_block = Duration::from_millis(args.max_block_ms);
+    config.validate()?;
+    let mut redis_config = RedisConfig::new(&args.redis_url);
+    redis_config.ca_cert = args.redis_ca_cert.clone();
+    let redis = Redis::connect_with(redis_config)
+        .await
+        .context("fleetq-worker cannot start")?;
+    match args.executor {
+        Executor::Echo => {
+            fleetq_worker::run(redis, config, Echo { node }, shutdown_signal()).await?
+        }
+    }
+    Ok(())
+}
