@@ -32,6 +32,9 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("promote.lua", include_str!("lua/promote.lua")),
     ("reclaim.lua", include_str!("lua/reclaim.lua")),
     ("cancel.lua", include_str!("lua/cancel.lua")),
+    ("progress.lua", include_str!("lua/progress.lua")),
+    ("expire.lua", include_str!("lua/expire.lua")),
+    ("node.lua", include_str!("lua/node.lua")),
     ("status.lua", include_str!("lua/status.lua")),
     ("version.lua", include_str!("lua/version.lua")),
 ];

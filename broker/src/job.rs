@@ -99,6 +99,10 @@ pub struct JobEntry {
     pub enqueued_ms: u64,
     /// Field `avoid`: nodes where earlier attempts failed.
     pub avoid: Vec<String>,
+    /// Field `avoid_until`: until when (ms since the epoch) the `avoid` nodes are avoided.
+    pub avoid_until: u64,
+    /// Field `passes`: times an avoided node handed the job on.
+    pub passes: u32,
 }
 
 impl JobEntry {
@@ -187,6 +191,8 @@ impl JobEntry {
             prior_attempts,
             enqueued_ms,
             avoid,
+            avoid_until: int("avoid_until")?.unwrap_or(0),
+            passes: int("passes")?.map_or(0, |v| u32::try_from(v).unwrap_or(u32::MAX)),
         })
     }
 

@@ -14,6 +14,9 @@
 //! | `fleetq:{q}:leases` | sorted set (score: lease deadline, ms) | entry ids in flight; tells idle workers when to look for stale entries |
 //! | `fleetq:{q}:stats` | hash | counters kept by the functions (per outcome, per node and timeout kind) |
 //! | `fleetq:{q}:notify:<id>` | list, expires after 60 s | one token per waiter when the job ends (for `BLPOP`) |
+//! | `fleetq:{q}:nodes` | sorted set (score: last seen, ms) | nodes working the queue, for failover decisions |
+//! | `fleetq:{q}:suspended` | hash node → until (ms) | nodes suspended on this queue |
+//! | `fleetq:{q}:blocks` | hash `<workflow>\|<node>` → until (ms) | nodes blocked for a workflow after failing it |
 //! | `fleetq:node:<node>` | hash, expires when not renewed | a worker host: slots, busy, last seen |
 //!
 //! The Lua functions derive the queue's keys from `KEYS[1]` (the stream key) by suffix; the
@@ -100,6 +103,21 @@ impl QueueKeys {
         format!("{}stats", self.prefix)
     }
 
+    /// `fleetq:{q}:nodes`.
+    pub fn nodes(&self) -> String {
+        format!("{}nodes", self.prefix)
+    }
+
+    /// `fleetq:{q}:suspended`.
+    pub fn suspended(&self) -> String {
+        format!("{}suspended", self.prefix)
+    }
+
+    /// `fleetq:{q}:blocks`.
+    pub fn blocks(&self) -> String {
+        format!("{}blocks", self.prefix)
+    }
+
     /// `fleetq:{q}:job:<id>`.
     pub fn job(&self, job_id: &str) -> String {
         format!("{}job:{job_id}", self.prefix)
@@ -115,6 +133,9 @@ impl QueueKeys {
 pub fn node(node: &str) -> String {
     format!("fleetq:node:{node}")
 }
+
+/// Pattern matching every node record, for listing the fleet with `SCAN`.
+pub const NODE_PATTERN: &str = "fleetq:node:*";
 
 /// Pattern matching every queue's stream key, for discovery with `SCAN`.
 pub const STREAM_PATTERN: &str = "fleetq:{*}:stream";

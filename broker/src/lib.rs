@@ -8,6 +8,8 @@
 //! - [`functions`] — the server-side Redis Functions library (Lua) and its loader.
 //! - [`connection`] — connections to Redis (TLS, passwords, timeouts).
 //! - [`producer`] — enqueue, status, wait for the result, cancel.
+//! - [`maintenance`] — promote due retries, expire waiting jobs past their queue timeout.
+//! - [`nodes`] — the fleet's node records; operator suspend and resume.
 //! - [`local_redis`] — a throwaway `redis-server` for the demo, benchmarks and tests.
 //! - [`error`] — the crate's error type.
 
@@ -17,6 +19,8 @@ pub mod functions;
 pub mod job;
 pub mod keys;
 pub mod local_redis;
+pub mod maintenance;
+pub mod nodes;
 pub mod producer;
 pub mod queue_config;
 

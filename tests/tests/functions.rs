@@ -74,7 +74,16 @@ async fn take(
     let mut cmd = fcall("fleetq_take", keys);
     cmd.arg(consumer).arg("node-x").arg(10_000).arg(1);
     for (entry, job) in entries {
-        cmd.arg(*entry).arg(*job).arg(0).arg(3).arg(0).arg(0);
+        cmd.arg(*entry)
+            .arg(*job)
+            .arg(0)
+            .arg(3)
+            .arg(0)
+            .arg(0)
+            .arg("")
+            .arg(0)
+            .arg("")
+            .arg(0);
     }
     cmd.query_async(c).await.unwrap()
 }
@@ -213,6 +222,7 @@ async fn renew_checks_ownership_and_reports_cancel() {
         let mut cmd = fcall("fleetq_renew", &keys);
         cmd.arg(consumer)
             .arg(10_000)
+            .arg("node-x")
             .arg(&e)
             .arg(deliveries)
             .arg(&e);
@@ -362,7 +372,7 @@ async fn reclaim_takes_idle_entries_and_skips_deleted_ones() {
         .await
         .unwrap();
     let mut cmd = fcall("fleetq_reclaim", &keys);
-    cmd.arg("w2").arg(1000).arg(4);
+    cmd.arg("w2").arg(1000).arg(4).arg("node-y");
     type Entry = (String, Vec<(String, String)>);
     let (entries, _next, _now): (Vec<Entry>, u64, u64) = cmd.query_async(&mut c).await.unwrap();
     assert_eq!(entries.len(), 1);

@@ -32,6 +32,17 @@ pub(crate) enum Committed {
     Ok,
     /// The worker no longer owns the entry; nothing was recorded.
     Fenced,
+    /// A retry was turned into a dead letter: the job failed on too many distinct nodes.
+    Poison,
+}
+
+/// How the attempt ended when a timeout stopped it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Ending {
+    pub(crate) timeout: Option<&'static str>,
+    pub(crate) stage: Option<String>,
+    pub(crate) elapsed_ms: u64,
+    pub(crate) stages_json: String,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -43,7 +54,7 @@ pub(crate) async fn commit(
     deliveries: u64,
     job_id: &str,
     commit: &Commit,
-    timeout_kind: Option<&str>,
+    ending: &Ending,
 ) -> Result<Committed, fleetq_broker::Error> {
     let (outcome, data, delay, reason) = match commit {
         Commit::Succeeded(r) => ("succeeded", r.as_str(), 0, ""),
@@ -62,12 +73,20 @@ pub(crate) async fn commit(
         .arg(data)
         .arg(delay)
         .arg(reason)
-        .arg(timeout_kind.unwrap_or(""));
+        .arg(ending.timeout.unwrap_or(""))
+        .arg(ending.stage.as_deref().unwrap_or(""))
+        .arg(ending.elapsed_ms)
+        .arg(&ending.stages_json);
     let reply: String = functions::call(&mut redis.conn(), &cmd, "complete").await?;
-    Ok(if reply == "fenced" {
-        tracing::warn!(job = %job_id, entry = %entry_id, outcome, "commit refused: this worker lost its lease on the job; another host owns it now");
-        Committed::Fenced
-    } else {
-        Committed::Ok
+    Ok(match reply.as_str() {
+        "fenced" => {
+            tracing::warn!(job = %job_id, entry = %entry_id, outcome, "commit refused: this worker lost its lease on the job; another host owns it now");
+            Committed::Fenced
+        }
+        "poison" => {
+            tracing::warn!(job = %job_id, "job failed on too many distinct nodes: dead-lettered as poison");
+            Committed::Poison
+        }
+        _ => Committed::Ok,
     })
 }

@@ -13,6 +13,14 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_BLOCK: Duration = Duration::from_secs(10);
 /// How often an idle worker re-reads the queue config from Redis. Default 60 s.
 pub const DEFAULT_CONFIG_REFRESH: Duration = Duration::from_secs(60);
+/// Failures or timeouts in a row after which a node suspends itself. Default 3.
+pub const DEFAULT_SUSPEND_AFTER: u32 = 3;
+/// How long a node suspends itself. Default 60 s.
+pub const DEFAULT_SUSPEND_FOR: Duration = Duration::from_secs(60);
+/// How often the node record is renewed (it lives 3 times this). Default 10 s.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+/// Least time between two progress writes of one job. Default 1 s.
+pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Settings of one worker process.
 #[derive(Debug, Clone)]
@@ -30,6 +38,15 @@ pub struct WorkerConfig {
     pub max_block: Duration,
     /// How often the queue config is re-read. Default [`DEFAULT_CONFIG_REFRESH`].
     pub config_refresh: Duration,
+    /// Failures or timeouts in a row before this node suspends itself; 0 never.
+    /// Flag `--suspend-after`, env `FLEETQ_SUSPEND_AFTER`. Default [`DEFAULT_SUSPEND_AFTER`].
+    pub suspend_after: u32,
+    /// How long a self-suspension lasts. Flag `--suspend-for-secs`. Default [`DEFAULT_SUSPEND_FOR`].
+    pub suspend_for: Duration,
+    /// Node record renewal interval. Default [`DEFAULT_HEARTBEAT`].
+    pub heartbeat: Duration,
+    /// Least time between two progress writes of one job. Default [`DEFAULT_PROGRESS_INTERVAL`].
+    pub progress_interval: Duration,
 }
 
 impl WorkerConfig {
@@ -42,6 +59,10 @@ impl WorkerConfig {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             max_block: DEFAULT_MAX_BLOCK,
             config_refresh: DEFAULT_CONFIG_REFRESH,
+            suspend_after: DEFAULT_SUSPEND_AFTER,
+            suspend_for: DEFAULT_SUSPEND_FOR,
+            heartbeat: DEFAULT_HEARTBEAT,
+            progress_interval: DEFAULT_PROGRESS_INTERVAL,
         }
     }
 
@@ -78,6 +99,12 @@ impl WorkerConfig {
         }
         if self.max_block < Duration::from_millis(10) {
             return bad("max_block must be at least 10 ms".into());
+        }
+        if self.heartbeat < Duration::from_millis(100) {
+            return bad("heartbeat must be at least 100 ms".into());
+        }
+        if self.suspend_after > 0 && self.suspend_for.is_zero() {
+            return bad("suspend_for must be positive when suspend_after is set".into());
         }
         Ok(())
     }

@@ -83,6 +83,7 @@ pub(crate) async fn renew_loop(
     redis: Redis,
     keys: QueueKeys,
     consumer: String,
+    node: String,
     lease: Duration,
     held: Held,
     stop: CancellationToken,
@@ -99,7 +100,7 @@ pub(crate) async fn renew_loop(
         if jobs.is_empty() {
             continue;
         }
-        if let Err(e) = renew_once(&redis, &keys, &consumer, lease, &jobs).await {
+        if let Err(e) = renew_once(&redis, &keys, &consumer, &node, lease, &jobs).await {
             tracing::warn!(error = %e, held = jobs.len(), "lease renewal failed; will retry at the next tick");
         }
     }
@@ -109,11 +110,12 @@ async fn renew_once(
     redis: &Redis,
     keys: &QueueKeys,
     consumer: &str,
+    node: &str,
     lease: Duration,
     jobs: &[(String, Arc<HeldJob>)],
 ) -> Result<(), fleetq_broker::Error> {
     let mut cmd = fcall("fleetq_renew", keys);
-    cmd.arg(consumer).arg(lease.as_millis() as u64);
+    cmd.arg(consumer).arg(lease.as_millis() as u64).arg(node);
     for (entry_id, job) in jobs {
         cmd.arg(entry_id).arg(job.deliveries).arg(&job.job_id);
     }

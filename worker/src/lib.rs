@@ -7,6 +7,9 @@
 //! - [`lease`] — held entries and their renewal every lease/3.
 //! - `reclaim` — taking over entries whose lease ran out (`XAUTOCLAIM`).
 //! - `completion` — fenced commits of results, errors, retries and dead letters.
+//! - [`timeouts`] — start, progress and run timeouts of a running attempt.
+//! - `progress` — progress reports, the stage profile, throttled writes.
+//! - `node` — this host's record, failure streak and suspension.
 //! - [`executor`] — ready-made handlers for the `fleetq-worker` binary.
 //! - [`error`] — the crate's error type.
 
@@ -17,11 +20,15 @@ pub mod handler;
 pub mod lease;
 pub mod worker;
 
+pub mod timeouts;
+
 mod completion;
+mod node;
+mod progress;
 mod reclaim;
 mod take;
 
 pub use config::WorkerConfig;
 pub use error::Error;
-pub use handler::{Handler, Job, JobContext, Outcome};
+pub use handler::{Handler, Job, JobContext, Outcome, Progress};
 pub use worker::run;

@@ -25,11 +25,15 @@ pub(crate) async fn reclaim(
     redis: &Redis,
     keys: &QueueKeys,
     consumer: &str,
+    node: &str,
     lease: Duration,
     free: usize,
 ) -> Result<Reclaimed, fleetq_broker::Error> {
     let mut cmd = fcall("fleetq_reclaim", keys);
-    cmd.arg(consumer).arg(lease.as_millis() as u64).arg(free);
+    cmd.arg(consumer)
+        .arg(lease.as_millis() as u64)
+        .arg(free)
+        .arg(node);
     let (entries, next_wake_ms, now_ms): (Vec<EntryReply>, u64, u64) =
         functions::call(&mut redis.conn(), &cmd, "reclaim").await?;
     let entries = entries.into_iter().map(raw_entry).collect();

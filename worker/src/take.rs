@@ -119,14 +119,31 @@ pub(crate) async fn ensure_group(
 }
 
 /// Runs `fleetq_take` for a batch of entries this worker read.
+/// Who takes: the identity and settings `fleetq_take` needs.
+#[derive(Debug, Clone)]
+pub(crate) struct Taker {
+    pub(crate) redis: Redis,
+    pub(crate) keys: QueueKeys,
+    pub(crate) consumer: String,
+    pub(crate) node: String,
+    pub(crate) lease: std::time::Duration,
+    /// The handler does not report its start: the job counts as started when taken.
+    pub(crate) starts_at_once: bool,
+}
+
 pub(crate) async fn take(
-    redis: &Redis,
-    keys: &QueueKeys,
-    consumer: &str,
-    node: &str,
+    taker: &Taker,
     queue: &QueueConfig,
     entries: Vec<RawEntry>,
 ) -> Result<Vec<Taken>, fleetq_broker::Error> {
+    let Taker {
+        redis,
+        keys,
+        consumer,
+        node,
+        lease,
+        starts_at_once,
+    } = taker;
     if entries.is_empty() {
         return Ok(Vec::new());
     }
@@ -140,8 +157,8 @@ pub(crate) async fn take(
     let mut cmd = fcall("fleetq_take", keys);
     cmd.arg(consumer)
         .arg(node)
-        .arg(queue.lease.as_millis() as u64)
-        .arg(1);
+        .arg(lease.as_millis() as u64)
+        .arg(u8::from(*starts_at_once));
     for (raw, job) in &parsed {
         match job {
             Ok(j) => {
@@ -154,7 +171,11 @@ pub(crate) async fn take(
                     .arg(j.prior_attempts)
                     .arg(j.max_attempts(queue))
                     .arg(deadline)
-                    .arg(j.enqueued_ms);
+                    .arg(j.enqueued_ms)
+                    .arg(j.avoid.join(","))
+                    .arg(j.avoid_until)
+                    .arg(j.workflow.as_deref().unwrap_or(""))
+                    .arg(j.passes);
             }
             Err(_) => {
                 // Taken so that it can be dead-lettered with its reason.
@@ -163,7 +184,11 @@ pub(crate) async fn take(
                     .arg(0)
                     .arg(u32::MAX)
                     .arg(0)
-                    .arg(entry_ms(&raw.id));
+                    .arg(entry_ms(&raw.id))
+                    .arg("")
+                    .arg(0)
+                    .arg("")
+                    .arg(0);
             }
         }
     }

@@ -24,12 +24,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::completion::{self, Commit, Committed};
+use crate::completion::{self, Commit, Committed, Ending};
 use crate::config::WorkerConfig;
 use crate::handler::{Handler, Job, JobContext, Outcome};
 use crate::lease::{self, Held, HeldJob, StopReason};
+use crate::node::{self, epoch_ms, Health, NodeHandle};
+use crate::progress::{Target, Tracker};
 use crate::reclaim;
-use crate::take::{self, Decision, Taken};
+use crate::take::{self, Decision, Taken, Taker};
+use crate::timeouts::{self, Limits, TimeoutKind};
 use crate::Error;
 
 /// Longest wait between attempts to reach Redis again after an error.
@@ -39,15 +42,12 @@ const COMMIT_TRIES: u32 = 5;
 
 /// What every slot task shares.
 struct Runtime<H> {
-    redis: Redis,
-    keys: QueueKeys,
-    consumer: String,
-    node: String,
-    /// The lease in force for this process (fixed at start, so renewals and reclaims agree).
-    lease: Duration,
+    taker: Taker,
+    config: WorkerConfig,
     queue: Mutex<QueueConfig>,
     handler: H,
     held: Held,
+    node: NodeHandle,
 }
 
 impl<H> Runtime<H> {
@@ -57,14 +57,19 @@ impl<H> Runtime<H> {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
+
+    fn redis(&self) -> &Redis {
+        &self.taker.redis
+    }
+
+    fn keys(&self) -> &QueueKeys {
+        &self.taker.keys
+    }
 }
 
 /// A unique consumer name for this process start: `<node>:<pid>:<start ms>`.
 pub fn consumer_name(node: &str) -> String {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    format!("{node}:{}:{ms}", std::process::id())
+    format!("{node}:{}:{}", std::process::id(), epoch_ms())
 }
 
 /// Runs a worker until `shutdown` resolves, then shuts down in two phases (see the module
@@ -97,26 +102,46 @@ where
             token.cancel();
         });
     }
-    let rt = Arc::new(Runtime {
+    let node = NodeHandle {
         redis: redis.clone(),
         keys: keys.clone(),
-        consumer: consumer.clone(),
         node: config.node.clone(),
-        lease: queue.lease,
+        consumer: consumer.clone(),
+        health: Arc::new(Health::default()),
+    };
+    let rt = Arc::new(Runtime {
+        taker: Taker {
+            redis: redis.clone(),
+            keys: keys.clone(),
+            consumer: consumer.clone(),
+            node: config.node.clone(),
+            lease: queue.lease,
+            starts_at_once: !handler.reports_start(),
+        },
+        config: config.clone(),
         queue: Mutex::new(queue),
         handler,
         held: Held::default(),
+        node: node.clone(),
     });
-    let renew_stop = CancellationToken::new();
+    let background_stop = CancellationToken::new();
     let renewer = tokio::spawn(lease::renew_loop(
         redis.clone(),
         keys.clone(),
         consumer.clone(),
-        rt.lease,
+        config.node.clone(),
+        rt.taker.lease,
         rt.held.clone(),
-        renew_stop.clone(),
+        background_stop.clone(),
     ));
     let slots = Arc::new(Semaphore::new(config.slots));
+    let heart = tokio::spawn(node::heartbeat_loop(
+        node.clone(),
+        config.slots,
+        slots.clone(),
+        config.heartbeat,
+        background_stop.clone(),
+    ));
     let mut tasks = JoinSet::new();
 
     let mut reader = redis.blocking_conn(max_block).await?;
@@ -133,6 +158,16 @@ where
         while tasks.try_join_next().is_some() {}
         if stop_reading.is_cancelled() {
             break;
+        }
+        if let Some(left) = node.health.suspended_for() {
+            // Suspended: take nothing new until the suspension ends or is lifted.
+            let changed = node.health.changed.notified();
+            tokio::select! {
+                _ = stop_reading.cancelled() => break,
+                _ = tokio::time::sleep(left) => node.resume("suspension over").await,
+                _ = changed => {}
+            }
+            continue;
         }
         let free = slots.available_permits();
         if free == 0 {
@@ -153,7 +188,9 @@ where
         }
         let step = async {
             if Instant::now() >= next_wake {
-                let r = reclaim::reclaim(&redis, &keys, &consumer, rt.lease, free).await?;
+                let r =
+                    reclaim::reclaim(&redis, &keys, &consumer, &config.node, rt.taker.lease, free)
+                        .await?;
                 next_wake = Instant::now() + r.next_wake.unwrap_or(max_block).min(max_block);
                 if !r.entries.is_empty() {
                     tracing::info!(
@@ -170,9 +207,15 @@ where
                 .await
                 .map_err(|e| fleetq_broker::Error::redis("read jobs", e).into())
         };
+        let suspended = node.health.changed.notified();
         let read = tokio::select! {
             r = step => r,
             _ = stop_reading.cancelled() => break,
+            // Suspended while blocked: drop the read (and its connection) at once.
+            _ = suspended => {
+                reader = redis.blocking_conn(max_block).await?;
+                continue;
+            }
         };
         let result = match read {
             Ok(entries) => dispatch(&rt, entries, &slots, &mut tasks).await,
@@ -223,8 +266,9 @@ where
         }
         while tasks.join_next().await.is_some() {}
     }
-    renew_stop.cancel();
+    background_stop.cancel();
     let _ = renewer.await;
+    let _ = heart.await;
     release_pending(&rt).await;
     tracing::info!("worker stopped");
     Ok(())
@@ -241,7 +285,7 @@ async fn dispatch<H: Handler>(
         return Ok(());
     }
     let queue = rt.queue_config();
-    let taken = take::take(&rt.redis, &rt.keys, &rt.consumer, &rt.node, &queue, entries).await?;
+    let taken = take::take(&rt.taker, &queue, entries).await?;
     for t in taken {
         if t.decision != Decision::Run {
             continue;
@@ -252,17 +296,7 @@ async fn dispatch<H: Handler>(
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
                     // Cannot happen: we read no more than the free slots. Give it back.
                     tracing::error!(job = %t.job_id, "no free slot for a job read for a free slot; releasing it");
-                    let _ = completion::commit(
-                        &rt.redis,
-                        &rt.keys,
-                        &rt.consumer,
-                        &t.entry_id,
-                        t.deliveries,
-                        &t.job_id,
-                        &Commit::Release,
-                        None,
-                    )
-                    .await;
+                    commit_with_retries(rt, &t, &Commit::Release, &Ending::default()).await;
                     continue;
                 };
                 let rt = rt.clone();
@@ -274,7 +308,7 @@ async fn dispatch<H: Handler>(
                     reason: "malformed",
                     error: malformed.to_string(),
                 };
-                commit_with_retries(rt, &t, &commit, None).await;
+                commit_with_retries(rt, &t, &commit, &Ending::default()).await;
             }
         }
     }
@@ -284,7 +318,7 @@ async fn dispatch<H: Handler>(
 enum Ended {
     Outcome(Outcome),
     Stopped(StopReason),
-    Timeout(&'static str),
+    Timeout(TimeoutKind),
 }
 
 async fn run_job<H: Handler>(
@@ -301,10 +335,21 @@ async fn run_job<H: Handler>(
         reason: Mutex::new(None),
     });
     rt.held.insert(t.entry_id.clone(), held.clone());
+    let tracker = Arc::new(Tracker::new(
+        Target {
+            redis: rt.redis().clone(),
+            keys: rt.keys().clone(),
+            consumer: rt.taker.consumer.clone(),
+            entry_id: t.entry_id.clone(),
+        },
+        held.clone(),
+        rt.config.progress_interval,
+        rt.taker.starts_at_once,
+    ));
     let max_attempts = entry.max_attempts(&queue);
     let job = Job {
         id: t.job_id.clone(),
-        queue: rt.keys.name().to_owned(),
+        queue: rt.keys().name().to_owned(),
         payload: entry.payload.clone(),
         attempt: t.attempt,
         max_attempts,
@@ -314,16 +359,27 @@ async fn run_job<H: Handler>(
     };
     let ctx = JobContext {
         cancel: held.cancel.clone(),
+        tracker: tracker.clone(),
     };
-    let run_timeout = entry.run_timeout(&queue);
+    let limits = Limits {
+        start: entry.start_timeout(&queue),
+        progress: entry.progress_timeout(&queue),
+        run: entry.run_timeout(&queue),
+    };
     let started = Instant::now();
     let ended = tokio::select! {
         out = rt.handler.handle(job, ctx) => Ended::Outcome(out),
         _ = held.cancel.cancelled() => Ended::Stopped(held.stop_reason().unwrap_or(StopReason::Shutdown)),
-        _ = sleep_opt(run_timeout) => Ended::Timeout("run"),
+        kind = timeouts::watchdog(&tracker, limits) => Ended::Timeout(kind),
     };
     // Whatever ended the attempt, work the handler spawned elsewhere must stop too.
     held.cancel.cancel();
+    let mut ending = Ending {
+        timeout: None,
+        stage: tracker.current_stage(),
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        stages_json: tracker.stages_json(),
+    };
     let retry_or_dead = |error: String| {
         if t.attempt < max_attempts {
             Commit::Retry {
@@ -339,50 +395,84 @@ async fn run_job<H: Handler>(
             }
         }
     };
-    let (commit, timeout_kind) = match ended {
-        Ended::Outcome(Outcome::Succeeded(v)) => (Some(Commit::Succeeded(v.to_string())), None),
-        Ended::Outcome(Outcome::Fail(e)) => (Some(Commit::Failed(e)), None),
-        Ended::Outcome(Outcome::Retry(e)) => (Some(retry_or_dead(e)), None),
+    let commit = match ended {
+        Ended::Outcome(Outcome::Succeeded(v)) => Some(Commit::Succeeded(v.to_string())),
+        Ended::Outcome(Outcome::Fail(e)) => Some(Commit::Failed(e)),
+        Ended::Outcome(Outcome::Retry(e)) => Some(retry_or_dead(e)),
         Ended::Timeout(kind) => {
+            let stage = ending
+                .stage
+                .as_deref()
+                .map_or_else(String::new, |s| format!(" in stage {s}"));
             let msg = format!(
-                "{kind} timeout on node {} after {} ms",
-                rt.node,
-                started.elapsed().as_millis()
+                "{} timeout on node {}{stage} after {} ms",
+                kind.name(),
+                rt.taker.node,
+                ending.elapsed_ms
             );
-            tracing::warn!(job = %t.job_id, %kind, "timeout fired; stopping the attempt");
-            (Some(retry_or_dead(msg)), Some(kind))
+            tracing::warn!(job = %t.job_id, kind = kind.name(), stage = ?ending.stage, "timeout fired; stopping the attempt");
+            ending.timeout = Some(kind.name());
+            Some(retry_or_dead(msg))
         }
-        Ended::Stopped(StopReason::LeaseLost) => (None, None),
-        Ended::Stopped(StopReason::Cancelled) => (Some(Commit::Cancelled), None),
-        Ended::Stopped(StopReason::Shutdown) => (Some(Commit::Release), None),
+        Ended::Stopped(StopReason::LeaseLost) => None,
+        Ended::Stopped(StopReason::Cancelled) => Some(Commit::Cancelled),
+        Ended::Stopped(StopReason::Shutdown) => Some(Commit::Release),
     };
     if let Some(commit) = commit {
-        commit_with_retries(&rt, &t, &commit, timeout_kind).await;
+        let committed = commit_with_retries(&rt, &t, &commit, &ending).await;
+        note_health(&rt, &commit, committed).await;
     }
     rt.held.remove(&t.entry_id);
+}
+
+/// Counts the attempt in this node's failure streak and suspends the node after K in a row.
+async fn note_health<H>(rt: &Runtime<H>, commit: &Commit, committed: Option<Committed>) {
+    let health = &rt.node.health;
+    match (commit, committed) {
+        (_, None | Some(Committed::Fenced | Committed::Poison)) => {}
+        (Commit::Succeeded(_), _) => health.success(),
+        (
+            Commit::Retry { .. }
+            | Commit::Dead {
+                reason: "attempts_exhausted",
+                ..
+            },
+            _,
+        ) => {
+            let streak = health.failure();
+            let k = rt.config.suspend_after;
+            if k > 0 && streak >= k && health.suspended_for().is_none() {
+                let until = epoch_ms() + rt.config.suspend_for.as_millis() as u64;
+                rt.node
+                    .suspend(until, &format!("{streak} failures or timeouts in a row"))
+                    .await;
+            }
+        }
+        _ => {}
+    }
 }
 
 async fn commit_with_retries<H>(
     rt: &Runtime<H>,
     t: &Taken,
     commit: &Commit,
-    timeout_kind: Option<&str>,
-) {
+    ending: &Ending,
+) -> Option<Committed> {
     let mut delay = Duration::from_millis(100);
     for attempt in 1..=COMMIT_TRIES {
         match completion::commit(
-            &rt.redis,
-            &rt.keys,
-            &rt.consumer,
+            rt.redis(),
+            rt.keys(),
+            &rt.taker.consumer,
             &t.entry_id,
             t.deliveries,
             &t.job_id,
             commit,
-            timeout_kind,
+            ending,
         )
         .await
         {
-            Ok(Committed::Ok | Committed::Fenced) => return,
+            Ok(c) => return Some(c),
             Err(e) if e.is_transient() && attempt < COMMIT_TRIES => {
                 tracing::warn!(job = %t.job_id, error = %e, "commit failed; trying again");
                 tokio::time::sleep(delay).await;
@@ -391,29 +481,23 @@ async fn commit_with_retries<H>(
             Err(e) => {
                 tracing::error!(job = %t.job_id, error = %e,
                     "cannot record the end of the job; its lease will run out and another host will run it again");
-                return;
+                return None;
             }
         }
     }
-}
-
-async fn sleep_opt(d: Option<Duration>) {
-    match d {
-        Some(d) => tokio::time::sleep(d).await,
-        None => std::future::pending().await,
-    }
+    None
 }
 
 /// Gives back everything still in this consumer's pending list, then removes the consumer.
 async fn release_pending<H>(rt: &Runtime<H>) {
     let pending: redis::RedisResult<Vec<(String, String, u64, u64)>> = redis::cmd("XPENDING")
-        .arg(rt.keys.stream())
+        .arg(rt.keys().stream())
         .arg(GROUP)
         .arg("-")
         .arg("+")
         .arg(10_000)
-        .arg(&rt.consumer)
-        .query_async(&mut rt.redis.conn())
+        .arg(&rt.taker.consumer)
+        .query_async(&mut rt.redis().conn())
         .await;
     let pending = match pending {
         Ok(p) => p,
@@ -425,14 +509,14 @@ async fn release_pending<H>(rt: &Runtime<H>) {
     for (entry_id, _, _, deliveries) in &pending {
         let job_id = job_id_of(rt, entry_id).await;
         let r = completion::commit(
-            &rt.redis,
-            &rt.keys,
-            &rt.consumer,
+            rt.redis(),
+            rt.keys(),
+            &rt.taker.consumer,
             entry_id,
             *deliveries,
             &job_id,
             &Commit::Release,
-            None,
+            &Ending::default(),
         )
         .await;
         if let Err(e) = r {
@@ -444,19 +528,19 @@ async fn release_pending<H>(rt: &Runtime<H>) {
     }
     let _: redis::RedisResult<i64> = redis::cmd("XGROUP")
         .arg("DELCONSUMER")
-        .arg(rt.keys.stream())
+        .arg(rt.keys().stream())
         .arg(GROUP)
-        .arg(&rt.consumer)
-        .query_async(&mut rt.redis.conn())
+        .arg(&rt.taker.consumer)
+        .query_async(&mut rt.redis().conn())
         .await;
 }
 
 async fn job_id_of<H>(rt: &Runtime<H>, entry_id: &str) -> String {
     let r: redis::RedisResult<Vec<take::EntryReply>> = redis::cmd("XRANGE")
-        .arg(rt.keys.stream())
+        .arg(rt.keys().stream())
         .arg(entry_id)
         .arg(entry_id)
-        .query_async(&mut rt.redis.conn())
+        .query_async(&mut rt.redis().conn())
         .await;
     match r {
         Ok(entries) => entries

@@ -35,9 +35,11 @@ local function cancel(keys, args)
   end
   if entry and pending_owner(K, entry) == nil and entry_fields(K, entry) ~= nil then
     -- Waiting: not yet delivered to any worker.
-    redis.call('HSET', jk, 'entry', entry, 'cancel', '1')
+    redis.call('HSET', jk, 'entry', entry)
     finish(K, job_id, 'cancelled')
-    redis.call('HSET', jk, 'cancel', '1')
+    -- The entry stays until a worker reaches it; count it so `waiting` can leave it out.
+    redis.call('HSET', jk, 'tombstone', '1')
+    stat(K, 'tombstones')
     emit(K, 'cancelled', job_id)
     return { 'cancelled' }
   end

@@ -9,6 +9,14 @@ local GROUP = 'workers'
 
 local DEFAULT_RETENTION_MS = 3600000
 local DEFAULT_EVENTS_MAXLEN = 10000
+-- A node that failed a job (or its workflow) is avoided for it this long.
+local DEFAULT_FAILOVER_COOLDOWN_MS = 60000
+-- A job that failed on this many distinct nodes is poison.
+local DEFAULT_POISON_NODES = 3
+-- A node is alive while it was seen (lease renewal, reclaim, heartbeat) this recently.
+local NODE_ALIVE_MS = 30000
+-- Attempt records kept per job.
+local HISTORY_MAX = 20
 -- Plain-XADD jobs carry no `seq` field; their position is counted with XRANGE up to this.
 local POSITION_SCAN_LIMIT = 1000
 
@@ -31,6 +39,9 @@ local function queue_keys(stream_key)
     config = p .. 'config',
     leases = p .. 'leases',
     stats = p .. 'stats',
+    nodes = p .. 'nodes',
+    suspended = p .. 'suspended',
+    blocks = p .. 'blocks',
   }
 end
 
@@ -166,6 +177,7 @@ local function finish(K, job_id, state, fields)
   end
   redis.call(unpack(args))
   redis.call('HDEL', jk, 'retry', 'cancel')
+  if state == 'succeeded' then redis.call('HDEL', jk, 'error') end
   local waiters = tonumber(redis.call('HGET', jk, 'waiters')) or 0
   if waiters > 0 then
     local nk = notify_key(K, job_id)
@@ -173,7 +185,9 @@ local function finish(K, job_id, state, fields)
     redis.call('PEXPIRE', nk, 60000)
     redis.call('HDEL', jk, 'waiters')
   end
-  redis.call('PEXPIRE', jk, config_num(K, 'retention_ms', DEFAULT_RETENTION_MS))
+  local retention = config_num(K, 'retention_ms', DEFAULT_RETENTION_MS)
+  if retention <= 0 then retention = DEFAULT_RETENTION_MS end
+  redis.call('PEXPIRE', jk, retention)
   stat(K, state)
 end
 
@@ -195,4 +209,100 @@ local function dead_letter(K, job_id, fields, reason, err, attempts, nodes)
     end
   end
   redis.call(unpack(args))
+end
+
+local function split_csv(s)
+  local out = {}
+  if s == nil or s == false or s == '' then return out end
+  for part in string.gmatch(s, '[^,]+') do out[#out + 1] = part end
+  return out
+end
+
+local function contains(list, x)
+  for _, v in ipairs(list) do if v == x then return true end end
+  return false
+end
+
+-- Note that `node` is alive (it renews, reclaims or beats).
+local function seen(K, node)
+  if node and node ~= '' then redis.call('ZADD', K.nodes, now_ms(), node) end
+end
+
+local function block_field(workflow, node) return workflow .. '|' .. node end
+
+-- May `node` run a job that avoids `avoid` and belongs to `workflow` now?
+local function node_eligible(K, node, avoid, workflow, now)
+  if contains(avoid, node) then return false end
+  local until_ms = tonumber(redis.call('HGET', K.suspended, node))
+  if until_ms and until_ms > now then return false end
+  if workflow ~= '' then
+    local blocked = tonumber(redis.call('HGET', K.blocks, block_field(workflow, node)))
+    if blocked and blocked > now then return false end
+  end
+  return true
+end
+
+-- Is any node other than `self` alive and eligible for the job?
+local function other_node_eligible(K, self, avoid, workflow, now)
+  local alive = redis.call('ZRANGE', K.nodes, now - NODE_ALIVE_MS, '+inf', 'BYSCORE')
+  for _, n in ipairs(alive) do
+    if n ~= self and node_eligible(K, n, avoid, workflow, now) then return true end
+  end
+  return false
+end
+
+-- Append one attempt record to the job's history (JSON array, last HISTORY_MAX kept).
+local function record_attempt(K, jk, rec)
+  local raw = redis.call('HGET', jk, 'history')
+  local hist = {}
+  if raw then
+    local ok, v = pcall(cjson.decode, raw)
+    if ok and type(v) == 'table' then hist = v end
+  end
+  hist[#hist + 1] = rec
+  while #hist > HISTORY_MAX do table.remove(hist, 1) end
+  redis.call('HSET', jk, 'history', cjson.encode(hist))
+end
+
+-- Put a delivered entry's job back in line as a new entry: at once (delay 0) or through the
+-- delayed set. `set` holds fields to set on the new entry (attempts, avoid, …). The old
+-- entry is acknowledged and deleted.
+local function requeue(K, job_id, entry_id, set, delay, now)
+  local fields = entry_fields(K, entry_id) or {}
+  local keep = {}
+  local have_id, have_enq = false, false
+  for i = 1, #fields, 2 do
+    local f = fields[i]
+    if f == 'id' then have_id = true end
+    if f == 'enqueued_ms' then have_enq = true end
+    if f ~= 'seq' and set[f] == nil then
+      keep[#keep + 1] = f
+      keep[#keep + 1] = fields[i + 1]
+    end
+  end
+  if not have_id then
+    keep[#keep + 1] = 'id'
+    keep[#keep + 1] = job_id
+  end
+  if not have_enq then
+    keep[#keep + 1] = 'enqueued_ms'
+    keep[#keep + 1] = string.match(entry_id, '^(%d+)')
+  end
+  for f, v in pairs(set) do
+    if v ~= '' then
+      keep[#keep + 1] = f
+      keep[#keep + 1] = v
+    end
+  end
+  drop_entry(K, entry_id)
+  local jk = job_key(K, job_id)
+  if delay <= 0 then
+    local new_id, seq = add_entry(K, keep)
+    redis.call('HSET', jk, 'state', 'waiting', 'entry', new_id, 'seq', tostring(seq))
+    redis.call('HDEL', jk, 'consumer', 'due_ms', 'retry')
+  else
+    redis.call('HSET', jk, 'state', 'retrying', 'retry', cjson.encode(keep), 'due_ms', tostring(now + delay))
+    redis.call('HDEL', jk, 'entry', 'consumer')
+    redis.call('ZADD', K.delayed, now + delay, job_id)
+  end
 end

@@ -8,32 +8,70 @@
 -- ARGV[5]  outcome: succeeded | failed | retry | dead | cancelled | release
 -- ARGV[6]  data: the result JSON (succeeded) or the error message (failed, retry, dead)
 -- ARGV[7]  retry delay in ms (retry only)
--- ARGV[8]  reason code (dead only): e.g. attempts_exhausted, malformed, poison
--- ARGV[9]  optional timeout kind that ended the attempt (queue|start|progress|run|lease)
--- Reply    'ok', or 'fenced' when the caller no longer owns the entry (nothing is written
---          except the `fenced` counter).
+-- ARGV[8]  reason code (dead only): attempts_exhausted, malformed, …
+-- ARGV[9]  timeout kind that ended the attempt, or '' (start|progress|run)
+-- ARGV[10] stage the attempt was in when it ended, or ''
+-- ARGV[11] elapsed ms of the attempt
+-- ARGV[12] stages of the attempt, JSON array of {name, start_ms, duration_ms}, or ''
+-- Reply    'ok'; 'poison' when a retry was turned into a dead letter because the job has now
+--          failed on poison_nodes distinct nodes (the node is not to blame); 'fenced' when the
+--          caller no longer owns the entry (nothing is written but the `fenced` counter).
 --
 -- succeeded/failed/dead/cancelled end the job (its hash then expires after retention_ms);
--- retry puts the job in the delayed set (due now + delay) with its attempts counted;
--- release gives an unfinished job back at once without counting the attempt (shutdown).
+-- retry puts the job in the delayed set (due now + delay) with its attempts counted, avoiding
+-- this node (and, for a job with a workflow, blocking this node for that workflow) for
+-- failover_cooldown_ms; release gives an unfinished job back at once without counting the
+-- attempt (shutdown).
 
 local function complete(keys, args)
   local K = queue_keys(keys[1])
   local consumer, entry_id, deliveries, job_id = args[1], args[2], args[3], args[4]
   local outcome, data = args[5], args[6] or ''
-  local timeout_kind = args[9] or ''
+  local timeout_kind, stage = args[9] or '', args[10] or ''
+  local elapsed = tonumber(args[11]) or 0
+  local stages = args[12] or ''
   if not owns(K, entry_id, consumer, deliveries) then
     stat(K, 'fenced')
     return 'fenced'
   end
   local jk = job_key(K, job_id)
   local now = now_ms()
-  local h = redis.call('HMGET', jk, 'attempts', 'nodes', 'node', 'started_ms', 'entry')
+  local h = redis.call('HMGET', jk, 'attempts', 'nodes', 'node', 'failed_nodes', 'entry', 'attempt_started_ms')
   local attempts, nodes, node = h[1] or '0', h[2] or '', h[3] or ''
+  local fields = entry_fields(K, entry_id) or {}
+  local m = to_map(fields)
+  local reply = 'ok'
+
   if timeout_kind ~= '' then
     stat(K, 'timeout:' .. timeout_kind)
     stat(K, 'node:' .. node .. ':timeout:' .. timeout_kind)
+    redis.call('HSET', jk, 'timeout', timeout_kind, 'timeout_stage', stage, 'timeout_elapsed_ms', tostring(elapsed),
+      'timeout_node', node)
   end
+  if stages ~= '' then redis.call('HSET', jk, 'stages', stages) end
+
+  -- A retry of a job that has now failed on poison_nodes distinct nodes ends it instead.
+  if outcome == 'retry' then
+    local failed = split_csv(h[4])
+    if node ~= '' and not contains(failed, node) then failed[#failed + 1] = node end
+    redis.call('HSET', jk, 'failed_nodes', table.concat(failed, ','))
+    local m_nodes = config_num(K, 'poison_nodes', DEFAULT_POISON_NODES)
+    if #failed >= m_nodes then
+      outcome = 'dead'
+      args[8] = 'poison'
+      data = 'poison: failed on ' .. #failed .. ' distinct nodes (' .. table.concat(failed, ', ') .. '); last error: ' .. data
+      reply = 'poison'
+    end
+  end
+
+  local ended_as = outcome
+  if outcome == 'retry' then ended_as = 'failed' end
+  if timeout_kind ~= '' then ended_as = 'timeout' end
+  if outcome == 'release' then ended_as = 'released' end
+  local started = tonumber(h[6])
+  record_attempt(K, jk, { attempt = tonumber(attempts), node = node, outcome = ended_as, timeout = timeout_kind,
+    stage = stage, started_ms = started, ended_ms = now, elapsed_ms = elapsed,
+    error = (outcome ~= 'succeeded' and outcome ~= 'release') and string.sub(data, 1, 300) or nil })
 
   if outcome == 'succeeded' then
     drop_entry(K, entry_id)
@@ -46,35 +84,18 @@ local function complete(keys, args)
     stat(K, 'node:' .. node .. ':failed')
     emit(K, 'failed', job_id, { 'node', node, 'error', data })
   elseif outcome == 'dead' then
-    local reason = args[8] or 'failed'
-    local fields = entry_fields(K, entry_id)
+    local reason = args[8] or ''
+    if reason == '' then reason = 'failed' end
     dead_letter(K, job_id, fields, reason, data, attempts, nodes)
     drop_entry(K, entry_id)
     finish(K, job_id, 'dead', { 'error', data, 'reason', reason })
-    stat(K, 'node:' .. node .. ':failed')
+    if reason ~= 'malformed' then stat(K, 'node:' .. node .. ':failed') end
     emit(K, 'dead', job_id, { 'node', node, 'reason', reason, 'error', data })
   elseif outcome == 'cancelled' then
     drop_entry(K, entry_id)
     finish(K, job_id, 'cancelled')
     emit(K, 'cancelled', job_id, { 'node', node })
   elseif outcome == 'retry' or outcome == 'release' then
-    local fields = entry_fields(K, entry_id) or {}
-    local m = to_map(fields)
-    local keep = {}
-    for i = 1, #fields, 2 do
-      local f = fields[i]
-      if f ~= 'attempts' and f ~= 'avoid' and f ~= 'seq' and f ~= 'enqueued_ms' then
-        keep[#keep + 1] = f
-        keep[#keep + 1] = fields[i + 1]
-      end
-    end
-    if m['id'] == nil then
-      keep[#keep + 1] = 'id'
-      keep[#keep + 1] = job_id
-    end
-    keep[#keep + 1] = 'enqueued_ms'
-    keep[#keep + 1] = m['enqueued_ms'] or string.match(entry_id, '^(%d+)')
-    local avoid = m['avoid'] or ''
     -- Attempts made so far: counted by fleetq_take when this entry was taken; an entry
     -- released before it was taken still carries its own count.
     local done
@@ -84,33 +105,29 @@ local function complete(keys, args)
     else
       done = tonumber(m['attempts']) or 0
     end
-    if outcome == 'retry' and node ~= '' then
-      if avoid ~= '' then avoid = avoid .. ',' end
-      avoid = avoid .. node
-    end
-    keep[#keep + 1] = 'attempts'
-    keep[#keep + 1] = tostring(done)
-    if avoid ~= '' then
-      keep[#keep + 1] = 'avoid'
-      keep[#keep + 1] = avoid
-    end
-    drop_entry(K, entry_id)
+    local set = { attempts = tostring(done) }
     local delay = tonumber(args[7]) or 0
-    if outcome == 'release' or delay <= 0 then
-      local new_id, seq = add_entry(K, keep)
-      redis.call('HSET', jk, 'state', 'waiting', 'entry', new_id, 'seq', tostring(seq), 'attempts', tostring(done))
-      redis.call('HDEL', jk, 'consumer', 'due_ms')
+    if outcome == 'retry' then
+      local cooldown = config_num(K, 'failover_cooldown_ms', DEFAULT_FAILOVER_COOLDOWN_MS)
+      local avoid = split_csv(m['avoid'])
+      if node ~= '' and not contains(avoid, node) then avoid[#avoid + 1] = node end
+      set.avoid = table.concat(avoid, ',')
+      set.avoid_until = tostring(now + cooldown)
+      set.passes = ''
+      local workflow = m['workflow']
+      if workflow and workflow ~= '' and node ~= '' then
+        redis.call('HSET', K.blocks, block_field(workflow, node), tostring(now + cooldown))
+      end
     else
-      redis.call('HSET', jk, 'state', 'retrying', 'retry', cjson.encode(keep), 'due_ms', tostring(now + delay),
-        'attempts', tostring(done))
-      redis.call('HDEL', jk, 'entry', 'consumer')
-      redis.call('ZADD', K.delayed, now + delay, job_id)
+      delay = 0
     end
+    requeue(K, job_id, entry_id, set, delay, now)
+    redis.call('HSET', jk, 'attempts', tostring(done))
     if outcome == 'retry' then
       redis.call('HSET', jk, 'error', data)
       stat(K, 'retried')
       stat(K, 'node:' .. node .. ':failed')
-      emit(K, 'retrying', job_id, { 'node', node, 'error', data, 'delay_ms', tostring(delay) })
+      emit(K, 'retrying', job_id, { 'node', node, 'error', data, 'delay_ms', tostring(delay), 'timeout', timeout_kind })
     else
       stat(K, 'released')
       emit(K, 'released', job_id, { 'node', node })
@@ -118,7 +135,10 @@ local function complete(keys, args)
   else
     return redis.error_reply('fleetq: unknown outcome "' .. outcome .. '"; use succeeded, failed, retry, dead, cancelled or release')
   end
-  return 'ok'
+  if timeout_kind ~= '' then
+    emit(K, 'timeout', job_id, { 'node', node, 'kind', timeout_kind, 'stage', stage, 'elapsed_ms', tostring(elapsed) })
+  end
+  return reply
 end
 
 redis.register_function('fleetq_complete', complete)

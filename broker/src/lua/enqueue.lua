@@ -47,12 +47,13 @@ local function enqueue(keys, args)
     if kind == 'int' and (not string.match(v, '^%d+$') or (f ~= 'delay_ms' and tonumber(v) == 0)) then
       return redis.error_reply('fleetq: field ' .. f .. ' must be a positive integer, got "' .. v .. '"')
     end
-    if f == 'id' then
-      if v == '' or #v > 200 then
-        return redis.error_reply('fleetq: id must be 1 to 200 bytes')
-      end
-      job_id = v
+    if kind == 'string' and (v == '' or #v > 200) then
+      return redis.error_reply('fleetq: field ' .. f .. ' must be 1 to 200 bytes')
     end
+    if kind == 'int' and #v > 10 then
+      return redis.error_reply('fleetq: field ' .. f .. ' is too large, got "' .. v .. '"')
+    end
+    if f == 'id' then job_id = v end
     if f == 'delay_ms' then
       delay = tonumber(v)
     else
@@ -79,9 +80,10 @@ local function enqueue(keys, args)
       fields[#fields + 1] = 'id'
       fields[#fields + 1] = job_id
     end
+    -- A scheduled job's wait (and queue timeout) counts from its due time.
     fields[#fields + 1] = 'enqueued_ms'
-    fields[#fields + 1] = tostring(now)
-    redis.call('HSET', job_key(K, job_id), 'state', 'scheduled', 'enqueued_ms', tostring(now),
+    fields[#fields + 1] = tostring(now + delay)
+    redis.call('HSET', job_key(K, job_id), 'state', 'scheduled', 'enqueued_ms', tostring(now + delay),
       'due_ms', tostring(now + delay), 'retry', cjson.encode(fields), 'attempts', '0')
     redis.call('ZADD', K.delayed, now + delay, job_id)
     emit(K, 'scheduled', job_id, { 'due_ms', tostring(now + delay) })

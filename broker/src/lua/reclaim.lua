@@ -4,6 +4,7 @@
 -- ARGV[1]  consumer name of the caller
 -- ARGV[2]  lease in ms: entries idle at least this long are reclaimed
 -- ARGV[3]  most entries to claim (the caller's free slots)
+-- ARGV[4]  node name of the caller (marks the node alive)
 -- Reply    { entries, next_wake_ms, now_ms } — entries as XAUTOCLAIM gives them
 --          ({ {id, {field, value, …}}, … }); the caller passes them to fleetq_take, which
 --          counts the attempt (XAUTOCLAIM raised their delivery count).
@@ -21,6 +22,7 @@ local function reclaim(keys, args)
   local K = queue_keys(keys[1])
   local consumer, lease, want = args[1], tonumber(args[2]), tonumber(args[3])
   local now = now_ms()
+  seen(K, args[4])
   local _, next_due = promote_due(K, now, 100)
   local claimed = {}
   if want > 0 and redis.call('EXISTS', K.stream) == 1 then
@@ -35,6 +37,18 @@ local function reclaim(keys, args)
       for _, e in ipairs(r[2]) do
         claimed[#claimed + 1] = e
         redis.call('ZREM', K.leases, e[1])
+        -- The holder's lease ran out: a lease timeout of its node.
+        local job_id = job_id_of(e[1], e[2])
+        local jk = job_key(K, job_id)
+        local h = redis.call('HMGET', jk, 'node', 'attempts', 'attempt_started_ms')
+        if h[1] then
+          stat(K, 'timeout:lease')
+          stat(K, 'node:' .. h[1] .. ':timeout:lease')
+          redis.call('HSET', jk, 'timeout', 'lease', 'timeout_node', h[1])
+          record_attempt(K, jk, { attempt = tonumber(h[2]), node = h[1], outcome = 'timeout', timeout = 'lease',
+            started_ms = tonumber(h[3]), ended_ms = now })
+          emit(K, 'timeout', job_id, { 'node', h[1], 'kind', 'lease' })
+        end
       end
       for _, gone in ipairs(r[3] or {}) do
         redis.call('ZREM', K.leases, gone)

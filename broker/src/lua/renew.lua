@@ -3,7 +3,8 @@
 -- KEYS[1]  queue stream key
 -- ARGV[1]  consumer name of the caller
 -- ARGV[2]  lease in ms
--- ARGV[3…] per entry, 3 values: entry_id, deliveries (as returned by fleetq_take), job_id
+-- ARGV[3]  node name of the caller (marks the node alive)
+-- ARGV[4…] per entry, 3 values: entry_id, deliveries (as returned by fleetq_take), job_id
 -- Reply    per entry: 'ok' (renewed), 'lost' (another consumer or delivery holds it now; the
 --          caller must stop: it cannot commit), or 'cancel' (renewed, but a producer asked to
 --          cancel the job; the caller should stop it and commit 'cancelled').
@@ -15,8 +16,9 @@ local function renew(keys, args)
   local K = queue_keys(keys[1])
   local consumer, lease = args[1], tonumber(args[2])
   local deadline = now_ms() + lease
+  seen(K, args[3])
   local out = {}
-  for i = 3, #args, 3 do
+  for i = 4, #args, 3 do
     local entry_id, deliveries, job_id = args[i], args[i + 1], args[i + 2]
     if owns(K, entry_id, consumer, deliveries) then
       redis.call('XCLAIM', K.stream, GROUP, consumer, 0, entry_id, 'JUSTID')

@@ -13,7 +13,8 @@
 -- atomic step, a job that ends in between is seen as ended here, never missed.
 
 local STATUS_FIELDS = { 'state', 'attempts', 'max_attempts', 'node', 'nodes', 'enqueued_ms', 'taken_ms',
-  'started_ms', 'ended_ms', 'due_ms', 'progress', 'result', 'error', 'reason', 'timeout', 'entry', 'seq', 'cancel' }
+  'started_ms', 'ended_ms', 'due_ms', 'progress', 'result', 'error', 'reason', 'timeout', 'entry', 'seq', 'cancel',
+  'timeout_stage', 'timeout_elapsed_ms', 'timeout_node', 'stages', 'history', 'attempt_started_ms', 'progress_ms' }
 
 local function read_status(K, job_id, watch)
   local jk = job_key(K, job_id)
@@ -32,8 +33,8 @@ local function read_status(K, job_id, watch)
   if not state then return { 'state', 'not_found' } end
   if h[18] == '1' and not TERMINAL[state] then state = 'cancelling' end
   local out = { 'state', state }
-  for i = 2, 15 do
-    if h[i] then
+  for i = 2, #STATUS_FIELDS do
+    if h[i] and i ~= 16 and i ~= 17 and i ~= 18 then
       out[#out + 1] = STATUS_FIELDS[i]
       out[#out + 1] = h[i]
     end

@@ -1,0 +1,56 @@
+-- fleetq_expire: end waiting jobs whose queue timeout passed, even when no worker is alive.
+--
+-- KEYS[1]  queue stream key
+-- ARGV[1]  most entries to look at in this call (default 1000)
+-- Reply    { expired, scanned }
+--
+-- Looks at undelivered entries from where the previous call stopped (cursor `expire_cursor`
+-- in the stats hash), wrapping to the oldest waiting entry at the end, so repeated calls cover
+-- the whole backlog. A job expires when it never started (no `attempts` on the entry) and
+-- enqueued_ms + its queue_timeout_ms (the entry's own, else the queue's) is past. The job
+-- ends `expired` (waiters are woken); its entry stays in the stream, marked, until a worker
+-- reaches and drops it: deleting entries that were never delivered would spoil the O(1)
+-- queue position. Idempotent; any number of brokers may run it.
+
+local function expire(keys, args)
+  local K = queue_keys(keys[1])
+  local limit = tonumber(args[1]) or 1000
+  local g = group_state(K)
+  if g == nil then return { 0, 0 } end
+  local last = g['last-delivered-id']
+  local cursor = redis.call('HGET', K.stats, 'expire_cursor')
+  if not cursor or not id_lt(last, cursor) then cursor = last end
+  local default = config_num(K, 'queue_timeout_ms', 0)
+  local now = now_ms()
+  local r = redis.call('XRANGE', K.stream, '(' .. cursor, '+', 'COUNT', limit)
+  local expired = 0
+  for _, e in ipairs(r) do
+    local m = to_map(e[2])
+    local timeout = tonumber(m['queue_timeout_ms']) or default
+    local enqueued = tonumber(m['enqueued_ms']) or tonumber(string.match(e[1], '^(%d+)'))
+    if timeout > 0 and (tonumber(m['attempts']) or 0) == 0 and enqueued + timeout < now then
+      local job_id = m['id'] or e[1]
+      local jk = job_key(K, job_id)
+      local state = redis.call('HGET', jk, 'state')
+      if not TERMINAL[state] then
+        local waited = now - enqueued
+        redis.call('HSET', jk, 'entry', e[1], 'enqueued_ms', tostring(enqueued))
+        finish(K, job_id, 'expired', { 'error', 'queue timeout: not started within ' .. timeout ..
+          ' ms (waited ' .. waited .. ' ms)', 'timeout', 'queue' })
+        redis.call('HSET', jk, 'tombstone', '1')
+        stat(K, 'tombstones')
+        stat(K, 'timeout:queue')
+        emit(K, 'expired', job_id, { 'waited_ms', tostring(waited) })
+        expired = expired + 1
+      end
+    end
+  end
+  if #r < limit then
+    redis.call('HDEL', K.stats, 'expire_cursor')
+  else
+    redis.call('HSET', K.stats, 'expire_cursor', r[#r][1])
+  end
+  return { expired, #r }
+end
+
+redis.register_function('fleetq_expire', expire)

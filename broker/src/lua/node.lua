@@ -1,0 +1,48 @@
+-- Node functions: the record of a worker host, and its suspension on a queue.
+--
+-- fleetq_node_beat — a worker's heartbeat.
+-- KEYS[1]  the node's record, fleetq:node:<node> (not a queue key: it has no hash tag)
+-- ARGV[1]  time to live in ms (the record disappears when the worker stops renewing it)
+-- ARGV[2…] field/value pairs to set (slots, busy, version, queues, suspended_until, …)
+-- Reply    the operator's pending command for this node, or '' — 'suspend:<until_ms>' or
+--          'resume' — which the call clears (the worker applies it).
+--
+-- fleetq_node_state — a node suspends itself on a queue or comes back.
+-- KEYS[1]  queue stream key
+-- ARGV[1]  node name
+-- ARGV[2]  suspended until (ms since the epoch), or 0 to resume
+-- ARGV[3]  reason (e.g. '3 failures or timeouts in a row', 'operator')
+-- Reply    'ok'. Suspended nodes are left out when fleetq_take looks for another eligible
+--          node; the change is an event (node_suspended / node_resumed).
+
+local function node_beat(keys, args)
+  local nk = keys[1]
+  local ttl = tonumber(args[1])
+  local set = { 'HSET', nk, 'last_seen_ms', tostring(now_ms()) }
+  for i = 2, #args do set[#set + 1] = args[i] end
+  redis.call(unpack(set))
+  redis.call('PEXPIRE', nk, ttl)
+  local command = redis.call('HGET', nk, 'command')
+  if command then
+    redis.call('HDEL', nk, 'command')
+    return command
+  end
+  return ''
+end
+
+local function node_state(keys, args)
+  local K = queue_keys(keys[1])
+  local node, until_ms, reason = args[1], tonumber(args[2]) or 0, args[3] or ''
+  if until_ms > 0 then
+    redis.call('HSET', K.suspended, node, tostring(until_ms))
+    stat(K, 'node:' .. node .. ':suspensions')
+    emit(K, 'node_suspended', '', { 'node', node, 'until_ms', tostring(until_ms), 'reason', reason })
+  else
+    redis.call('HDEL', K.suspended, node)
+    emit(K, 'node_resumed', '', { 'node', node, 'reason', reason })
+  end
+  return 'ok'
+end
+
+redis.register_function('fleetq_node_beat', node_beat)
+redis.register_function('fleetq_node_state', node_state)

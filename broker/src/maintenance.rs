@@ -1,0 +1,114 @@
+//! Maintenance: the idempotent server-side steps that keep queues moving no matter which
+//! processes are alive — promote due retries and scheduled jobs (`fleetq_promote`), expire
+//! waiting jobs past their queue timeout (`fleetq_expire`). Any number of brokers may run them
+//! at once with the same result as one; workers promote too (inside `fleetq_reclaim`).
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::functions::{self, fcall};
+use crate::keys::{self, QueueKeys};
+use crate::{Redis, Result};
+
+/// How often a broker runs the steps. Default 1 s.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+/// Most jobs promoted per queue per tick.
+pub const PROMOTE_BATCH: u64 = 1000;
+/// Most waiting entries examined for expiry per queue per tick.
+pub const EXPIRE_BATCH: u64 = 1000;
+
+/// What one tick did on one queue.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tick {
+    /// Delayed jobs moved to the stream.
+    pub promoted: u64,
+    /// Waiting jobs ended `expired`.
+    pub expired: u64,
+}
+
+/// Runs the maintenance steps once on queue `keys`.
+pub async fn tick(redis: &Redis, keys: &QueueKeys) -> Result<Tick> {
+    let mut conn = redis.conn();
+    let mut promote = fcall("fleetq_promote", keys);
+    promote.arg(PROMOTE_BATCH);
+    let (promoted, _next): (u64, u64) = functions::call(&mut conn, &promote, "promote").await?;
+    let mut expire = fcall("fleetq_expire", keys);
+    expire.arg(EXPIRE_BATCH);
+    let (expired, _scanned): (u64, u64) = functions::call(&mut conn, &expire, "expire").await?;
+    Ok(Tick { promoted, expired })
+}
+
+/// The names of every queue that has a stream (SCAN, so it never blocks the server).
+pub async fn discover_queues(redis: &Redis) -> Result<Vec<String>> {
+    let mut conn = redis.conn();
+    let mut cursor: u64 = 0;
+    let mut out = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(keys::STREAM_PATTERN)
+            .arg("COUNT")
+            .arg(500)
+            .arg("TYPE")
+            .arg("stream")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| crate::Error::redis("discover queues", e))?;
+        out.extend(
+            batch
+                .iter()
+                .filter_map(|k| keys::queue_of_stream(k))
+                .map(str::to_owned),
+        );
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Runs [`tick`] on `queues` (every queue found, when empty) every `interval` until
+/// `shutdown` resolves. Errors are logged and the next tick tries again.
+pub async fn run<S>(redis: Redis, queues: Vec<String>, interval: Duration, shutdown: S)
+where
+    S: Future<Output = ()> + Send,
+{
+    let mut timer = tokio::time::interval(interval);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = timer.tick() => {}
+        }
+        let names = if queues.is_empty() {
+            match discover_queues(&redis).await {
+                Ok(q) => q,
+                Err(e) => {
+                    tracing::warn!(error = %e, "maintenance: cannot list queues; trying again next tick");
+                    continue;
+                }
+            }
+        } else {
+            queues.clone()
+        };
+        for name in names {
+            let Ok(keys) = QueueKeys::new(&name) else {
+                continue;
+            };
+            match tick(&redis, &keys).await {
+                Ok(t) if t.promoted + t.expired > 0 => {
+                    tracing::debug!(queue = %name, promoted = t.promoted, expired = t.expired, "maintenance tick");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(queue = %name, error = %e, "maintenance tick failed; trying again next tick")
+                }
+            }
+        }
+    }
+}

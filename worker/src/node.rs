@@ -1,0 +1,160 @@
+//! This host as the fleet sees it: its record (`fleetq:node:<node>`, renewed by a heartbeat
+//! and gone when the worker stops), its failure streak, and suspension — by itself after K
+//! failures or timeouts in a row, or by an operator — during which it takes no new work.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fleetq_broker::functions::{self, fcall};
+use fleetq_broker::{keys, QueueKeys, Redis};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// Health of this node: failure streak and suspension.
+#[derive(Debug, Default)]
+pub(crate) struct Health {
+    streak: AtomicU32,
+    /// Suspended until this time (ms since the epoch, local clock); 0 when not suspended.
+    suspended_until: AtomicU64,
+    /// Wakes the read loop and the heartbeat when the suspension changes.
+    pub(crate) changed: Notify,
+}
+
+pub(crate) fn epoch_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Health {
+    /// How long the node stays suspended from now, if it is.
+    pub(crate) fn suspended_for(&self) -> Option<Duration> {
+        let until = self.suspended_until.load(Ordering::SeqCst);
+        let now = epoch_ms();
+        (until > now).then(|| Duration::from_millis(until - now))
+    }
+
+    pub(crate) fn suspended_until(&self) -> u64 {
+        self.suspended_until.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn streak(&self) -> u32 {
+        self.streak.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn success(&self) {
+        self.streak.store(0, Ordering::SeqCst);
+    }
+
+    /// Counts a failure or timeout; returns the streak.
+    pub(crate) fn failure(&self) -> u32 {
+        self.streak.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    fn set(&self, until_ms: u64) {
+        self.suspended_until.store(until_ms, Ordering::SeqCst);
+        if until_ms == 0 {
+            self.streak.store(0, Ordering::SeqCst);
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+/// Everything the node record and suspension need.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeHandle {
+    pub(crate) redis: Redis,
+    pub(crate) keys: QueueKeys,
+    pub(crate) node: String,
+    pub(crate) consumer: String,
+    pub(crate) health: Arc<Health>,
+}
+
+impl NodeHandle {
+    /// Suspends the node until `until_ms` for `reason`, on the queue and in its record.
+    pub(crate) async fn suspend(&self, until_ms: u64, reason: &str) {
+        self.health.set(until_ms);
+        tracing::warn!(node = %self.node, reason, for_ms = until_ms.saturating_sub(epoch_ms()),
+            "node suspended: taking no new jobs");
+        self.publish(until_ms, reason).await;
+    }
+
+    /// Lifts the suspension.
+    pub(crate) async fn resume(&self, reason: &str) {
+        self.health.set(0);
+        tracing::info!(node = %self.node, reason, "node resumed: taking jobs again");
+        self.publish(0, reason).await;
+    }
+
+    async fn publish(&self, until_ms: u64, reason: &str) {
+        let mut cmd = fcall("fleetq_node_state", &self.keys);
+        cmd.arg(&self.node).arg(until_ms).arg(reason);
+        if let Err(e) =
+            functions::call::<String, _>(&mut self.redis.conn(), &cmd, "node state").await
+        {
+            tracing::warn!(error = %e, "cannot record the node's suspension state");
+        }
+    }
+}
+
+/// Renews the node record every `interval` (and at once when the suspension changes) until
+/// `stop`; applies the operator's suspend/resume commands. The record lives 3 intervals.
+pub(crate) async fn heartbeat_loop(
+    node: NodeHandle,
+    slots: usize,
+    free: Arc<Semaphore>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let started_ms = epoch_ms();
+    loop {
+        let changed = node.health.changed.notified();
+        let busy = slots.saturating_sub(free.available_permits());
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg("fleetq_node_beat")
+            .arg(1)
+            .arg(keys::node(&node.node))
+            .arg((interval * 3).as_millis() as u64)
+            .arg("node")
+            .arg(&node.node)
+            .arg("queues")
+            .arg(node.keys.name())
+            .arg("slots")
+            .arg(slots)
+            .arg("busy")
+            .arg(busy)
+            .arg("version")
+            .arg(env!("CARGO_PKG_VERSION"))
+            .arg("consumer")
+            .arg(&node.consumer)
+            .arg("started_ms")
+            .arg(started_ms)
+            .arg("suspended_until")
+            .arg(node.health.suspended_until())
+            .arg("failure_streak")
+            .arg(node.health.streak());
+        match functions::call::<String, _>(&mut node.redis.conn(), &cmd, "node heartbeat").await {
+            Ok(command) if command == "resume" => node.resume("operator").await,
+            Ok(command) => {
+                if let Some(until) = command
+                    .strip_prefix("suspend:")
+                    .and_then(|u| u.parse::<u64>().ok())
+                {
+                    node.suspend(until, "operator").await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "node heartbeat failed; will retry"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(interval) => {}
+            _ = changed => {}
+        }
+    }
+    // Gone from the fleet at once rather than after the record's time to live.
+    let _: redis::RedisResult<i64> = redis::cmd("DEL")
+        .arg(keys::node(&node.node))
+        .query_async(&mut node.redis.conn())
+        .await;
+}

@@ -1,0 +1,236 @@
+//! Progress of a running attempt: whether it started, when it last showed activity, its
+//! stage profile, and the throttled writes of all that to the job (`fleetq_progress`).
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fleetq_broker::functions::{self, fcall};
+use fleetq_broker::{QueueKeys, Redis};
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::handler::Progress;
+use crate::lease::{HeldJob, StopReason};
+
+/// Longest progress message kept.
+const MAX_MESSAGE_BYTES: usize = 200;
+
+/// One stage of an attempt.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct StageRecord {
+    name: String,
+    start_ms: u64,
+    duration_ms: Option<u64>,
+}
+
+#[derive(Debug)]
+struct State {
+    taken_at: Instant,
+    started_at: Option<Instant>,
+    last_activity: Instant,
+    stages: Vec<StageRecord>,
+    current_since: Option<Instant>,
+    last_write: Option<Instant>,
+    pending: Option<String>,
+}
+
+/// What the timeouts watch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Snapshot {
+    pub(crate) taken_at: Instant,
+    pub(crate) started_at: Option<Instant>,
+    pub(crate) last_activity: Instant,
+    /// When a throttled report is due to be written.
+    pub(crate) flush_at: Option<Instant>,
+}
+
+/// Where a tracker writes: the attempt's fencing identity.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub(crate) redis: Redis,
+    pub(crate) keys: QueueKeys,
+    pub(crate) consumer: String,
+    pub(crate) entry_id: String,
+}
+
+/// Tracks one attempt.
+#[derive(Debug)]
+pub(crate) struct Tracker {
+    state: Mutex<State>,
+    /// Wakes the timeout watchdog when something changed.
+    pub(crate) changed: Notify,
+    target: Target,
+    held: Arc<HeldJob>,
+    min_interval: Duration,
+}
+
+fn epoch_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Tracker {
+    pub(crate) fn new(
+        target: Target,
+        held: Arc<HeldJob>,
+        min_interval: Duration,
+        started: bool,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            state: Mutex::new(State {
+                taken_at: now,
+                started_at: started.then_some(now),
+                last_activity: now,
+                stages: Vec::new(),
+                current_since: None,
+                last_write: None,
+                pending: None,
+            }),
+            changed: Notify::new(),
+            target,
+            held,
+            min_interval,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let s = self.lock();
+        Snapshot {
+            taken_at: s.taken_at,
+            started_at: s.started_at,
+            last_activity: s.last_activity,
+            flush_at: s.pending.as_ref().map(|_| {
+                s.last_write
+                    .map_or_else(Instant::now, |w| w + self.min_interval)
+            }),
+        }
+    }
+
+    /// The stage running now, if any.
+    pub(crate) fn current_stage(&self) -> Option<String> {
+        let s = self.lock();
+        s.current_since
+            .and(s.stages.last().map(|st| st.name.clone()))
+    }
+
+    /// The stage profile as JSON, the running stage's duration counted up to now.
+    pub(crate) fn stages_json(&self) -> String {
+        let s = self.lock();
+        let mut stages = s.stages.clone();
+        if let (Some(last), Some(since)) = (stages.last_mut(), s.current_since) {
+            last.duration_ms = Some(since.elapsed().as_millis() as u64);
+        }
+        if stages.is_empty() {
+            return String::new();
+        }
+        serde_json::to_string(&stages).unwrap_or_default()
+    }
+
+    pub(crate) async fn mark_started(&self) {
+        {
+            let mut s = self.lock();
+            if s.started_at.is_some() {
+                return;
+            }
+            let now = Instant::now();
+            s.started_at = Some(now);
+            s.last_activity = now;
+        }
+        self.changed.notify_one();
+        self.write("started", String::new()).await;
+    }
+
+    pub(crate) async fn report(&self, mut p: Progress) {
+        if let Some(m) = &mut p.message {
+            if m.len() > MAX_MESSAGE_BYTES {
+                let mut cut = MAX_MESSAGE_BYTES;
+                while !m.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                m.truncate(cut);
+            }
+        }
+        let json = serde_json::to_string(&p).unwrap_or_default();
+        let write_now = {
+            let mut s = self.lock();
+            let now = Instant::now();
+            s.last_activity = now;
+            if s.started_at.is_none() {
+                // Progress implies the work began.
+                s.started_at = Some(now);
+            }
+            if let Some(stage) = &p.stage {
+                let same = s.current_since.is_some()
+                    && s.stages.last().is_some_and(|st| &st.name == stage);
+                if !same {
+                    let since = s.current_since;
+                    if let (Some(last), Some(since)) = (s.stages.last_mut(), since) {
+                        last.duration_ms = Some(since.elapsed().as_millis() as u64);
+                    }
+                    s.stages.push(StageRecord {
+                        name: stage.clone(),
+                        start_ms: epoch_ms(),
+                        duration_ms: None,
+                    });
+                    s.current_since = Some(now);
+                }
+            }
+            let due = s.last_write.is_none_or(|w| now >= w + self.min_interval);
+            if due {
+                s.last_write = Some(now);
+                s.pending = None;
+            } else {
+                s.pending = Some(json.clone());
+            }
+            due
+        };
+        self.changed.notify_one();
+        if write_now {
+            self.write("progress", json).await;
+        }
+    }
+
+    /// Writes the pending (throttled) report, if any.
+    pub(crate) async fn flush(&self) {
+        let pending = {
+            let mut s = self.lock();
+            let p = s.pending.take();
+            if p.is_some() {
+                s.last_write = Some(Instant::now());
+            }
+            p
+        };
+        if let Some(json) = pending {
+            self.write("progress", json).await;
+        }
+    }
+
+    async fn write(&self, kind: &str, progress_json: String) {
+        let t = &self.target;
+        let mut cmd = fcall("fleetq_progress", &t.keys);
+        cmd.arg(&t.consumer)
+            .arg(&t.entry_id)
+            .arg(self.held.deliveries)
+            .arg(&self.held.job_id)
+            .arg(kind)
+            .arg(progress_json)
+            .arg(self.stages_json());
+        match functions::call::<String, _>(&mut t.redis.conn(), &cmd, "report progress").await {
+            Ok(reply) if reply == "lost" => {
+                tracing::warn!(job = %self.held.job_id, "lease lost (seen on a progress report); stopping the local run");
+                self.held.stop(StopReason::LeaseLost);
+            }
+            Ok(reply) if reply == "cancel" => self.held.stop(StopReason::Cancelled),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(job = %self.held.job_id, error = %e, "cannot write progress; the job goes on");
+            }
+        }
+    }
+}
