@@ -374,6 +374,10 @@ async fn run_job<H: Handler>(
     };
     // Whatever ended the attempt, work the handler spawned elsewhere must stop too.
     held.cancel.cancel();
+    if matches!(ended, Ended::Outcome(_)) {
+        // The latest progress report lands before the end is recorded.
+        tracker.flush().await;
+    }
     let mut ending = Ending {
         timeout: None,
         stage: tracker.current_stage(),

@@ -1,14 +1,26 @@
-//! A worker process for the end-to-end tests. Its handler reads the payload:
-//! `{"sleep_ms": N, "fail": "retry"|"fatal", "result": …}` — sleeps N ms, then fails as told or
-//! succeeds with `{"node": <node>, "result": <result>}`.
+//! A worker process for the end-to-end tests.
+//!
+//! `--mode normal` runs the payload: `{"sleep_ms": N}` sleeps; `{"steps": N, "step_ms": M,
+//! "stage": "…"}` reports progress after each step; `{"stall_after": K}` stops reporting (and
+//! hangs) after step K; `{"fail": "retry"|"fatal"}` fails as told; otherwise it succeeds with
+//! `{"node": <node>, "result": <result>}`.
+//! `--mode hang` takes jobs and hangs without a word (a stuck GPU); `--mode never-start`
+//! accepts jobs but never reports their start (a model load that never ends).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use fleetq_broker::Redis;
-use fleetq_worker::{Handler, Job, JobContext, Outcome, WorkerConfig};
+use fleetq_worker::{Handler, Job, JobContext, Outcome, Progress, WorkerConfig};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Normal,
+    Hang,
+    NeverStart,
+}
 
 #[derive(Parser)]
 struct Args {
@@ -22,17 +34,46 @@ struct Args {
     slots: usize,
     #[arg(long, default_value_t = 5000)]
     grace_ms: u64,
+    #[arg(long, value_enum, default_value = "normal")]
+    mode: Mode,
+    #[arg(long, default_value_t = 3)]
+    suspend_after: u32,
+    #[arg(long, default_value_t = 60_000)]
+    suspend_for_ms: u64,
+    #[arg(long, default_value_t = 10_000)]
+    heartbeat_ms: u64,
 }
 
 struct TestHandler {
     node: String,
+    mode: Mode,
 }
 
 impl Handler for TestHandler {
-    async fn handle(&self, job: Job, _ctx: JobContext) -> Outcome {
+    async fn handle(&self, job: Job, ctx: JobContext) -> Outcome {
+        if self.mode != Mode::Normal {
+            std::future::pending::<()>().await;
+        }
         let p = &job.payload;
-        if let Some(ms) = p.get("sleep_ms").and_then(serde_json::Value::as_u64) {
+        let num = |k: &str| p.get(k).and_then(serde_json::Value::as_u64);
+        if let Some(ms) = num("sleep_ms") {
             tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if let Some(steps) = num("steps") {
+            let step_ms = num("step_ms").unwrap_or(100);
+            let stage = p
+                .get("stage")
+                .and_then(|s| s.as_str())
+                .unwrap_or("render")
+                .to_owned();
+            for step in 1..=steps {
+                tokio::time::sleep(Duration::from_millis(step_ms)).await;
+                if num("stall_after").is_some_and(|k| step > k) {
+                    std::future::pending::<()>().await;
+                }
+                ctx.progress(Progress::step(step, steps).in_stage(stage.clone()))
+                    .await;
+            }
         }
         match p.get("fail").and_then(serde_json::Value::as_str) {
             Some("retry") => Outcome::Retry(format!("asked to fail on {}", self.node)),
@@ -42,6 +83,10 @@ impl Handler for TestHandler {
                 "result": p.get("result").cloned().unwrap_or_default(),
             })),
         }
+    }
+
+    fn reports_start(&self) -> bool {
+        self.mode == Mode::NeverStart
     }
 }
 
@@ -56,8 +101,12 @@ async fn main() -> anyhow::Result<()> {
     let mut config = WorkerConfig::new(&args.queue, &args.node);
     config.slots = args.slots;
     config.shutdown_grace = Duration::from_millis(args.grace_ms);
+    config.suspend_after = args.suspend_after;
+    config.suspend_for = Duration::from_millis(args.suspend_for_ms);
+    config.heartbeat = Duration::from_millis(args.heartbeat_ms);
     let handler = TestHandler {
         node: args.node.clone(),
+        mode: args.mode,
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
