@@ -584,3 +584,79 @@ async fn operator_suspends_and_resumes_a_node() {
         JobState::Succeeded
     );
 }
+
+/// A node that failed a workflow is blocked for it: another job of that workflow is handed
+/// on to a healthy node even when the blocked node is the one that reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_failed_a_workflow_hands_its_jobs_on() {
+    let s = Stack::start().await;
+    s.configure("q", &quick(QueueConfig::default())).await;
+    let p = s.producer("q").await;
+    let gate = tokio_util::sync::CancellationToken::new();
+    let sick = s.worker(
+        worker_config("q", "sick", 1),
+        FnHandler::new(|_, _| async { Outcome::Retry("CUDA error: out of memory".into()) }),
+    );
+    let sdxl = EnqueueOptions {
+        workflow: Some("sdxl".into()),
+        ..Default::default()
+    };
+    let first = p.enqueue(&json!({}), &sdxl).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "first job failed on sick",
+        || async {
+            p.status(&first.id)
+                .await
+                .unwrap()
+                .nodes
+                .first()
+                .map(String::as_str)
+                == Some("sick")
+        },
+    )
+    .await;
+    let g = gate.clone();
+    let healthy = s.worker(
+        worker_config("q", "healthy", 1),
+        FnHandler::new(move |job, _| {
+            let g = g.clone();
+            async move {
+                if job.payload["hold"] == true {
+                    g.cancelled().await;
+                }
+                Outcome::Succeeded(json!("ok"))
+            }
+        }),
+    );
+    assert_eq!(
+        p.wait(&first.id, Duration::from_secs(10))
+            .await
+            .unwrap()
+            .nodes,
+        vec!["sick", "healthy"]
+    );
+    // Keep healthy busy, then offer the sick node another sdxl job: it must hand it on.
+    let hold = p
+        .enqueue(&json!({"hold": true}), &EnqueueOptions::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "healthy busy", || async {
+        p.status(&hold.id).await.unwrap().node.as_deref() == Some("healthy")
+    })
+    .await;
+    let second = p.enqueue(&json!({}), &sdxl).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "sick handed the job on",
+        || async { s.stat("q", "passed").await >= 1 },
+    )
+    .await;
+    gate.cancel();
+    let st = p.wait(&second.id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(st.state, JobState::Succeeded);
+    assert_eq!(st.nodes, vec!["healthy"], "the blocked node never ran it");
+    assert_eq!(st.attempts, 1, "handing on does not use an attempt");
+    sick.stop().await;
+    healthy.stop().await;
+}

@@ -33,6 +33,8 @@ pub(crate) enum Decision {
     Run,
     /// Someone else owns it (or it was already settled): do nothing.
     Skip,
+    /// Handed on to another node; due again after this delay.
+    Pass(std::time::Duration),
 }
 
 /// Reads up to `count` new entries, blocking up to `block`. `from_start` reads this
@@ -200,6 +202,8 @@ pub(crate) async fn take(
         .map(|((raw, job), (entry_id, decision, deliveries, attempt))| {
             let decision = if decision == "run" {
                 Decision::Run
+            } else if decision == "pass" {
+                Decision::Pass(std::time::Duration::from_millis(u64::from(attempt)))
             } else {
                 tracing::debug!(entry = %entry_id, %decision, "entry settled at take");
                 Decision::Skip

@@ -287,8 +287,13 @@ async fn dispatch<H: Handler>(
     let queue = rt.queue_config();
     let taken = take::take(&rt.taker, &queue, entries).await?;
     for t in taken {
-        if t.decision != Decision::Run {
-            continue;
+        match t.decision {
+            Decision::Run => {}
+            Decision::Skip => continue,
+            Decision::Pass(delay) => {
+                schedule_promote(rt, delay);
+                continue;
+            }
         }
         match t.job {
             Ok(ref job) => {
@@ -424,9 +429,28 @@ async fn run_job<H: Handler>(
     };
     if let Some(commit) = commit {
         let committed = commit_with_retries(&rt, &t, &commit, &ending).await;
+        if let (Commit::Retry { delay, .. }, Some(Committed::Ok)) = (&commit, committed) {
+            schedule_promote(&rt, *delay);
+        }
         note_health(&rt, &commit, committed).await;
     }
     rt.held.remove(&t.entry_id);
+}
+
+/// Promotes the queue's due delayed jobs after `delay`: the retry or hand-off this worker
+/// just scheduled then goes back in line on time, waking blocked readers, whatever the
+/// other workers' timers say.
+fn schedule_promote<H: Handler>(rt: &Arc<Runtime<H>>, delay: Duration) {
+    let redis = rt.redis().clone();
+    let keys = rt.keys().clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(delay + Duration::from_millis(5)).await;
+        let mut cmd = functions::fcall("fleetq_promote", &keys);
+        cmd.arg(100);
+        if let Err(e) = functions::call::<(u64, u64), _>(&mut redis.conn(), &cmd, "promote").await {
+            tracing::warn!(error = %e, "cannot promote due retries; idle workers and brokers will");
+        }
+    });
 }
 
 /// Counts the attempt in this node's failure streak and suspends the node after K in a row.

@@ -18,7 +18,8 @@
 --          dead       attempts exhausted (the last holders lost their leases);
 --          pass       the caller's node is avoided for this job (it failed it, or the job's
 --                     workflow, within failover_cooldown_ms) and another eligible node is
---                     alive: the job goes back in line, shortly, without using an attempt.
+--                     alive: the job goes back in line, shortly, without using an attempt
+--                     (the reply's last value is then the delay in ms before it is due).
 
 local PASS_DELAY_MS = 250
 local PASS_DELAY_MAX_MS = 5000
@@ -86,7 +87,7 @@ local function take(keys, args)
         local delay = math.min(PASS_DELAY_MS * 2 ^ passes, PASS_DELAY_MAX_MS)
         requeue(K, job_id, entry_id, { passes = tostring(passes + 1) }, delay, now)
         stat(K, 'passed')
-        out[#out + 1] = { entry_id, 'pass', deliveries, attempts }
+        out[#out + 1] = { entry_id, 'pass', deliveries, delay }
       else
         if nodes ~= '' then nodes = nodes .. ',' end
         nodes = nodes .. node

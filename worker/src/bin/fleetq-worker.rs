@@ -7,7 +7,10 @@ use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use fleetq_broker::connection::DEFAULT_REDIS_URL;
 use fleetq_broker::{Redis, RedisConfig};
-use fleetq_worker::config::{DEFAULT_MAX_BLOCK, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SLOTS};
+use fleetq_worker::config::{
+    DEFAULT_HEARTBEAT, DEFAULT_MAX_BLOCK, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SLOTS,
+    DEFAULT_SUSPEND_AFTER, DEFAULT_SUSPEND_FOR,
+};
 use fleetq_worker::executor::Echo;
 use fleetq_worker::WorkerConfig;
 
@@ -52,6 +55,15 @@ struct Args {
     /// Longest single blocking read, in ms (an idle worker wakes at least this often).
     #[arg(long, env = "FLEETQ_MAX_BLOCK_MS", default_value_t = DEFAULT_MAX_BLOCK.as_millis() as u64)]
     max_block_ms: u64,
+    /// Failures or timeouts in a row after which this node suspends itself (0: never).
+    #[arg(long, env = "FLEETQ_SUSPEND_AFTER", default_value_t = DEFAULT_SUSPEND_AFTER)]
+    suspend_after: u32,
+    /// Seconds a self-suspension lasts.
+    #[arg(long, env = "FLEETQ_SUSPEND_FOR_SECS", default_value_t = DEFAULT_SUSPEND_FOR.as_secs())]
+    suspend_for_secs: u64,
+    /// Seconds between node-record heartbeats (the record lives three times this).
+    #[arg(long, env = "FLEETQ_HEARTBEAT_SECS", default_value_t = DEFAULT_HEARTBEAT.as_secs())]
+    heartbeat_secs: u64,
     /// What runs the jobs.
     #[arg(long, env = "FLEETQ_EXECUTOR", value_enum, default_value = "echo")]
     executor: Executor,
@@ -101,6 +113,9 @@ async fn main() -> anyhow::Result<()> {
     config.slots = args.slots;
     config.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
     config.max_block = Duration::from_millis(args.max_block_ms);
+    config.suspend_after = args.suspend_after;
+    config.suspend_for = Duration::from_secs(args.suspend_for_secs);
+    config.heartbeat = Duration::from_secs(args.heartbeat_secs);
     config.validate()?;
     let mut redis_config = RedisConfig::new(&args.redis_url);
     redis_config.ca_cert = args.redis_ca_cert.clone();
