@@ -35,6 +35,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("progress.lua", include_str!("lua/progress.lua")),
     ("expire.lua", include_str!("lua/expire.lua")),
     ("node.lua", include_str!("lua/node.lua")),
+    ("dead_retry.lua", include_str!("lua/dead_retry.lua")),
     ("status.lua", include_str!("lua/status.lua")),
     ("version.lua", include_str!("lua/version.lua")),
 ];

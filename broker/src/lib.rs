@@ -8,7 +8,11 @@
 //! - [`functions`] — the server-side Redis Functions library (Lua) and its loader.
 //! - [`connection`] — connections to Redis (TLS, passwords, timeouts).
 //! - [`producer`] — enqueue, status, wait for the result, cancel.
+//! - [`inspect`] — queue state (depths, oldest wait, counters) and dead letters.
 //! - [`maintenance`] — promote due retries, expire waiting jobs past their queue timeout.
+//! - [`metrics`] — the broker's Prometheus metrics, read from Redis.
+//! - [`http`] — the HTTP API (axum) with `/metrics`, health checks and OpenAPI.
+//! - [`service`] — the `fleetq-broker` service: maintenance loop and HTTP server.
 //! - [`nodes`] — the fleet's node records; operator suspend and resume.
 //! - [`local_redis`] — a throwaway `redis-server` for the demo, benchmarks and tests.
 //! - [`error`] — the crate's error type.
@@ -16,13 +20,17 @@
 pub mod connection;
 pub mod error;
 pub mod functions;
+pub mod http;
+pub mod inspect;
 pub mod job;
 pub mod keys;
 pub mod local_redis;
 pub mod maintenance;
+pub mod metrics;
 pub mod nodes;
 pub mod producer;
 pub mod queue_config;
+pub mod service;
 
 pub use connection::{Redis, RedisConfig};
 pub use error::{Error, Result};

@@ -66,7 +66,7 @@ impl EnqueueOptions {
 }
 
 /// The answer to an enqueue.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Enqueued {
     /// The job id (the given `id`, else the stream entry id).
     pub id: String,

@@ -47,6 +47,9 @@ pub struct WorkerConfig {
     pub heartbeat: Duration,
     /// Least time between two progress writes of one job. Default [`DEFAULT_PROGRESS_INTERVAL`].
     pub progress_interval: Duration,
+    /// Where to serve `/metrics`; none: not served (the binary defaults to 127.0.0.1:9101).
+    /// Port 0 picks a free port; the bound address is in the node record (`metrics_addr`).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl WorkerConfig {
@@ -63,6 +66,7 @@ impl WorkerConfig {
             suspend_for: DEFAULT_SUSPEND_FOR,
             heartbeat: DEFAULT_HEARTBEAT,
             progress_interval: DEFAULT_PROGRESS_INTERVAL,
+            metrics_addr: None,
         }
     }
 

@@ -7,6 +7,7 @@
 //! - [`lease`] — held entries and their renewal every lease/3.
 //! - `reclaim` — taking over entries whose lease ran out (`XAUTOCLAIM`).
 //! - `completion` — fenced commits of results, errors, retries and dead letters.
+//! - [`metrics`] — the worker's Prometheus metrics and `/metrics` server.
 //! - [`timeouts`] — start, progress and run timeouts of a running attempt.
 //! - `progress` — progress reports, the stage profile, throttled writes.
 //! - `node` — this host's record, failure streak and suspension.
@@ -18,6 +19,7 @@ pub mod error;
 pub mod executor;
 pub mod handler;
 pub mod lease;
+pub mod metrics;
 pub mod worker;
 
 pub mod timeouts;

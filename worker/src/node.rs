@@ -69,12 +69,16 @@ pub(crate) struct NodeHandle {
     pub(crate) node: String,
     pub(crate) consumer: String,
     pub(crate) health: Arc<Health>,
+    pub(crate) metrics: Arc<crate::metrics::WorkerMetrics>,
+    /// Where this worker serves `/metrics`, for the record (and scrape discovery).
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl NodeHandle {
     /// Suspends the node until `until_ms` for `reason`, on the queue and in its record.
     pub(crate) async fn suspend(&self, until_ms: u64, reason: &str) {
         self.health.set(until_ms);
+        self.metrics.suspended.set(1);
         tracing::warn!(node = %self.node, reason, for_ms = until_ms.saturating_sub(epoch_ms()),
             "node suspended: taking no new jobs");
         self.publish(until_ms, reason).await;
@@ -83,6 +87,7 @@ impl NodeHandle {
     /// Lifts the suspension.
     pub(crate) async fn resume(&self, reason: &str) {
         self.health.set(0);
+        self.metrics.suspended.set(0);
         tracing::info!(node = %self.node, reason, "node resumed: taking jobs again");
         self.publish(0, reason).await;
     }
@@ -133,7 +138,12 @@ pub(crate) async fn heartbeat_loop(
             .arg("suspended_until")
             .arg(node.health.suspended_until())
             .arg("failure_streak")
-            .arg(node.health.streak());
+            .arg(node.health.streak())
+            .arg("metrics_addr")
+            .arg(
+                node.metrics_addr
+                    .map_or_else(String::new, |a| a.to_string()),
+            );
         match functions::call::<String, _>(&mut node.redis.conn(), &cmd, "node heartbeat").await {
             Ok(command) if command == "resume" => node.resume("operator").await,
             Ok(command) => {

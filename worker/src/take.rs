@@ -27,12 +27,13 @@ pub(crate) struct Taken {
 }
 
 /// What `fleetq_take` decided for an entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Decision {
     /// Run it here.
     Run,
-    /// Someone else owns it (or it was already settled): do nothing.
-    Skip,
+    /// Settled without running here (`fleetq_take`'s word: lost, duplicate, cancelled,
+    /// expired, dead).
+    Skip(String),
     /// Handed on to another node; due again after this delay.
     Pass(std::time::Duration),
 }
@@ -206,7 +207,7 @@ pub(crate) async fn take(
                 Decision::Pass(std::time::Duration::from_millis(u64::from(attempt)))
             } else {
                 tracing::debug!(entry = %entry_id, %decision, "entry settled at take");
-                Decision::Skip
+                Decision::Skip(decision)
             };
             Taken {
                 job_id: match &job {

@@ -28,6 +28,7 @@ use crate::completion::{self, Commit, Committed, Ending};
 use crate::config::WorkerConfig;
 use crate::handler::{Handler, Job, JobContext, Outcome};
 use crate::lease::{self, Held, HeldJob, StopReason};
+use crate::metrics::WorkerMetrics;
 use crate::node::{self, epoch_ms, Health, NodeHandle};
 use crate::progress::{Target, Tracker};
 use crate::reclaim;
@@ -102,12 +103,38 @@ where
             token.cancel();
         });
     }
+    let metrics = Arc::new(
+        WorkerMetrics::new(&config.queue, &config.node)
+            .map_err(|e| Error::Config(format!("cannot set up metrics: {e}")))?,
+    );
+    metrics.slots.set(config.slots as i64);
+    let metrics_addr = match config.metrics_addr {
+        None => None,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                Error::Config(format!(
+                    "cannot serve metrics on {addr}: {e}; pick another --metrics-addr"
+                ))
+            })?;
+            let bound = listener.local_addr().ok();
+            tracing::info!(addr = ?bound, "serving /metrics");
+            let stop = stop_reading.clone();
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics.clone(),
+                async move { stop.cancelled().await },
+            ));
+            bound
+        }
+    };
     let node = NodeHandle {
         redis: redis.clone(),
         keys: keys.clone(),
         node: config.node.clone(),
         consumer: consumer.clone(),
         health: Arc::new(Health::default()),
+        metrics: metrics.clone(),
+        metrics_addr,
     };
     let rt = Arc::new(Runtime {
         taker: Taker {
@@ -193,6 +220,7 @@ where
                         .await?;
                 next_wake = Instant::now() + r.next_wake.unwrap_or(max_block).min(max_block);
                 if !r.entries.is_empty() {
+                    rt.node.metrics.reclaimed.inc_by(r.entries.len() as u64);
                     tracing::info!(
                         count = r.entries.len(),
                         "reclaimed entries whose lease ran out"
@@ -287,11 +315,22 @@ async fn dispatch<H: Handler>(
     let queue = rt.queue_config();
     let taken = take::take(&rt.taker, &queue, entries).await?;
     for t in taken {
-        match t.decision {
+        match &t.decision {
             Decision::Run => {}
-            Decision::Skip => continue,
+            Decision::Skip(why) => {
+                let m = &rt.node.metrics;
+                match why.as_str() {
+                    "expired" => {
+                        m.outcome("expired");
+                        m.timeout("queue");
+                    }
+                    "cancelled" | "dead" => m.outcome(why),
+                    _ => {}
+                }
+                continue;
+            }
             Decision::Pass(delay) => {
-                schedule_promote(rt, delay);
+                schedule_promote(rt, *delay);
                 continue;
             }
         }
@@ -340,6 +379,8 @@ async fn run_job<H: Handler>(
         reason: Mutex::new(None),
     });
     rt.held.insert(t.entry_id.clone(), held.clone());
+    let metrics = rt.node.metrics.clone();
+    metrics.busy.inc();
     let tracker = Arc::new(Tracker::new(
         Target {
             redis: rt.redis().clone(),
@@ -383,6 +424,16 @@ async fn run_job<H: Handler>(
         // The latest progress report lands before the end is recorded.
         tracker.flush().await;
     }
+    let snap = tracker.snapshot();
+    if let Some(started_at) = snap.started_at {
+        if t.attempt == 1 {
+            let start_ms = epoch_ms().saturating_sub(started_at.elapsed().as_millis() as u64);
+            metrics
+                .wait
+                .observe(start_ms.saturating_sub(entry.enqueued_ms) as f64 / 1000.0);
+        }
+        metrics.run.observe(started_at.elapsed().as_secs_f64());
+    }
     let mut ending = Ending {
         timeout: None,
         stage: tracker.current_stage(),
@@ -421,9 +472,13 @@ async fn run_job<H: Handler>(
             );
             tracing::warn!(job = %t.job_id, kind = kind.name(), stage = ?ending.stage, "timeout fired; stopping the attempt");
             ending.timeout = Some(kind.name());
+            metrics.timeout(kind.name());
             Some(retry_or_dead(msg))
         }
-        Ended::Stopped(StopReason::LeaseLost) => None,
+        Ended::Stopped(StopReason::LeaseLost) => {
+            metrics.timeout("lease");
+            None
+        }
         Ended::Stopped(StopReason::Cancelled) => Some(Commit::Cancelled),
         Ended::Stopped(StopReason::Shutdown) => Some(Commit::Release),
     };
@@ -432,9 +487,23 @@ async fn run_job<H: Handler>(
         if let (Commit::Retry { delay, .. }, Some(Committed::Ok)) = (&commit, committed) {
             schedule_promote(&rt, *delay);
         }
+        match (&commit, committed) {
+            (_, Some(Committed::Fenced)) => metrics.fenced.inc(),
+            (_, Some(Committed::Poison)) => metrics.outcome("dead"),
+            (c, Some(Committed::Ok)) => match c {
+                Commit::Succeeded(_) => metrics.outcome("succeeded"),
+                Commit::Failed(_) => metrics.outcome("failed"),
+                Commit::Retry { .. } => metrics.outcome("retried"),
+                Commit::Dead { .. } => metrics.outcome("dead"),
+                Commit::Cancelled => metrics.outcome("cancelled"),
+                Commit::Release => {}
+            },
+            (_, None) => {}
+        }
         note_health(&rt, &commit, committed).await;
     }
     rt.held.remove(&t.entry_id);
+    metrics.busy.dec();
 }
 
 /// Promotes the queue's due delayed jobs after `delay`: the retry or hand-off this worker

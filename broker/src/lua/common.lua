@@ -298,6 +298,7 @@ local function requeue(K, job_id, entry_id, set, delay, now)
   local jk = job_key(K, job_id)
   if delay <= 0 then
     local new_id, seq = add_entry(K, keep)
+    stat(K, 'readded')
     redis.call('HSET', jk, 'state', 'waiting', 'entry', new_id, 'seq', tostring(seq))
     redis.call('HDEL', jk, 'consumer', 'due_ms', 'retry')
   else

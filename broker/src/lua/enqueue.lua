@@ -86,6 +86,7 @@ local function enqueue(keys, args)
     redis.call('HSET', job_key(K, job_id), 'state', 'scheduled', 'enqueued_ms', tostring(now + delay),
       'due_ms', tostring(now + delay), 'retry', cjson.encode(fields), 'attempts', '0')
     redis.call('ZADD', K.delayed, now + delay, job_id)
+    stat(K, 'scheduled')
     emit(K, 'scheduled', job_id, { 'due_ms', tostring(now + delay) })
     return { job_id, 'scheduled', 0, 1 }
   end

@@ -17,6 +17,7 @@ local function promote_due(K, now, limit)
     if saved then
       local fields = cjson.decode(saved)
       local new_id, seq = add_entry(K, fields)
+      stat(K, 'readded')
       redis.call('HSET', jk, 'state', 'waiting', 'entry', new_id, 'seq', tostring(seq))
       redis.call('HDEL', jk, 'retry', 'due_ms')
       emit(K, 'queued', job_id, { 'promoted', '1' })

@@ -42,6 +42,8 @@ struct Args {
     suspend_for_ms: u64,
     #[arg(long, default_value_t = 10_000)]
     heartbeat_ms: u64,
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 struct TestHandler {
@@ -104,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
     config.suspend_after = args.suspend_after;
     config.suspend_for = Duration::from_millis(args.suspend_for_ms);
     config.heartbeat = Duration::from_millis(args.heartbeat_ms);
+    config.metrics_addr = args.metrics_addr;
     let handler = TestHandler {
         node: args.node.clone(),
         mode: args.mode,

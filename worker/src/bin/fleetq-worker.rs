@@ -64,6 +64,9 @@ struct Args {
     /// Seconds between node-record heartbeats (the record lives three times this).
     #[arg(long, env = "FLEETQ_HEARTBEAT_SECS", default_value_t = DEFAULT_HEARTBEAT.as_secs())]
     heartbeat_secs: u64,
+    /// Where to serve /metrics (loopback unless you say so); "off" to not serve it.
+    #[arg(long, env = "FLEETQ_METRICS_ADDR", default_value = "127.0.0.1:9101")]
+    metrics_addr: String,
     /// What runs the jobs.
     #[arg(long, env = "FLEETQ_EXECUTOR", value_enum, default_value = "echo")]
     executor: Executor,
@@ -116,6 +119,12 @@ async fn main() -> anyhow::Result<()> {
     config.suspend_after = args.suspend_after;
     config.suspend_for = Duration::from_secs(args.suspend_for_secs);
     config.heartbeat = Duration::from_secs(args.heartbeat_secs);
+    config.metrics_addr = match args.metrics_addr.as_str() {
+        "off" | "" => None,
+        a => Some(a.parse().with_context(|| {
+            format!("--metrics-addr {a:?} is not an address such as 127.0.0.1:9101 (or off)")
+        })?),
+    };
     config.validate()?;
     let mut redis_config = RedisConfig::new(&args.redis_url);
     redis_config.ca_cert = args.redis_ca_cert.clone();

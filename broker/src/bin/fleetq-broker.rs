@@ -1,0 +1,103 @@
+//! `fleetq-broker`: maintenance, metrics and the HTTP API beside a fleet. Parses flags, sets up
+//! logging, binds the listener and calls `fleetq_broker::service::run` until SIGTERM or Ctrl-C.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use fleetq_broker::connection::DEFAULT_REDIS_URL;
+use fleetq_broker::http::DEFAULT_MAX_BODY_BYTES;
+use fleetq_broker::maintenance::DEFAULT_INTERVAL;
+use fleetq_broker::service::{BrokerConfig, DEFAULT_LISTEN};
+use fleetq_broker::{Redis, RedisConfig};
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Run the fleetq broker: promotes retries, expires old jobs, serves /metrics and the HTTP API.
+///
+/// Example: fleetq-broker --listen 0.0.0.0:8080 --api-token "$TOKEN"
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Redis server, redis://[user:password@]host:port/db or rediss://… for TLS.
+    #[arg(long, env = "REDIS_URL", default_value = DEFAULT_REDIS_URL, hide_env_values = true)]
+    redis_url: String,
+    /// PEM file of a private CA for rediss:// servers.
+    #[arg(long, env = "FLEETQ_REDIS_CA_CERT")]
+    redis_ca_cert: Option<std::path::PathBuf>,
+    /// HTTP address for the API, /metrics and health checks (loopback unless you say so).
+    #[arg(long, env = "FLEETQ_LISTEN", default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// Bearer token required on /v1 routes; unset: no auth.
+    #[arg(long, env = "FLEETQ_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+    /// Queues to tend and report, comma-separated; empty: every queue found.
+    #[arg(long, env = "FLEETQ_QUEUES", value_delimiter = ',')]
+    queues: Vec<String>,
+    /// Largest HTTP request body, bytes.
+    #[arg(long, env = "FLEETQ_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+    /// Milliseconds between maintenance runs (promote retries, expire old jobs).
+    #[arg(long, env = "FLEETQ_MAINTENANCE_INTERVAL_MS", default_value_t = DEFAULT_INTERVAL.as_millis() as u64)]
+    maintenance_interval_ms: u64,
+    /// Log format.
+    #[arg(long, env = "FLEETQ_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+    }
+    let config = BrokerConfig {
+        queues: args.queues.into_iter().filter(|q| !q.is_empty()).collect(),
+        api_token: args.api_token,
+        max_body_bytes: args.max_body_bytes,
+        maintenance_interval: Duration::from_millis(args.maintenance_interval_ms),
+    };
+    config.validate()?;
+    let mut redis_config = RedisConfig::new(&args.redis_url);
+    redis_config.ca_cert = args.redis_ca_cert;
+    let redis = Redis::connect_with(redis_config)
+        .await
+        .context("fleetq-broker cannot start")?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {}; is another process using it? set --listen",
+                args.listen
+            )
+        })?;
+    fleetq_broker::service::run(redis, listener, config, shutdown_signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,268 @@
+//! Reading a queue's state from Redis: depths, oldest wait, counters, dead letters. Used by
+//! the broker's metrics and HTTP API and by the CLI. Every read is O(1) or bounded.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::functions::{self, fcall};
+use crate::keys::{QueueKeys, GROUP};
+use crate::{Error, Redis, Result};
+
+/// The state of one queue.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct QueueState {
+    /// The queue name.
+    pub queue: String,
+    /// Jobs waiting for a worker (cancelled or expired entries not yet dropped left out).
+    pub waiting: u64,
+    /// Jobs delivered to a worker and not finished (the pending list).
+    pub in_flight: u64,
+    /// Retries waiting out their backoff and scheduled jobs.
+    pub delayed: u64,
+    /// Dead letters.
+    pub dead: u64,
+    /// Age of the oldest waiting job, seconds (0 when none waits).
+    pub oldest_waiting_seconds: f64,
+    /// Jobs ever enqueued (retries and hand-offs not counted again).
+    pub enqueued_total: u64,
+    /// Consumers (worker processes) known to the group.
+    pub consumers: u64,
+    /// The counters kept by the server-side functions (`fleetq:{q}:stats`).
+    pub stats: HashMap<String, i64>,
+}
+
+impl QueueState {
+    /// A counter from the stats hash, 0 when absent.
+    pub fn stat(&self, name: &str) -> i64 {
+        self.stats.get(name).copied().unwrap_or(0)
+    }
+}
+
+fn map_of(flat: Vec<redis::Value>) -> HashMap<String, redis::Value> {
+    let mut out = HashMap::new();
+    let mut it = flat.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        if let Ok(k) = redis::from_redis_value::<String>(k) {
+            out.insert(k, v);
+        }
+    }
+    out
+}
+
+fn num(m: &HashMap<String, redis::Value>, k: &str) -> Option<u64> {
+    m.get(k)
+        .and_then(|v| redis::from_redis_value_ref::<Option<u64>>(v).ok().flatten())
+}
+
+fn text(m: &HashMap<String, redis::Value>, k: &str) -> Option<String> {
+    m.get(k)
+        .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+}
+
+/// Reads the state of queue `keys`.
+pub async fn queue_state(redis: &Redis, keys: &QueueKeys) -> Result<QueueState> {
+    let mut conn = redis.conn();
+    let step = |e| Error::redis("read queue state", e);
+    let (exists, delayed, dead, stats, server_time): (
+        bool,
+        u64,
+        u64,
+        HashMap<String, i64>,
+        (u64, u64),
+    ) = redis::pipe()
+        .exists(keys.stream())
+        .zcard(keys.delayed())
+        .xlen(keys.dead())
+        .hgetall(keys.stats())
+        .cmd("TIME")
+        .query_async(&mut conn)
+        .await
+        .map_err(step)?;
+    let now_ms = server_time.0 * 1000 + server_time.1 / 1000;
+    let mut state = QueueState {
+        queue: keys.name().to_owned(),
+        delayed,
+        dead,
+        stats,
+        ..QueueState::default()
+    };
+    if !exists {
+        return Ok(state);
+    }
+    let stream: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(keys.stream())
+        .query_async(&mut conn)
+        .await
+        .map_err(step)?;
+    let stream = map_of(stream);
+    let length = num(&stream, "length").unwrap_or(0);
+    let added = num(&stream, "entries-added").unwrap_or(length);
+    let readded = u64::try_from(state.stat("readded")).unwrap_or(0);
+    let scheduled = u64::try_from(state.stat("scheduled")).unwrap_or(0);
+    state.enqueued_total = (added + scheduled).saturating_sub(readded);
+    let groups: Vec<Vec<redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(keys.stream())
+        .query_async(&mut conn)
+        .await
+        .map_err(step)?;
+    let group = groups
+        .into_iter()
+        .map(map_of)
+        .find(|g| text(g, "name").as_deref() == Some(GROUP));
+    let tombstones = u64::try_from(state.stat("tombstones")).unwrap_or(0);
+    let (lag, last_delivered) = match &group {
+        Some(g) => {
+            state.in_flight = num(g, "pending").unwrap_or(0);
+            state.consumers = num(g, "consumers").unwrap_or(0);
+            // `lag` is exact while no undelivered entry is deleted, which fleetq never does.
+            let lag = num(g, "lag").unwrap_or(length.saturating_sub(state.in_flight));
+            (
+                lag,
+                text(g, "last-delivered-id").unwrap_or_else(|| "0-0".into()),
+            )
+        }
+        None => (length, "0-0".to_owned()),
+    };
+    state.waiting = lag.saturating_sub(tombstones);
+    if state.waiting > 0 {
+        state.oldest_waiting_seconds =
+            oldest_waiting_ms(redis, keys, &last_delivered, tombstones, now_ms).await? as f64
+                / 1000.0;
+    }
+    Ok(state)
+}
+
+/// Age of the oldest undelivered entry that is not a tombstone (looks at most
+/// tombstones + 1 entries, capped at 100).
+async fn oldest_waiting_ms(
+    redis: &Redis,
+    keys: &QueueKeys,
+    last_delivered: &str,
+    tombstones: u64,
+    now_ms: u64,
+) -> Result<u64> {
+    let mut conn = redis.conn();
+    let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(keys.stream())
+        .arg(format!("({last_delivered}"))
+        .arg("+")
+        .arg("COUNT")
+        .arg((tombstones + 1).min(100))
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| Error::redis("read oldest waiting job", e))?;
+    for (id, fields) in entries {
+        let job_id = fields.get("id").cloned().unwrap_or_else(|| id.clone());
+        if tombstones > 0 {
+            let tomb: Option<String> = redis::cmd("HGET")
+                .arg(keys.job(&job_id))
+                .arg("tombstone")
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| Error::redis("read oldest waiting job", e))?;
+            if tomb.is_some() {
+                continue;
+            }
+        }
+        let enqueued = fields
+            .get("enqueued_ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| crate::job::entry_ms(&id));
+        return Ok(now_ms.saturating_sub(enqueued));
+    }
+    Ok(0)
+}
+
+/// One dead letter.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct DeadLetter {
+    /// Its entry id in the dead-letter stream (what retry and purge take).
+    pub dead_id: String,
+    /// The job id.
+    pub job: String,
+    /// Why: malformed, attempts_exhausted, poison, …
+    pub reason: String,
+    /// The last error.
+    pub error: String,
+    /// Attempts made.
+    pub attempts: u64,
+    /// Nodes of the attempts, in order.
+    pub nodes: Vec<String>,
+    /// When it died, ms since the epoch.
+    pub dead_ms: u64,
+    /// The job's original fields (payload, id, …).
+    pub fields: HashMap<String, String>,
+}
+
+/// The oldest `count` dead letters of queue `keys`, from `start` (an entry id, `-` for the
+/// beginning).
+pub async fn dead_letters(
+    redis: &Redis,
+    keys: &QueueKeys,
+    start: &str,
+    count: usize,
+) -> Result<Vec<DeadLetter>> {
+    let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(keys.dead())
+        .arg(start)
+        .arg("+")
+        .arg("COUNT")
+        .arg(count)
+        .query_async(&mut redis.conn())
+        .await
+        .map_err(|e| Error::redis("list dead letters", e))?;
+    Ok(raw
+        .into_iter()
+        .map(|(dead_id, flat)| {
+            let mut m: HashMap<String, String> = HashMap::new();
+            let mut fields = HashMap::new();
+            for (k, v) in flat {
+                match k.strip_prefix("f:") {
+                    Some(name) => {
+                        fields.insert(name.to_owned(), v);
+                    }
+                    None => {
+                        m.insert(k, v);
+                    }
+                }
+            }
+            let take = |m: &mut HashMap<String, String>, k: &str| m.remove(k).unwrap_or_default();
+            DeadLetter {
+                dead_id,
+                job: take(&mut m, "job"),
+                reason: take(&mut m, "reason"),
+                error: take(&mut m, "error"),
+                attempts: take(&mut m, "attempts").parse().unwrap_or(0),
+                nodes: take(&mut m, "nodes")
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                dead_ms: take(&mut m, "dead_ms").parse().unwrap_or(0),
+                fields,
+            }
+        })
+        .collect())
+}
+
+/// Puts dead letter `dead_id` back in line as a fresh job. Returns the job id, or `None`
+/// when there is no such dead letter.
+pub async fn retry_dead(redis: &Redis, keys: &QueueKeys, dead_id: &str) -> Result<Option<String>> {
+    let mut cmd = fcall("fleetq_dead_retry", keys);
+    cmd.arg(dead_id);
+    let (job, _entry): (String, String) =
+        functions::call(&mut redis.conn(), &cmd, "retry dead letter").await?;
+    Ok((!job.is_empty()).then_some(job))
+}
+
+/// Deletes the given dead letters, or all of the queue's when `ids` is empty. Returns how many.
+pub async fn purge_dead(redis: &Redis, keys: &QueueKeys, ids: &[String]) -> Result<u64> {
+    let mut cmd = fcall("fleetq_dead_purge", keys);
+    for id in ids {
+        cmd.arg(id);
+    }
+    functions::call(&mut redis.conn(), &cmd, "purge dead letters").await
+}

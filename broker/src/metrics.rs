@@ -1,0 +1,259 @@
+//! The broker's Prometheus metrics: queue state and the per-node counters kept in Redis by
+//! the server-side functions, read at scrape time (at most once a second) so they are right
+//! whichever broker is scraped. Every name, label and meaning is listed in `docs/metrics.md`.
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | `fleetq_queue_waiting` | gauge | queue | jobs waiting for a worker |
+//! | `fleetq_queue_in_flight` | gauge | queue | jobs delivered to a worker, not finished |
+//! | `fleetq_queue_delayed` | gauge | queue | retries in backoff and scheduled jobs |
+//! | `fleetq_queue_dead` | gauge | queue | dead letters |
+//! | `fleetq_queue_oldest_waiting_seconds` | gauge | queue | age of the oldest waiting job |
+//! | `fleetq_queue_enqueued_total` | counter | queue | jobs enqueued |
+//! | `fleetq_queue_consumers` | gauge | queue | worker processes in the consumer group |
+//! | `fleetq_queue_jobs_total` | counter | queue, outcome | attempts' ends: succeeded, failed, retried, dead, expired, cancelled |
+//! | `fleetq_queue_timeouts_total` | counter | queue, kind | timeouts: queue, start, progress, run, lease |
+//! | `fleetq_queue_reclaimed_total` | counter | queue | entries reclaimed after a lost lease |
+//! | `fleetq_queue_fenced_total` | counter | queue | commits refused because the lease was lost |
+//! | `fleetq_queue_node_jobs_total` | counter | queue, node, outcome | per node: succeeded, failed |
+//! | `fleetq_queue_node_timeouts_total` | counter | queue, node, kind | per node timeouts (incl. lease) |
+//! | `fleetq_nodes` | gauge | state | live nodes by state: live, suspended |
+//! | `fleetq_node_slots` | gauge | node | a node's job slots |
+//! | `fleetq_node_busy_slots` | gauge | node | a node's slots running a job |
+//! | `fleetq_node_heartbeat_age_seconds` | gauge | node | time since the node's last heartbeat |
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::inspect::{self, QueueState};
+use crate::keys::QueueKeys;
+use crate::maintenance::discover_queues;
+use crate::nodes::{self, NodeRecord};
+use crate::{Error, Redis, Result};
+
+/// Scrapes closer together than this share one read of Redis.
+pub const MIN_REFRESH: Duration = Duration::from_secs(1);
+
+/// Job outcomes counted per queue (stats hash field = outcome).
+pub const OUTCOMES: &[&str] = &[
+    "succeeded",
+    "failed",
+    "retried",
+    "dead",
+    "expired",
+    "cancelled",
+];
+/// Timeout kinds.
+pub const TIMEOUT_KINDS: &[&str] = &["queue", "start", "progress", "run", "lease"];
+
+/// Renders the broker's metrics.
+#[derive(Debug)]
+pub struct BrokerMetrics {
+    redis: Redis,
+    /// Queues to report; empty: every queue found.
+    queues: Vec<String>,
+    cache: Mutex<Option<(Instant, String)>>,
+}
+
+fn err(e: prometheus::Error) -> Error {
+    Error::Protocol {
+        step: "render metrics",
+        detail: e.to_string(),
+    }
+}
+
+impl BrokerMetrics {
+    /// Metrics of `queues` (every queue when empty).
+    pub fn new(redis: Redis, queues: Vec<String>) -> Self {
+        Self {
+            redis,
+            queues,
+            cache: Mutex::new(None),
+        }
+    }
+
+    /// The exposition text (Prometheus text format 0.0.4).
+    pub async fn render(&self) -> Result<String> {
+        if let Some((at, text)) = self.cache.lock().map_or(None, |c| c.clone()) {
+            if at.elapsed() < MIN_REFRESH {
+                return Ok(text);
+            }
+        }
+        let names = if self.queues.is_empty() {
+            discover_queues(&self.redis).await?
+        } else {
+            self.queues.clone()
+        };
+        let mut states = Vec::new();
+        for name in names {
+            let keys = QueueKeys::new(&name)?;
+            states.push(inspect::queue_state(&self.redis, &keys).await?);
+        }
+        let fleet = nodes::list(&self.redis).await?;
+        let now_ms = nodes::server_ms(&self.redis).await?;
+        let text = encode(&states, &fleet, now_ms).map_err(err)?;
+        if let Ok(mut c) = self.cache.lock() {
+            *c = Some((Instant::now(), text.clone()));
+        }
+        Ok(text)
+    }
+}
+
+fn encode(
+    states: &[QueueState],
+    fleet: &[NodeRecord],
+    now_ms: u64,
+) -> Result<String, prometheus::Error> {
+    let reg = Registry::new();
+    let gauge = |name: &str, help: &str, labels: &[&str]| -> Result<GaugeVec, prometheus::Error> {
+        let g = GaugeVec::new(Opts::new(name, help), labels)?;
+        reg.register(Box::new(g.clone()))?;
+        Ok(g)
+    };
+    let counter =
+        |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            reg.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+    let waiting = gauge(
+        "fleetq_queue_waiting",
+        "Jobs waiting for a worker.",
+        &["queue"],
+    )?;
+    let in_flight = gauge(
+        "fleetq_queue_in_flight",
+        "Jobs delivered to a worker and not finished.",
+        &["queue"],
+    )?;
+    let delayed = gauge(
+        "fleetq_queue_delayed",
+        "Retries waiting out their backoff and scheduled jobs.",
+        &["queue"],
+    )?;
+    let dead = gauge("fleetq_queue_dead", "Dead letters.", &["queue"])?;
+    let oldest = gauge(
+        "fleetq_queue_oldest_waiting_seconds",
+        "Age of the oldest waiting job.",
+        &["queue"],
+    )?;
+    let consumers = gauge(
+        "fleetq_queue_consumers",
+        "Worker processes in the queue's consumer group.",
+        &["queue"],
+    )?;
+    let enqueued = counter("fleetq_queue_enqueued_total", "Jobs enqueued.", &["queue"])?;
+    let jobs = counter(
+        "fleetq_queue_jobs_total",
+        "Ends of attempts by outcome.",
+        &["queue", "outcome"],
+    )?;
+    let timeouts = counter(
+        "fleetq_queue_timeouts_total",
+        "Timeouts by kind.",
+        &["queue", "kind"],
+    )?;
+    let reclaimed = counter(
+        "fleetq_queue_reclaimed_total",
+        "Entries reclaimed after their lease ran out.",
+        &["queue"],
+    )?;
+    let fenced = counter(
+        "fleetq_queue_fenced_total",
+        "Commits refused because the caller had lost its lease.",
+        &["queue"],
+    )?;
+    let node_jobs = counter(
+        "fleetq_queue_node_jobs_total",
+        "Ends of attempts per node: succeeded, failed.",
+        &["queue", "node", "outcome"],
+    )?;
+    let node_timeouts = counter(
+        "fleetq_queue_node_timeouts_total",
+        "Timeouts per node and kind.",
+        &["queue", "node", "kind"],
+    )?;
+    let nodes_g = IntGaugeVec::new(
+        Opts::new("fleetq_nodes", "Live nodes by state."),
+        &["state"],
+    )?;
+    reg.register(Box::new(nodes_g.clone()))?;
+    let slots = gauge("fleetq_node_slots", "A node's job slots.", &["node"])?;
+    let busy = gauge(
+        "fleetq_node_busy_slots",
+        "A node's slots running a job.",
+        &["node"],
+    )?;
+    let age = gauge(
+        "fleetq_node_heartbeat_age_seconds",
+        "Time since the node's last heartbeat.",
+        &["node"],
+    )?;
+
+    let count = |v: i64| u64::try_from(v).unwrap_or(0);
+    for s in states {
+        let q = s.queue.as_str();
+        waiting.with_label_values(&[q]).set(s.waiting as f64);
+        in_flight.with_label_values(&[q]).set(s.in_flight as f64);
+        delayed.with_label_values(&[q]).set(s.delayed as f64);
+        dead.with_label_values(&[q]).set(s.dead as f64);
+        oldest.with_label_values(&[q]).set(s.oldest_waiting_seconds);
+        consumers.with_label_values(&[q]).set(s.consumers as f64);
+        enqueued.with_label_values(&[q]).inc_by(s.enqueued_total);
+        for outcome in OUTCOMES {
+            jobs.with_label_values(&[q, outcome])
+                .inc_by(count(s.stat(outcome)));
+        }
+        for kind in TIMEOUT_KINDS {
+            timeouts
+                .with_label_values(&[q, kind])
+                .inc_by(count(s.stat(&format!("timeout:{kind}"))));
+        }
+        reclaimed
+            .with_label_values(&[q])
+            .inc_by(count(s.stat("reclaimed")));
+        fenced
+            .with_label_values(&[q])
+            .inc_by(count(s.stat("fenced")));
+        for (field, value) in &s.stats {
+            let Some(rest) = field.strip_prefix("node:") else {
+                continue;
+            };
+            let Some((node, what)) = rest.split_once(':') else {
+                continue;
+            };
+            match what.strip_prefix("timeout:") {
+                Some(kind) => node_timeouts
+                    .with_label_values(&[q, node, kind])
+                    .inc_by(count(*value)),
+                None if what == "succeeded" || what == "failed" => {
+                    node_jobs
+                        .with_label_values(&[q, node, what])
+                        .inc_by(count(*value));
+                }
+                None => {}
+            }
+        }
+    }
+    let suspended = fleet
+        .iter()
+        .filter(|n| n.suspended_until() > now_ms)
+        .count();
+    nodes_g
+        .with_label_values(&["live"])
+        .set((fleet.len() - suspended) as i64);
+    nodes_g
+        .with_label_values(&["suspended"])
+        .set(suspended as i64);
+    for n in fleet {
+        slots.with_label_values(&[&n.node]).set(n.slots() as f64);
+        busy.with_label_values(&[&n.node]).set(n.busy() as f64);
+        age.with_label_values(&[&n.node])
+            .set(now_ms.saturating_sub(n.last_seen_ms()) as f64 / 1000.0);
+    }
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&reg.gather(), &mut out)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}

@@ -1,0 +1,123 @@
+//! The `fleetq-broker` service: the maintenance loop and the HTTP server (API, `/metrics`,
+//! health), both stopping on the same shutdown future. Stateless: run as many as you like.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util_shutdown::Shutdown;
+
+use crate::http::{self, ApiState};
+use crate::{maintenance, Error, Redis, Result};
+
+/// Default HTTP listen address: loopback only; set `FLEETQ_LISTEN` to expose it.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+/// Broker settings.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Queues to tend and report; empty: every queue found in Redis. Env `FLEETQ_QUEUES`.
+    pub queues: Vec<String>,
+    /// Bearer token for `/v1`; none: no auth (fine on loopback). Env `FLEETQ_API_TOKEN`.
+    pub api_token: Option<String>,
+    /// Largest request body. Default [`http::DEFAULT_MAX_BODY_BYTES`].
+    pub max_body_bytes: usize,
+    /// How often the maintenance steps run. Default [`maintenance::DEFAULT_INTERVAL`].
+    pub maintenance_interval: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            queues: Vec::new(),
+            api_token: None,
+            max_body_bytes: http::DEFAULT_MAX_BODY_BYTES,
+            maintenance_interval: maintenance::DEFAULT_INTERVAL,
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// Checks the settings; the message says which one is wrong and what to use.
+    pub fn validate(&self) -> Result<()> {
+        for q in &self.queues {
+            crate::QueueKeys::new(q)?;
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(Error::Config(format!(
+                "max body bytes is {}; use at least 1024",
+                self.max_body_bytes
+            )));
+        }
+        if self.maintenance_interval < Duration::from_millis(50) {
+            return Err(Error::Config(
+                "maintenance interval must be at least 50 ms".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Serves the broker on `listener` until `shutdown` resolves.
+pub async fn run<S>(
+    redis: Redis,
+    listener: TcpListener,
+    config: BrokerConfig,
+    shutdown: S,
+) -> Result<()>
+where
+    S: Future<Output = ()> + Send + 'static,
+{
+    config.validate()?;
+    let stop = Shutdown::new(shutdown);
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(listen = ?addr, queues = ?config.queues, auth = config.api_token.is_some(), "broker started");
+    let maint = tokio::spawn(maintenance::run(
+        redis.clone(),
+        config.queues.clone(),
+        config.maintenance_interval,
+        stop.wait(),
+    ));
+    let state = Arc::new(ApiState::new(
+        redis,
+        config.queues.clone(),
+        config.api_token.clone(),
+        config.max_body_bytes,
+    ));
+    let served = axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(stop.wait())
+        .await;
+    let _ = maint.await;
+    tracing::info!("broker stopped");
+    served.map_err(|e| Error::Config(format!("HTTP server failed: {e}")))
+}
+
+/// A shutdown future shared by several tasks.
+mod tokio_util_shutdown {
+    use std::future::Future;
+
+    use tokio::sync::watch;
+
+    /// Resolves every [`Shutdown::wait`] once the original future resolved.
+    pub(crate) struct Shutdown(watch::Receiver<bool>);
+
+    impl Shutdown {
+        pub(crate) fn new<S: Future<Output = ()> + Send + 'static>(signal: S) -> Self {
+            let (tx, rx) = watch::channel(false);
+            tokio::spawn(async move {
+                signal.await;
+                let _ = tx.send(true);
+            });
+            Self(rx)
+        }
+
+        pub(crate) fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
+            let mut rx = self.0.clone();
+            async move {
+                let _ = rx.wait_for(|v| *v).await;
+            }
+        }
+    }
+}
