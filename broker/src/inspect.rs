@@ -64,11 +64,11 @@ fn text(m: &HashMap<String, redis::Value>, k: &str) -> Option<String> {
 pub async fn queue_state(redis: &Redis, keys: &QueueKeys) -> Result<QueueState> {
     let mut conn = redis.conn();
     let step = |e| Error::redis("read queue state", e);
-    let (exists, delayed, dead, stats, server_time): (
+    let (exists, delayed, dead, raw_stats, server_time): (
         bool,
         u64,
         u64,
-        HashMap<String, i64>,
+        HashMap<String, String>,
         (u64, u64),
     ) = redis::pipe()
         .exists(keys.stream())
@@ -80,6 +80,11 @@ pub async fn queue_state(redis: &Redis, keys: &QueueKeys) -> Result<QueueState> 
         .await
         .map_err(step)?;
     let now_ms = server_time.0 * 1000 + server_time.1 / 1000;
+    // Counters only (the hash also keeps cursors).
+    let stats = raw_stats
+        .into_iter()
+        .filter_map(|(k, v)| v.parse::<i64>().ok().map(|n| (k, n)))
+        .collect();
     let mut state = QueueState {
         queue: keys.name().to_owned(),
         delayed,

@@ -171,7 +171,9 @@ impl JobEntry {
             None => entry_ms(&raw.id),
         };
         let prior_attempts = int("attempts")?.map_or(0, |v| u32::try_from(v).unwrap_or(u32::MAX));
-        let avoid = text("avoid")?
+        let avoid = fields
+            .get("avoid")
+            .map(|v| String::from_utf8_lossy(v).into_owned())
             .map(|s| {
                 s.split(',')
                     .filter(|n| !n.is_empty())

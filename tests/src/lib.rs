@@ -82,6 +82,80 @@ impl Stack {
     }
 }
 
+/// A broker running in this test process on a free loopback port.
+pub struct InProcessBroker {
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl InProcessBroker {
+    /// Stops the broker and waits for it.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.expect("broker task");
+    }
+}
+
+impl Stack {
+    /// Starts a broker with `config` on a free loopback port.
+    pub async fn broker(&self, config: fleetq_broker::service::BrokerConfig) -> InProcessBroker {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let redis = self.redis.clone();
+        let task = tokio::spawn(async move {
+            fleetq_broker::service::run(
+                redis,
+                listener,
+                config,
+                async move { s.cancelled().await },
+            )
+            .await
+            .expect("broker run");
+        });
+        InProcessBroker { base, stop, task }
+    }
+}
+
+/// Fetches `url` and parses the Prometheus exposition into (name, labels) → value.
+pub async fn scrape(url: &str) -> Metrics {
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
+    Metrics(scrape.samples)
+}
+
+/// Parsed metric samples.
+pub struct Metrics(pub Vec<prometheus_parse::Sample>);
+
+impl Metrics {
+    /// The value of the sample named `name` whose labels include all of `labels`;
+    /// histograms give their count. Panics when absent.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.find(name, labels)
+            .unwrap_or_else(|| panic!("no sample {name} {labels:?}"))
+    }
+
+    /// Like [`Metrics::get`], `None` when absent.
+    pub fn find(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.0
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => *v,
+                prometheus_parse::Value::Histogram(h) => {
+                    h.iter().map(|b| b.count).fold(0.0, f64::max)
+                }
+                prometheus_parse::Value::Summary(_) => f64::NAN,
+            })
+    }
+}
+
 /// A worker running in this test process.
 pub struct InProcessWorker {
     stop: CancellationToken,

@@ -62,6 +62,22 @@ pub(crate) struct Tracker {
     target: Target,
     held: Arc<HeldJob>,
     min_interval: Duration,
+    /// Observes the wait (enqueue → start) of a job's first attempt when it starts.
+    wait: Option<WaitClock>,
+}
+
+/// What is needed to observe `fleetq_job_wait_seconds` at the start of a first attempt.
+#[derive(Debug, Clone)]
+pub(crate) struct WaitClock {
+    pub(crate) enqueued_ms: u64,
+    pub(crate) histogram: prometheus::Histogram,
+}
+
+impl WaitClock {
+    fn observe(&self) {
+        self.histogram
+            .observe(epoch_ms().saturating_sub(self.enqueued_ms) as f64 / 1000.0);
+    }
 }
 
 fn epoch_ms() -> u64 {
@@ -76,8 +92,14 @@ impl Tracker {
         held: Arc<HeldJob>,
         min_interval: Duration,
         started: bool,
+        wait: Option<WaitClock>,
     ) -> Self {
         let now = Instant::now();
+        if started {
+            if let Some(w) = &wait {
+                w.observe();
+            }
+        }
         Self {
             state: Mutex::new(State {
                 taken_at: now,
@@ -92,6 +114,7 @@ impl Tracker {
             target,
             held,
             min_interval,
+            wait,
         }
     }
 
@@ -142,6 +165,9 @@ impl Tracker {
             s.started_at = Some(now);
             s.last_activity = now;
         }
+        if let Some(w) = &self.wait {
+            w.observe();
+        }
         self.changed.notify_one();
         self.write("started", String::new()).await;
     }
@@ -157,14 +183,14 @@ impl Tracker {
             }
         }
         let json = serde_json::to_string(&p).unwrap_or_default();
+        if self.lock().started_at.is_none() {
+            // Progress implies the work began.
+            self.mark_started().await;
+        }
         let write_now = {
             let mut s = self.lock();
             let now = Instant::now();
             s.last_activity = now;
-            if s.started_at.is_none() {
-                // Progress implies the work began.
-                s.started_at = Some(now);
-            }
             if let Some(stage) = &p.stage {
                 let same = s.current_since.is_some()
                     && s.stages.last().is_some_and(|st| &st.name == stage);

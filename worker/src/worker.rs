@@ -30,7 +30,7 @@ use crate::handler::{Handler, Job, JobContext, Outcome};
 use crate::lease::{self, Held, HeldJob, StopReason};
 use crate::metrics::WorkerMetrics;
 use crate::node::{self, epoch_ms, Health, NodeHandle};
-use crate::progress::{Target, Tracker};
+use crate::progress::{Target, Tracker, WaitClock};
 use crate::reclaim;
 use crate::take::{self, Decision, Taken, Taker};
 use crate::timeouts::{self, Limits, TimeoutKind};
@@ -352,7 +352,11 @@ async fn dispatch<H: Handler>(
                     reason: "malformed",
                     error: malformed.to_string(),
                 };
-                commit_with_retries(rt, &t, &commit, &Ending::default()).await;
+                if let Some(Committed::Ok) =
+                    commit_with_retries(rt, &t, &commit, &Ending::default()).await
+                {
+                    rt.node.metrics.outcome("dead");
+                }
             }
         }
     }
@@ -391,6 +395,10 @@ async fn run_job<H: Handler>(
         held.clone(),
         rt.config.progress_interval,
         rt.taker.starts_at_once,
+        (t.attempt == 1).then(|| WaitClock {
+            enqueued_ms: entry.enqueued_ms,
+            histogram: metrics.wait.clone(),
+        }),
     ));
     let max_attempts = entry.max_attempts(&queue);
     let job = Job {
@@ -424,14 +432,7 @@ async fn run_job<H: Handler>(
         // The latest progress report lands before the end is recorded.
         tracker.flush().await;
     }
-    let snap = tracker.snapshot();
-    if let Some(started_at) = snap.started_at {
-        if t.attempt == 1 {
-            let start_ms = epoch_ms().saturating_sub(started_at.elapsed().as_millis() as u64);
-            metrics
-                .wait
-                .observe(start_ms.saturating_sub(entry.enqueued_ms) as f64 / 1000.0);
-        }
+    if let Some(started_at) = tracker.snapshot().started_at {
         metrics.run.observe(started_at.elapsed().as_secs_f64());
     }
     let mut ending = Ending {

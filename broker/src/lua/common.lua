@@ -13,7 +13,8 @@ local DEFAULT_EVENTS_MAXLEN = 10000
 local DEFAULT_FAILOVER_COOLDOWN_MS = 60000
 -- A job that failed on this many distinct nodes is poison.
 local DEFAULT_POISON_NODES = 3
--- A node is alive while it was seen (lease renewal, reclaim, heartbeat) this recently.
+-- A node is alive while it was seen (fleetq_take, fleetq_renew, fleetq_reclaim) this recently;
+-- an idle worker reclaims at least every 10 s, a busy one renews every lease/3.
 local NODE_ALIVE_MS = 30000
 -- Attempt records kept per job.
 local HISTORY_MAX = 20

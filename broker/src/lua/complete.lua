@@ -30,6 +30,9 @@ local function complete(keys, args)
   local timeout_kind, stage = args[9] or '', args[10] or ''
   local elapsed = tonumber(args[11]) or 0
   local stages = args[12] or ''
+  if not ({ succeeded = 1, failed = 1, retry = 1, dead = 1, cancelled = 1, release = 1 })[outcome] then
+    return redis.error_reply('fleetq: unknown outcome "' .. outcome .. '"; use succeeded, failed, retry, dead, cancelled or release')
+  end
   if not owns(K, entry_id, consumer, deliveries) then
     stat(K, 'fenced')
     return 'fenced'
@@ -56,7 +59,7 @@ local function complete(keys, args)
     if node ~= '' and not contains(failed, node) then failed[#failed + 1] = node end
     redis.call('HSET', jk, 'failed_nodes', table.concat(failed, ','))
     local m_nodes = config_num(K, 'poison_nodes', DEFAULT_POISON_NODES)
-    if #failed >= m_nodes then
+    if m_nodes > 0 and #failed >= m_nodes then
       outcome = 'dead'
       args[8] = 'poison'
       data = 'poison: failed on ' .. #failed .. ' distinct nodes (' .. table.concat(failed, ', ') .. '); last error: ' .. data
@@ -111,6 +114,8 @@ local function complete(keys, args)
       local cooldown = config_num(K, 'failover_cooldown_ms', DEFAULT_FAILOVER_COOLDOWN_MS)
       local avoid = split_csv(m['avoid'])
       if node ~= '' and not contains(avoid, node) then avoid[#avoid + 1] = node end
+      -- The most recent few are enough (and keep the field short).
+      while #avoid > 8 do table.remove(avoid, 1) end
       set.avoid = table.concat(avoid, ',')
       set.avoid_until = tostring(now + cooldown)
       set.passes = ''
@@ -132,8 +137,6 @@ local function complete(keys, args)
       stat(K, 'released')
       emit(K, 'released', job_id, { 'node', node })
     end
-  else
-    return redis.error_reply('fleetq: unknown outcome "' .. outcome .. '"; use succeeded, failed, retry, dead, cancelled or release')
   end
   if timeout_kind ~= '' then
     emit(K, 'timeout', job_id, { 'node', node, 'kind', timeout_kind, 'stage', stage, 'elapsed_ms', tostring(elapsed) })

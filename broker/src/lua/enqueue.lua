@@ -53,6 +53,9 @@ local function enqueue(keys, args)
     if kind == 'int' and #v > 10 then
       return redis.error_reply('fleetq: field ' .. f .. ' is too large, got "' .. v .. '"')
     end
+    if f == 'max_attempts' and tonumber(v) > 1000000 then
+      return redis.error_reply('fleetq: field max_attempts must be at most 1000000, got "' .. v .. '"')
+    end
     if f == 'id' then job_id = v end
     if f == 'delay_ms' then
       delay = tonumber(v)

@@ -10,7 +10,8 @@
 -- enqueued_ms + its queue_timeout_ms (the entry's own, else the queue's) is past. The job
 -- ends `expired` (waiters are woken); its entry stays in the stream, marked, until a worker
 -- reaches and drops it: deleting entries that were never delivered would spoil the O(1)
--- queue position. Idempotent; any number of brokers may run it.
+-- queue position. Idempotent; any number of brokers may run it. Also forgets nodes not seen
+-- for a day and workflow blocks and suspensions that are over.
 
 local function expire(keys, args)
   local K = queue_keys(keys[1])
@@ -31,18 +32,28 @@ local function expire(keys, args)
     if timeout > 0 and (tonumber(m['attempts']) or 0) == 0 and enqueued + timeout < now then
       local job_id = m['id'] or e[1]
       local jk = job_key(K, job_id)
-      local state = redis.call('HGET', jk, 'state')
-      if not TERMINAL[state] then
+      local h = redis.call('HMGET', jk, 'state', 'started_ms', 'entry')
+      -- Not a job that already started, nor an older duplicate of a job with the same id.
+      if not TERMINAL[h[1]] and not h[2] and (not h[3] or h[3] == e[1]) then
         local waited = now - enqueued
         redis.call('HSET', jk, 'entry', e[1], 'enqueued_ms', tostring(enqueued))
         finish(K, job_id, 'expired', { 'error', 'queue timeout: not started within ' .. timeout ..
           ' ms (waited ' .. waited .. ' ms)', 'timeout', 'queue' })
         redis.call('HSET', jk, 'tombstone', '1')
+        redis.call('PERSIST', jk)
         stat(K, 'tombstones')
         stat(K, 'timeout:queue')
         emit(K, 'expired', job_id, { 'waited_ms', tostring(waited) })
         expired = expired + 1
       end
+    end
+  end
+  -- Forget nodes not seen for a day, and blocks and suspensions that are over.
+  redis.call('ZREMRANGEBYSCORE', K.nodes, '-inf', now - 86400000)
+  for _, key in ipairs({ K.blocks, K.suspended }) do
+    local flat = redis.call('HGETALL', key)
+    for i = 1, #flat, 2 do
+      if (tonumber(flat[i + 1]) or 0) <= now then redis.call('HDEL', key, flat[i]) end
     end
   end
   if #r < limit then

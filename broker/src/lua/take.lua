@@ -54,9 +54,12 @@ local function take(keys, args)
       if (known_entry and known_entry ~= entry_id) or TERMINAL[state] then
         drop_entry(K, entry_id)
         if h[6] == '1' and known_entry == entry_id then
-          -- A cancelled or expired waiting entry, reached at last.
+          -- A cancelled or expired waiting entry, reached at last: its hash may expire now.
           stat(K, 'tombstones', -1)
           redis.call('HDEL', jk, 'tombstone')
+          local retention = config_num(K, 'retention_ms', DEFAULT_RETENTION_MS)
+          if retention <= 0 then retention = DEFAULT_RETENTION_MS end
+          redis.call('PEXPIRE', jk, retention)
         else
           stat(K, 'duplicates')
         end
@@ -83,7 +86,8 @@ local function take(keys, args)
         finish(K, job_id, 'dead', { 'error', reason, 'reason', 'attempts_exhausted', 'attempts', tostring(attempts - 1) })
         emit(K, 'dead', job_id, { 'reason', 'attempts_exhausted' })
         out[#out + 1] = { entry_id, 'dead', deliveries, attempts }
-      elseif avoided and deliveries == 1 and other_node_eligible(K, node, avoid, workflow, now) then
+      elseif avoided and deliveries == 1
+        and other_node_eligible(K, node, avoid_until > now and avoid or {}, workflow, now) then
         local delay = math.min(PASS_DELAY_MS * 2 ^ passes, PASS_DELAY_MAX_MS)
         requeue(K, job_id, entry_id, { passes = tostring(passes + 1) }, delay, now)
         stat(K, 'passed')
@@ -95,7 +99,8 @@ local function take(keys, args)
         redis.call('HSET', jk, 'state', st, 'entry', entry_id, 'consumer', consumer, 'node', node,
           'attempts', tostring(attempts), 'max_attempts', tostring(max_attempts), 'taken_ms', tostring(now),
           'nodes', nodes, 'enqueued_ms', enqueued, 'deliveries', tostring(deliveries))
-        redis.call('HDEL', jk, 'progress', 'stages', 'attempt_started_ms')
+        redis.call('HDEL', jk, 'progress', 'progress_ms', 'stages', 'attempt_started_ms', 'timeout', 'timeout_stage',
+          'timeout_elapsed_ms', 'timeout_node')
         if started_now then
           redis.call('HSET', jk, 'attempt_started_ms', tostring(now))
           if not started then redis.call('HSET', jk, 'started_ms', tostring(now)) end
