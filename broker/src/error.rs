@@ -86,3 +86,19 @@ impl Error {
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// One line for a person: every message of an error chain joined with ": ", leaving out a
+/// cause already spelled out by the message before it.
+pub fn report<'a>(
+    chain: impl IntoIterator<Item = &'a (dyn std::error::Error + 'static)>,
+) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for e in chain {
+        let text = e.to_string();
+        if out.last().is_some_and(|prev| prev.contains(&text)) {
+            continue;
+        }
+        out.push(text);
+    }
+    out.join(": ")
+}

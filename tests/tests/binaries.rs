@@ -1,0 +1,140 @@
+//! The `fleetq-broker` and `fleetq-worker` binaries as an operator runs them: they start,
+//! serve, stop cleanly on SIGTERM, and refuse bad settings with a message that says what to do.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use fleetq_broker::{EnqueueOptions, JobState};
+use fleetq_tests::{bin_path, eventually, Stack};
+use serde_json::json;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn run_to_end(bin: &str, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = Command::new(bin_path(bin))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_settings_are_refused_with_a_clear_message() {
+    let (code, err) = run_to_end("fleetq-worker", &["--queue", "q", "--slots", "0"], &[]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("slots is 0; use 1 to 1024"), "{err}");
+    let (code, err) = run_to_end("fleetq-worker", &["--queue", "a:b"], &[]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("invalid queue name"), "{err}");
+    let (code, err) = run_to_end("fleetq-broker", &["--listen", "nowhere"], &[]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--listen"), "{err}");
+    let port = free_port();
+    let url = format!("redis://:hunter2@127.0.0.1:{port}");
+    let (code, err) = run_to_end(
+        "fleetq-broker",
+        &["--listen", "127.0.0.1:0"],
+        &[("REDIS_URL", &url)],
+    );
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains(&format!(
+            "cannot connect to Redis at redis://:***@127.0.0.1:{port}"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("redis-server"), "says how to start one: {err}");
+    assert!(!err.contains("hunter2"), "the password leaked: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_and_worker_binaries_serve_and_stop_on_sigterm() {
+    let s = Stack::start().await;
+    let port = free_port();
+    let mut broker = Command::new(bin_path("fleetq-broker"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("REDIS_URL", s.server.url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut worker = Command::new(bin_path("fleetq-worker"))
+        .args([
+            "--queue",
+            "echo",
+            "--node",
+            "gpu-0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--executor",
+            "echo",
+        ])
+        .env("REDIS_URL", s.server.url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    eventually(Duration::from_secs(15), "broker ready", || async {
+        reqwest::get(format!("{base}/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let p = s.producer("echo").await;
+    let e = p
+        .enqueue(&json!({"hello": "gpu"}), &EnqueueOptions::default())
+        .await
+        .unwrap();
+    let st = p.wait(&e.id, Duration::from_secs(15)).await.unwrap();
+    assert_eq!(st.state, JobState::Succeeded);
+    assert_eq!(st.result.unwrap()["echo"]["hello"], "gpu");
+    let m = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("fleetq_node_slots{node=\"gpu-0\"} 1"), "{m}");
+    for child in [&mut broker, &mut worker] {
+        let rc = unsafe_kill(child.id() as i32, libc::SIGTERM);
+        assert_eq!(rc, 0);
+    }
+    for child in [&mut broker, &mut worker] {
+        let mut waited = Duration::ZERO;
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(waited < Duration::from_secs(15), "did not stop on SIGTERM");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            waited += Duration::from_millis(50);
+        };
+        assert!(status.success(), "{status}");
+    }
+    assert!(
+        fleetq_broker::nodes::list(&s.redis)
+            .await
+            .unwrap()
+            .is_empty(),
+        "the stopped worker left the fleet"
+    );
+}
+
+#[allow(unsafe_code)]
+fn unsafe_kill(pid: i32, signal: i32) -> i32 {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(pid, signal) }
+}
