@@ -154,4 +154,16 @@ pub trait Handler: Send + Sync + 'static {
     fn reports_start(&self) -> bool {
         false
     }
+
+    /// Checks the handler can take work (its command exists, its server answers). The worker
+    /// takes no job until this succeeds, retrying with backoff and saying why meanwhile.
+    fn ready(&self) -> impl Future<Output = Result<(), String>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Called once when the worker stops, after the last job: stop child processes, close
+    /// connections.
+    fn shutdown(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }

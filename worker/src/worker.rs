@@ -38,6 +38,8 @@ use crate::Error;
 
 /// Longest wait between attempts to reach Redis again after an error.
 const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest wait between two readiness checks of the executor.
+const MAX_READY_BACKOFF: Duration = Duration::from_secs(30);
 /// Tries of a commit that fails for a transient reason before the job is left to its lease.
 const COMMIT_TRIES: u32 = 5;
 
@@ -171,6 +173,21 @@ where
     ));
     let mut tasks = JoinSet::new();
 
+    // Take no job before the executor can run one (its command exists, its server answers).
+    let mut wait_ready = Duration::from_millis(200);
+    loop {
+        match rt.handler.ready().await {
+            Ok(()) => break,
+            Err(why) => {
+                tracing::warn!(%why, retry_in_ms = wait_ready.as_millis() as u64, "executor not ready; taking no jobs yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait_ready) => {}
+                    _ = stop_reading.cancelled() => break,
+                }
+                wait_ready = (wait_ready * 2).min(MAX_READY_BACKOFF);
+            }
+        }
+    }
     let mut reader = redis.blocking_conn(max_block).await?;
     // Our own pending entries first (empty unless a consumer name is reused).
     let own = take::read(&mut reader, &keys, &consumer, config.slots, None, true)
@@ -298,6 +315,7 @@ where
     let _ = renewer.await;
     let _ = heart.await;
     release_pending(&rt).await;
+    rt.handler.shutdown().await;
     tracing::info!("worker stopped");
     Ok(())
 }

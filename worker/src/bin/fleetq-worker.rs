@@ -11,14 +11,16 @@ use fleetq_worker::config::{
     DEFAULT_HEARTBEAT, DEFAULT_MAX_BLOCK, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SLOTS,
     DEFAULT_SUSPEND_AFTER, DEFAULT_SUSPEND_FOR,
 };
-use fleetq_worker::executor::Echo;
+use fleetq_worker::executor::{Echo, ProcessConfig, ProcessExecutor};
 use fleetq_worker::WorkerConfig;
 
 /// What runs the jobs.
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Executor {
     /// Answer each job with its payload (smoke tests).
     Echo,
+    /// Long-lived child processes speaking JSON lines (--command).
+    Process,
 }
 
 /// Log line format.
@@ -70,6 +72,24 @@ struct Args {
     /// What runs the jobs.
     #[arg(long, env = "FLEETQ_EXECUTOR", value_enum, default_value = "echo")]
     executor: Executor,
+    /// Process executor: the child's command line, split like a shell would but never run by
+    /// one (e.g. "python3 examples/python/sim_gpu.py --steps 20").
+    #[arg(long, env = "FLEETQ_COMMAND")]
+    command: Option<String>,
+    /// Process executor: replace a child after this many jobs.
+    #[arg(long, env = "FLEETQ_MAX_JOBS_PER_CHILD")]
+    max_jobs_per_child: Option<u32>,
+    /// Process executor: replace a child after it lived this many seconds (between jobs).
+    #[arg(long, env = "FLEETQ_MAX_CHILD_LIFE_SECS")]
+    max_child_life_secs: Option<u64>,
+    /// Process executor: seconds between SIGTERM and SIGKILL when stopping a child.
+    #[arg(long, env = "FLEETQ_KILL_GRACE_SECS", default_value_t = fleetq_worker::executor::process::DEFAULT_KILL_GRACE.as_secs())]
+    kill_grace_secs: u64,
+    /// Process executor: an environment variable passed to children (repeatable); replaces
+    /// the default list (PATH, HOME, LANG, LC_ALL, TZ, TMPDIR, PYTHONPATH, VIRTUAL_ENV,
+    /// CUDA_VISIBLE_DEVICES, NVIDIA_VISIBLE_DEVICES, HF_HOME).
+    #[arg(long = "child-env", env = "FLEETQ_CHILD_ENV", value_delimiter = ',')]
+    child_env: Vec<String>,
     /// Log format.
     #[arg(long, env = "FLEETQ_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -144,6 +164,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     match args.executor {
         Executor::Echo => {
             fleetq_worker::run(redis, config, Echo { node }, shutdown_signal()).await?
+        }
+        Executor::Process => {
+            let command = args.command.as_deref().context(
+                "--executor process needs --command, e.g. --command 'python3 model_server.py'",
+            )?;
+            let mut pc =
+                ProcessConfig::from_command(command, config.slots).map_err(anyhow::Error::msg)?;
+            pc.max_jobs_per_child = args.max_jobs_per_child;
+            pc.max_child_life = args.max_child_life_secs.map(Duration::from_secs);
+            pc.kill_grace = Duration::from_secs(args.kill_grace_secs);
+            if !args.child_env.is_empty() {
+                pc.env_allow = args.child_env.clone();
+            }
+            let exec = ProcessExecutor::new(pc, &node);
+            fleetq_worker::run(redis, config, exec, shutdown_signal()).await?;
         }
     }
     Ok(())

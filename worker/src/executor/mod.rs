@@ -2,8 +2,14 @@
 //!
 //! - [`Echo`] answers each job with its own payload: a smoke test for producers and for a
 //!   deployment, with no GPU work behind it.
+//! - [`process`] runs jobs in long-lived child processes speaking JSON lines (a Python model
+//!   server, say).
 
 use crate::handler::{Handler, Job, JobContext, Outcome};
+
+pub mod process;
+
+pub use process::{ProcessConfig, ProcessExecutor};
 
 /// Succeeds with `{"echo": <payload>, "node": <node>}`.
 #[derive(Debug, Clone)]
