@@ -224,7 +224,7 @@ local function contains(list, x)
   return false
 end
 
--- Note that `node` is alive (it renews, reclaims or beats).
+-- Note that `node` is alive (called by fleetq_take, fleetq_renew and fleetq_reclaim).
 local function seen(K, node)
   if node and node ~= '' then redis.call('ZADD', K.nodes, now_ms(), node) end
 end

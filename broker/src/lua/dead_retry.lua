@@ -26,6 +26,13 @@ local function dead_retry(keys, args)
     end
   end
   local job_id = m['job']
+  if m['f:payload'] == nil then
+    return redis.error_reply('fleetq: dead letter ' .. args[1] .. ' has no payload to run; purge it instead')
+  end
+  local live = redis.call('HGET', job_key(K, job_id), 'state')
+  if live and not TERMINAL[live] then
+    return redis.error_reply('fleetq: job ' .. job_id .. ' is live again (' .. live .. '); it cannot be retried from the dead letters twice')
+  end
   local has_id = false
   for i = 1, #fields, 2 do if fields[i] == 'id' then has_id = true end end
   if not has_id then

@@ -40,10 +40,11 @@ local function reclaim(keys, args)
         -- The holder's lease ran out: a lease timeout of its node.
         local job_id = job_id_of(e[1], e[2])
         local jk = job_key(K, job_id)
-        local h = redis.call('HMGET', jk, 'node', 'attempts', 'attempt_started_ms', 'entry')
-        -- Blame the holder only when it had taken this very entry (else the node field is
+        local h = redis.call('HMGET', jk, 'node', 'attempts', 'attempt_started_ms', 'entry', 'deliveries')
+        -- Blame the holder only when it had taken this very delivery (else the node field is
         -- an earlier attempt's and the holder died between its read and fleetq_take).
-        if h[1] and h[4] == e[1] then
+        local _, count = pending_owner(K, e[1])
+        if h[1] and h[4] == e[1] and tonumber(h[5]) == count - 1 then
           stat(K, 'timeout:lease')
           stat(K, 'node:' .. h[1] .. ':timeout:lease')
           redis.call('HSET', jk, 'timeout', 'lease', 'timeout_node', h[1])
