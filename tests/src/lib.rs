@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 pub use fleetq_broker;
 pub use fleetq_worker;
 
+pub mod fake_comfy;
+
 /// A private Redis for one test plus handles on it.
 pub struct Stack {
     /// The server (kill, restart, log).

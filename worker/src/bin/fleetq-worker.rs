@@ -11,7 +11,9 @@ use fleetq_worker::config::{
     DEFAULT_HEARTBEAT, DEFAULT_MAX_BLOCK, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SLOTS,
     DEFAULT_SUSPEND_AFTER, DEFAULT_SUSPEND_FOR,
 };
-use fleetq_worker::executor::{Echo, ProcessConfig, ProcessExecutor};
+use fleetq_worker::executor::{
+    Echo, HttpConfig, HttpExecutor, HttpMode, ProcessConfig, ProcessExecutor,
+};
 use fleetq_worker::WorkerConfig;
 
 /// What runs the jobs.
@@ -21,6 +23,10 @@ enum Executor {
     Echo,
     /// Long-lived child processes speaking JSON lines (--command).
     Process,
+    /// A local ComfyUI server (--url http://127.0.0.1:8188).
+    Comfyui,
+    /// A local server taking the payload as a JSON POST (--url http://127.0.0.1:9000/run).
+    Http,
 }
 
 /// Log line format.
@@ -76,6 +82,12 @@ struct Args {
     /// one (e.g. "python3 examples/python/sim_gpu.py --steps 20").
     #[arg(long, env = "FLEETQ_COMMAND")]
     command: Option<String>,
+    /// HTTP executors: the server's URL.
+    #[arg(long, env = "FLEETQ_URL")]
+    url: Option<String>,
+    /// HTTP executors: seconds a request may take (JSON mode: the whole job).
+    #[arg(long, env = "FLEETQ_REQUEST_TIMEOUT_SECS", default_value_t = fleetq_worker::executor::http::DEFAULT_REQUEST_TIMEOUT.as_secs())]
+    request_timeout_secs: u64,
     /// Process executor: replace a child after this many jobs.
     #[arg(long, env = "FLEETQ_MAX_JOBS_PER_CHILD")]
     max_jobs_per_child: Option<u32>,
@@ -178,6 +190,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 pc.env_allow = args.child_env.clone();
             }
             let exec = ProcessExecutor::new(pc, &node);
+            fleetq_worker::run(redis, config, exec, shutdown_signal()).await?;
+        }
+        Executor::Comfyui | Executor::Http => {
+            let url = args
+                .url
+                .clone()
+                .context("--executor comfyui|http needs --url, e.g. --url http://127.0.0.1:8188")?;
+            let mode = if args.executor == Executor::Comfyui {
+                HttpMode::ComfyUi
+            } else {
+                HttpMode::Json
+            };
+            let exec = HttpExecutor::new(HttpConfig {
+                url,
+                mode,
+                request_timeout: Duration::from_secs(args.request_timeout_secs),
+            })
+            .map_err(anyhow::Error::msg)?;
             fleetq_worker::run(redis, config, exec, shutdown_signal()).await?;
         }
     }

@@ -4,11 +4,14 @@
 //!   deployment, with no GPU work behind it.
 //! - [`process`] runs jobs in long-lived child processes speaking JSON lines (a Python model
 //!   server, say).
+//! - [`http`] runs jobs on a local inference server: ComfyUI, or any JSON-over-HTTP server.
 
 use crate::handler::{Handler, Job, JobContext, Outcome};
 
+pub mod http;
 pub mod process;
 
+pub use http::{HttpConfig, HttpExecutor, HttpMode};
 pub use process::{ProcessConfig, ProcessExecutor};
 
 /// Succeeds with `{"echo": <payload>, "node": <node>}`.
