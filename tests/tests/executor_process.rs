@@ -378,3 +378,61 @@ async fn cancel_and_shutdown_stop_the_child_and_free_the_slot() {
     assert_eq!(st.state, JobState::Waiting, "released for another host");
     assert_eq!(st.attempts, 0, "without burning an attempt");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_and_the_run_timeout_free_the_slot_too() {
+    let cfg = QueueConfig {
+        run_timeout: Some(Duration::from_millis(700)),
+        max_attempts: 1,
+        ..queue_cfg()
+    };
+    let f = Fixture::start("px-ends", "", 1, cfg, |_| {}).await;
+    let p = f.s.producer("gpu").await;
+    let e = p
+        .enqueue(&json!({"fail": "fatal"}), &EnqueueOptions::default())
+        .await
+        .unwrap();
+    let st = p.wait(&e.id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(st.state, JobState::Failed);
+    assert!(st.error.unwrap().contains("simulated failure"));
+    f.assert_idle_and_clean().await;
+    let e = p
+        .enqueue(
+            &json!({"steps": 1000, "step_ms": 50}),
+            &EnqueueOptions::default(),
+        )
+        .await
+        .unwrap();
+    let st = p.wait(&e.id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(
+        (st.state, st.fields["timeout"].as_str()),
+        (JobState::Dead, "run")
+    );
+    f.assert_idle_and_clean().await;
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_command_is_reported_and_no_job_is_taken() {
+    let s = Stack::start().await;
+    let pc = ProcessConfig::from_command("/nonexistent/fleetq-model-server --port 1", 1).unwrap();
+    assert!(pc
+        .resolve_program()
+        .unwrap_err()
+        .contains("command not found"));
+    let w = s.worker(
+        worker_config("gpu", "px-missing", 1),
+        ProcessExecutor::new(pc, "px-missing"),
+    );
+    let p = s.producer("gpu").await;
+    let e = p
+        .enqueue(&json!({}), &EnqueueOptions::default())
+        .await
+        .unwrap();
+    assert!(matches!(
+        p.wait(&e.id, Duration::from_millis(1000)).await,
+        Err(fleetq_broker::Error::Timeout { .. })
+    ));
+    assert_eq!(p.status(&e.id).await.unwrap().state, JobState::Waiting);
+    w.stop().await;
+}

@@ -440,9 +440,14 @@ async fn run_job<H: Handler>(
     };
     let started = Instant::now();
     let ended = tokio::select! {
-        out = rt.handler.handle(job, ctx) => Ended::Outcome(out),
+        // A stop (cancel, lost lease, shutdown) wins over the handler's own answer to it.
+        biased;
         _ = held.cancel.cancelled() => Ended::Stopped(held.stop_reason().unwrap_or(StopReason::Shutdown)),
         kind = timeouts::watchdog(&tracker, limits) => Ended::Timeout(kind),
+        out = rt.handler.handle(job, ctx) => match held.stop_reason() {
+            Some(reason) => Ended::Stopped(reason),
+            None => Ended::Outcome(out),
+        },
     };
     // Whatever ended the attempt, work the handler spawned elsewhere must stop too.
     held.cancel.cancel();

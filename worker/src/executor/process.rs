@@ -248,10 +248,11 @@ impl Checkout {
             return "gone".into();
         };
         let grace = self.pool.config.kill_grace;
-        let status = match child.child.try_wait() {
-            Ok(Some(st)) => Some(st),
-            _ => None,
-        };
+        // A child that closed its stdout is usually exiting: give it a moment to say how.
+        let status = tokio::time::timeout(Duration::from_millis(500), child.child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok);
         let pid = child.pid;
         child.stop(grace, false).await;
         match status {
