@@ -154,6 +154,9 @@ where
         node: node.clone(),
     });
     let background_stop = CancellationToken::new();
+    // Should this future be dropped (its task aborted), the background tasks stop with it, as
+    // they would with the process: no lease renewed, no heartbeat.
+    let _background_guard = background_stop.clone().drop_guard();
     let renewer = tokio::spawn(lease::renew_loop(
         redis.clone(),
         keys.clone(),

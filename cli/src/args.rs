@@ -1,0 +1,228 @@
+//! The commands and flags of `fleetq`. Every command has examples in its `--help`.
+
+use clap::{Args, Parser, Subcommand};
+
+/// fleetq: a job queue for GPU fleets on Redis Streams.
+///
+/// Start with `fleetq demo`. REDIS_URL selects the server (default redis://127.0.0.1:6379).
+/// Exit codes: 0 done, 1 a job did not succeed, 2 bad command line, 3 Redis unreachable,
+/// 4 not found, 5 bad input, 6 timed out.
+#[derive(Debug, Parser)]
+#[command(name = "fleetq", version)]
+pub struct Cli {
+    /// Redis server: redis://[user:password@]host:port/db or rediss://… for TLS.
+    #[arg(long, global = true, env = "REDIS_URL", default_value = fleetq_broker::connection::DEFAULT_REDIS_URL, hide_env_values = true)]
+    pub redis_url: String,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole story locally: Redis, a broker, a fleet with a hanging, a crashing and a
+    /// dying node, a burst of jobs, live progress, and a summary proving every job ended once.
+    ///
+    /// Starts its own redis-server in a temporary directory when REDIS_URL is unset (and
+    /// removes it afterwards). Needs python3 for the simulated GPU children.
+    ///
+    /// Examples:
+    ///   fleetq demo
+    ///   fleetq demo --jobs 40 --json
+    #[command(verbatim_doc_comment)]
+    Demo(DemoArgs),
+    /// Put a job on a queue; with --wait, follow it to its end.
+    ///
+    /// Examples:
+    ///   fleetq enqueue images '{"prompt":"a red fox"}'
+    ///   fleetq enqueue images '{"prompt":"a red fox"}' --id order-17 --wait
+    ///   fleetq enqueue images @job.json --progress-timeout-ms 60000 --json
+    #[command(verbatim_doc_comment)]
+    Enqueue(EnqueueArgs),
+    /// Show a job: state, position, attempts, nodes, progress, result or error.
+    ///
+    /// Examples:
+    ///   fleetq status 1795404558780-0
+    ///   fleetq status order-17 --queue images --json
+    #[command(verbatim_doc_comment)]
+    Status(JobArgs),
+    /// Follow a job live until it ends (progress bar from its events).
+    ///
+    /// Examples:
+    ///   fleetq watch order-17 --queue images
+    #[command(verbatim_doc_comment)]
+    Watch(JobArgs),
+    /// List queues: waiting, in flight, delayed, dead, oldest wait, consumers.
+    ///
+    /// Examples:
+    ///   fleetq queues
+    ///   fleetq queues --json
+    #[command(verbatim_doc_comment)]
+    Queues,
+    /// List the fleet's nodes, or suspend / resume one.
+    ///
+    /// Examples:
+    ///   fleetq nodes
+    ///   fleetq nodes suspend gpu-07 --for-secs 600
+    ///   fleetq nodes resume gpu-07
+    #[command(verbatim_doc_comment)]
+    Nodes(NodesArgs),
+    /// Dead letters of a queue: list, show, retry, purge.
+    ///
+    /// Examples:
+    ///   fleetq dead images list
+    ///   fleetq dead images show 1795404558999-0
+    ///   fleetq dead images retry 1795404558999-0
+    ///   fleetq dead images purge            (all of them)
+    #[command(verbatim_doc_comment)]
+    Dead(DeadArgs),
+    /// A live, refreshing view of queues and nodes (Ctrl-C to leave).
+    ///
+    /// Examples:
+    ///   fleetq top
+    ///   fleetq top --interval-ms 500
+    #[command(verbatim_doc_comment)]
+    Top(TopArgs),
+}
+
+/// `fleetq demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Jobs in the burst.
+    #[arg(long, default_value_t = 24)]
+    pub jobs: usize,
+    /// No live progress bars (summary only).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `fleetq enqueue`.
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// Queue name.
+    pub queue: String,
+    /// The payload: JSON text, or @FILE to read it from a file.
+    pub payload: String,
+    /// Idempotency key and job id.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Workflow key (a node that fails it is avoided for it for a while).
+    #[arg(long)]
+    pub workflow: Option<String>,
+    /// Attempts before the job is dead-lettered.
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Expire unless started within this many ms.
+    #[arg(long)]
+    pub queue_timeout_ms: Option<u64>,
+    /// Time out when taken but not started within this many ms.
+    #[arg(long)]
+    pub start_timeout_ms: Option<u64>,
+    /// Time out after this many ms without progress.
+    #[arg(long)]
+    pub progress_timeout_ms: Option<u64>,
+    /// Cap one attempt at this many ms.
+    #[arg(long)]
+    pub run_timeout_ms: Option<u64>,
+    /// Run no earlier than this many ms from now.
+    #[arg(long)]
+    pub delay_ms: Option<u64>,
+    /// Wait for the end, with a progress bar, then print the result.
+    #[arg(long)]
+    pub wait: bool,
+    /// Longest wait, seconds.
+    #[arg(long, default_value_t = 600)]
+    pub wait_timeout_secs: u64,
+}
+
+/// A job by id.
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    /// The job id.
+    pub id: String,
+    /// The job's queue (looked up in every queue when omitted).
+    #[arg(long, env = "FLEETQ_QUEUE")]
+    pub queue: Option<String>,
+    /// Longest wait for `watch`, seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout_secs: u64,
+}
+
+/// `fleetq nodes`.
+#[derive(Debug, Args)]
+pub struct NodesArgs {
+    /// What to do (default: list).
+    #[command(subcommand)]
+    pub action: Option<NodeAction>,
+}
+
+/// Node actions.
+#[derive(Debug, Subcommand)]
+pub enum NodeAction {
+    /// List live nodes (the default).
+    List,
+    /// Stop a node taking new jobs (it finishes what it runs).
+    Suspend {
+        /// Node name.
+        node: String,
+        /// For how long, seconds.
+        #[arg(long, default_value_t = 3600)]
+        for_secs: u64,
+    },
+    /// Let a suspended node take jobs again.
+    Resume {
+        /// Node name.
+        node: String,
+    },
+}
+
+/// `fleetq dead`.
+#[derive(Debug, Args)]
+pub struct DeadArgs {
+    /// Queue name.
+    pub queue: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: DeadAction,
+}
+
+/// Dead-letter actions.
+#[derive(Debug, Subcommand)]
+pub enum DeadAction {
+    /// List dead letters, oldest first.
+    List {
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        count: usize,
+    },
+    /// Show one dead letter in full.
+    Show {
+        /// Dead-letter id (from `list`).
+        dead_id: String,
+    },
+    /// Put a dead letter back in line as a fresh job.
+    Retry {
+        /// Dead-letter id (from `list`).
+        dead_id: String,
+    },
+    /// Delete one dead letter, or all of the queue's without an id.
+    Purge {
+        /// Dead-letter id (from `list`); none: all.
+        dead_id: Option<String>,
+    },
+}
+
+/// `fleetq top`.
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Refresh interval, ms.
+    #[arg(long, default_value_t = 1000)]
+    pub interval_ms: u64,
+    /// Stop after this many refreshes (default: until Ctrl-C).
+    #[arg(long)]
+    pub iterations: Option<u64>,
+}
