@@ -231,8 +231,13 @@ where
     }
 }
 
-/// Path of a binary built by this workspace (next to the test executable's directory).
+/// Path of a binary of this workspace, next to the test executable's directory.
+///
+/// `cargo test` builds the binaries of the package under test only, so the workspace's other
+/// binaries (`fleetq`, `fleetq-broker`, `fleetq-worker`) are built here, once per test
+/// process, with the same cargo and profile (a no-op when they are up to date).
 pub fn bin_path(name: &str) -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe dir");
     let dir = if dir.ends_with("deps") {
@@ -240,6 +245,22 @@ pub fn bin_path(name: &str) -> PathBuf {
     } else {
         dir
     };
+    BUILT.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--workspace", "--bins"]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let out = cmd
+            .output()
+            .expect("run cargo build for the workspace's binaries");
+        assert!(
+            out.status.success(),
+            "cargo build --workspace --bins failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
     dir.join(name)
 }
 
