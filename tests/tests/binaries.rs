@@ -138,3 +138,72 @@ fn unsafe_kill(pid: i32, signal: i32) -> i32 {
     // SAFETY: kill(2) has no memory-safety preconditions.
     unsafe { libc::kill(pid, signal) }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_takes_its_child_processes_with_it() {
+    let s = Stack::start().await;
+    let sim =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/python/sim_gpu.py");
+    let mut worker = Command::new(bin_path("fleetq-worker"))
+        .args([
+            "--queue",
+            "gpu",
+            "--node",
+            "doomed",
+            "--metrics-addr",
+            "off",
+            "--executor",
+            "process",
+        ])
+        .args([
+            "--command",
+            &format!("python3 {} --steps 1000 --step-ms 50", sim.display()),
+        ])
+        .env("REDIS_URL", s.server.url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let p = s.producer("gpu").await;
+    let e = p
+        .enqueue(&json!({}), &EnqueueOptions::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(15), "job running", || async {
+        p.status(&e.id).await.unwrap().state == JobState::Running
+    })
+    .await;
+    let wpid = worker.id().to_string();
+    let children: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|d| {
+            let pid = d.file_name().to_string_lossy().to_string();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid = stat
+                .rsplit_once(") ")?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .to_owned();
+            (ppid == wpid).then_some(pid)
+        })
+        .collect();
+    assert_eq!(children.len(), 1, "one child runs the job");
+    assert_eq!(unsafe_kill(worker.id() as i32, libc::SIGKILL), 0);
+    let _ = worker.wait();
+    eventually(
+        Duration::from_secs(10),
+        "the child died with its worker",
+        || async {
+            let stat =
+                std::fs::read_to_string(format!("/proc/{}/stat", children[0])).unwrap_or_default();
+            // Gone, or a zombie waiting for its new parent to reap it.
+            stat.is_empty()
+                || stat
+                    .rsplit_once(") ")
+                    .is_some_and(|(_, r)| r.starts_with('Z'))
+        },
+    )
+    .await;
+}

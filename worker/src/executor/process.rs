@@ -309,6 +309,7 @@ impl Pool {
         if let Some(dir) = &c.workdir {
             cmd.current_dir(dir);
         }
+        die_with_parent(&mut cmd);
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
@@ -345,6 +346,24 @@ impl Pool {
             _seat: seat,
         })
     }
+}
+
+/// Makes the child die when the worker dies, even by SIGKILL (Linux `PR_SET_PDEATHSIG`), so a
+/// killed worker leaves no child behind holding a GPU. (The signal follows the thread that
+/// spawned the child; children are spawned from the runtime's worker threads, which live as
+/// long as the worker.)
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut Command) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: the closure runs in the forked child before exec and only makes the prctl
+    // system call, which is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
 }
 
 /// Runs each job in a long-lived child process (see the module docs).
