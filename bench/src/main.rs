@@ -1,0 +1,2 @@
+//! fleetq-bench (being written).
+fn main() {}
