@@ -8,8 +8,9 @@
 //! one function, so it is atomic.
 //!
 //! Versioning: `fleetq_version` answers the library version (`<semver>+<hash of the
-//! sources>`). At start a process loads the library when the server has none, an older one,
-//! or one of the same version with other sources; it leaves a newer one in place.
+//! sources>`). At start a process loads the library when the server has none or one with an
+//! older semver; it leaves an equal or newer one in place (so two builds of one version never
+//! take turns replacing each other). Bump [`LIBRARY_SEMVER`] with every change to the Lua.
 
 use redis::aio::ConnectionLike;
 use redis::FromRedisValue;
@@ -84,9 +85,14 @@ pub async fn load<C: ConnectionLike + Send>(conn: &mut C) -> Result<()> {
             let ours = library_version();
             let replace = match &theirs {
                 None => true,
-                Some(v) if *v == ours => false,
-                Some(v) => semver_of(v) <= semver_of(&ours),
+                Some(v) => semver_of(v) < semver_of(&ours),
             };
+            if let Some(v) = theirs
+                .as_ref()
+                .filter(|v| **v != ours && semver_of(v) == semver_of(&ours))
+            {
+                tracing::debug!(server = %v, ours = %ours, "the server has another build of this library version; keeping it");
+            }
             if replace {
                 redis::cmd("FUNCTION")
                     .arg("LOAD")

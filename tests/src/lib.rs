@@ -248,7 +248,15 @@ pub fn bin_path(name: &str) -> PathBuf {
     BUILT.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--workspace", "--bins"]);
+        cmd.args(["build", "--bins"]);
+        for pkg in [
+            "fleetq-broker",
+            "fleetq-worker",
+            "fleetq-cli",
+            "fleetq-tests",
+        ] {
+            cmd.args(["-p", pkg]);
+        }
         if dir.ends_with("release") {
             cmd.arg("--release");
         }
@@ -257,7 +265,7 @@ pub fn bin_path(name: &str) -> PathBuf {
             .expect("run cargo build for the workspace's binaries");
         assert!(
             out.status.success(),
-            "cargo build --workspace --bins failed:\n{}",
+            "cargo build of the workspace binaries failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
     });

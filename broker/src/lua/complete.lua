@@ -53,8 +53,9 @@ local function complete(keys, args)
   end
   if stages ~= '' then redis.call('HSET', jk, 'stages', stages) end
 
-  -- A retry of a job that has now failed on poison_nodes distinct nodes ends it instead.
-  if outcome == 'retry' then
+  -- A retry (or the last attempt's failure) of a job that has now failed on poison_nodes
+  -- distinct nodes is poison: the job is to blame, not the node.
+  if outcome == 'retry' or (outcome == 'dead' and args[8] == 'attempts_exhausted') then
     local failed = split_csv(h[4])
     if node ~= '' and not contains(failed, node) then failed[#failed + 1] = node end
     redis.call('HSET', jk, 'failed_nodes', table.concat(failed, ','))

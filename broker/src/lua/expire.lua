@@ -10,8 +10,9 @@
 -- enqueued_ms + its queue_timeout_ms (the entry's own, else the queue's) is past. The job
 -- ends `expired` (waiters are woken); its entry stays in the stream, marked, until a worker
 -- reaches and drops it: deleting entries that were never delivered would spoil the O(1)
--- queue position. Idempotent; any number of brokers may run it. Also forgets nodes not seen
--- for a day and workflow blocks and suspensions that are over.
+-- queue position. Idempotent; any number of brokers may run it. Also removes consumers idle
+-- for 10 minutes with nothing pending (hosts gone for good), forgets nodes not seen for a day,
+-- and workflow blocks and suspensions that are over.
 
 local function expire(keys, args)
   local K = queue_keys(keys[1])
@@ -45,6 +46,18 @@ local function expire(keys, args)
         stat(K, 'timeout:queue')
         emit(K, 'expired', job_id, { 'waited_ms', tostring(waited) })
         expired = expired + 1
+      end
+    end
+  end
+  -- Remove consumers of hosts gone for good: idle for 10 minutes with nothing pending (a live
+  -- worker reads at least every max_block; one with pending entries keeps them reclaimable).
+  local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', K.stream, GROUP)
+  if ok then
+    for _, c in ipairs(consumers) do
+      local m = to_map(c)
+      if tonumber(m['pending']) == 0 and (tonumber(m['idle']) or 0) > 600000 then
+        redis.call('XGROUP', 'DELCONSUMER', K.stream, GROUP, m['name'])
+        stat(K, 'consumers_removed')
       end
     end
   end
