@@ -71,6 +71,21 @@ impl Stack {
         InProcessWorker { stop, task }
     }
 
+    /// Every event of `queue` still in its events stream, oldest first.
+    pub async fn events(&self, queue: &str) -> Vec<std::collections::HashMap<String, String>> {
+        let keys = QueueKeys::new(queue).unwrap();
+        let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(keys.events())
+            .arg("-")
+            .arg("+")
+            .query_async(&mut self.conn())
+            .await
+            .unwrap();
+        raw.into_iter()
+            .map(|(_, f)| f.into_iter().collect())
+            .collect()
+    }
+
     /// A field of the queue's stats hash, 0 when absent.
     pub async fn stat(&self, queue: &str, field: &str) -> i64 {
         let keys = QueueKeys::new(queue).unwrap();

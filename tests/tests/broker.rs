@@ -19,16 +19,10 @@ fn fast_broker() -> BrokerConfig {
 }
 
 async fn count_events(s: &Stack, queue: &str, kind: &str) -> usize {
-    let keys = QueueKeys::new(queue).unwrap();
-    let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(keys.events())
-        .arg("-")
-        .arg("+")
-        .query_async(&mut s.conn())
+    s.events(queue)
         .await
-        .unwrap();
-    raw.iter()
-        .filter(|(_, f)| f.contains(&("type".to_owned(), kind.to_owned())))
+        .iter()
+        .filter(|e| e.get("type").map(String::as_str) == Some(kind))
         .count()
 }
 

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use fleetq_broker::{EnqueueOptions, JobState, QueueConfig, QueueKeys};
+use fleetq_broker::{EnqueueOptions, JobState, QueueConfig};
 use fleetq_tests::{eventually, Stack, WorkerProcess};
 use serde_json::json;
 
@@ -16,18 +16,12 @@ async fn running_on(p: &fleetq_broker::Producer, id: &str, node: &str) -> bool {
 }
 
 async fn events_of(s: &Stack, queue: &str, kind: &str, job: &str) -> usize {
-    let keys = QueueKeys::new(queue).unwrap();
-    let events: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(keys.events())
-        .arg("-")
-        .arg("+")
-        .query_async(&mut s.conn())
+    s.events(queue)
         .await
-        .unwrap();
-    events
         .iter()
-        .filter(|(_, f)| {
-            f.contains(&("type".into(), kind.into())) && f.contains(&("job".into(), job.into()))
+        .filter(|e| {
+            e.get("type").map(String::as_str) == Some(kind)
+                && e.get("job").map(String::as_str) == Some(job)
         })
         .count()
 }

@@ -23,17 +23,7 @@ fn quick(cfg: QueueConfig) -> QueueConfig {
 }
 
 async fn events(s: &Stack, queue: &str) -> Vec<HashMap<String, String>> {
-    let keys = QueueKeys::new(queue).unwrap();
-    let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(keys.events())
-        .arg("-")
-        .arg("+")
-        .query_async(&mut s.conn())
-        .await
-        .unwrap();
-    raw.into_iter()
-        .map(|(_, f)| f.into_iter().collect())
-        .collect()
+    s.events(queue).await
 }
 
 async fn wait_all(p: &Producer, ids: &[String]) -> Vec<fleetq_broker::JobStatus> {

@@ -51,21 +51,6 @@ struct Args {
     log_format: LogFormat,
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = term => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
@@ -79,15 +64,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    match args.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init(),
-    }
+    fleetq_broker::service::init_logging(matches!(args.log_format, LogFormat::Json));
     let config = BrokerConfig {
         queues: args.queues.into_iter().filter(|q| !q.is_empty()).collect(),
         api_token: args.api_token,
@@ -108,6 +85,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 args.listen
             )
         })?;
-    fleetq_broker::service::run(redis, listener, config, shutdown_signal()).await?;
+    fleetq_broker::service::run(
+        redis,
+        listener,
+        config,
+        fleetq_broker::service::shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }

@@ -116,21 +116,6 @@ fn host_name() -> String {
         .unwrap_or_else(|| "worker".to_owned())
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = term => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
@@ -144,15 +129,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    match args.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init(),
-    }
+    fleetq_broker::service::init_logging(matches!(args.log_format, LogFormat::Json));
     let node = args.node.clone().unwrap_or_else(host_name);
     let mut config = WorkerConfig::new(&args.queue, &node);
     config.slots = args.slots;
@@ -175,7 +152,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("fleetq-worker cannot start")?;
     match args.executor {
         Executor::Echo => {
-            fleetq_worker::run(redis, config, Echo { node }, shutdown_signal()).await?
+            fleetq_worker::run(
+                redis,
+                config,
+                Echo { node },
+                fleetq_broker::service::shutdown_signal(),
+            )
+            .await?
         }
         Executor::Process => {
             let command = args.command.as_deref().context(
@@ -190,7 +173,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 pc.env_allow = args.child_env.clone();
             }
             let exec = ProcessExecutor::new(pc, &node);
-            fleetq_worker::run(redis, config, exec, shutdown_signal()).await?;
+            fleetq_worker::run(
+                redis,
+                config,
+                exec,
+                fleetq_broker::service::shutdown_signal(),
+            )
+            .await?;
         }
         Executor::Comfyui | Executor::Http => {
             let url = args
@@ -208,7 +197,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 request_timeout: Duration::from_secs(args.request_timeout_secs),
             })
             .map_err(anyhow::Error::msg)?;
-            fleetq_worker::run(redis, config, exec, shutdown_signal()).await?;
+            fleetq_worker::run(
+                redis,
+                config,
+                exec,
+                fleetq_broker::service::shutdown_signal(),
+            )
+            .await?;
         }
     }
     Ok(())
