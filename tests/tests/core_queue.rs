@@ -393,3 +393,36 @@ async fn bad_input_to_enqueue_is_refused_with_a_clear_error() {
     );
     assert!(!err.to_string().contains("user_function"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn position_is_exact_before_the_first_delivery() {
+    let s = Stack::start().await;
+    let p = s.producer("q").await;
+    // A worker created the group but has delivered nothing yet.
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(p.keys().stream())
+        .arg("workers")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut s.conn())
+        .await
+        .unwrap();
+    for k in 1..=5u64 {
+        let e = p
+            .enqueue(&json!({"k": k}), &EnqueueOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(e.position, k);
+    }
+    // The cheap path: no XRANGE walk over the backlog.
+    let calls: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut s.conn())
+        .await
+        .unwrap();
+    assert!(
+        !calls.contains("cmdstat_xrange:"),
+        "position walked the stream:\n{calls}"
+    );
+}

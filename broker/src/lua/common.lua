@@ -154,6 +154,14 @@ local function position_of(K, entry_id, seq)
   if g ~= nil then
     if not id_lt(g['last-delivered-id'], entry_id) then return 0 end
     local read = tonumber(g['entries-read'])
+    if read == nil and g['last-delivered-id'] == '0-0' then
+      -- A group that has delivered nothing yet has read nothing (Redis 7.0 reports no count).
+      read = 0
+      if seq then
+        local info = to_map(redis.call('XINFO', 'STREAM', K.stream))
+        read = (tonumber(info['entries-added']) or 0) - tonumber(info['length'])
+      end
+    end
     if seq and read then return tonumber(seq) - read end
     local r = redis.call('XRANGE', K.stream, '(' .. g['last-delivered-id'], entry_id, 'COUNT', POSITION_SCAN_LIMIT)
     if #r > 0 and r[#r][1] == entry_id then return #r end

@@ -1,0 +1,126 @@
+//! The floor: the least Redis work a job needs, with nothing else, from one client in a tight
+//! pipelined loop — what Redis allows on this machine, so that `e2e / floor` says how close
+//! fleetq comes.
+//!
+//! Same N and payload as the end-to-end run, same key layout (a fleetq queue's stream, group
+//! and job hash keys). `XADD` of all jobs first (pipelined batches, untimed, as the
+//! end-to-end enqueue is untimed); then, timed: `XREADGROUP … COUNT 8` (the most the 8-slot
+//! worker can read at once), and for each entry read `XACK`, `XDEL` and an `HSET` of its
+//! result — sent in the same pipeline as the next `XREADGROUP`, so one round trip per 8 jobs.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use fleetq_broker::keys::GROUP;
+use fleetq_broker::QueueKeys;
+use redis::streams::StreamReadReply;
+use serde::Serialize;
+
+use crate::plan::{Plan, BATCH_SIZE, FLOOR_READ_COUNT, PAYLOAD_BYTES};
+use crate::server::Server;
+use crate::{payload, scenarios::rate};
+
+const QUEUE: &str = "bench-floor";
+const CONSUMER: &str = "floor";
+
+/// What the floor loop measured.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FloorResult {
+    /// Jobs through the loop.
+    pub jobs: usize,
+    /// Entries per `XREADGROUP`.
+    pub read_count: usize,
+    /// `XADD` of all jobs (pipelined), jobs per second.
+    pub add_per_sec: f64,
+    /// The timed read/ack/delete/result loop, seconds.
+    pub seconds: f64,
+    /// `jobs / seconds`.
+    pub jobs_per_sec: f64,
+    /// Redis CPU time per job in the timed loop (`INFO cpu`), µs.
+    pub redis_cpu_us_per_job: f64,
+}
+
+/// Runs the scenario.
+pub async fn run(plan: &Plan) -> anyhow::Result<FloorResult> {
+    let n = plan.e2e_jobs;
+    let server = Server::start().await?;
+    let keys = QueueKeys::new(QUEUE)?;
+    server.create_group(&keys).await?;
+    let mut conn = server.redis.conn();
+    let body = payload::noop(PAYLOAD_BYTES);
+
+    let started = Instant::now();
+    let mut left = n;
+    while left > 0 {
+        let count = left.min(BATCH_SIZE);
+        left -= count;
+        let mut pipe = redis::pipe();
+        for _ in 0..count {
+            pipe.cmd("XADD")
+                .arg(keys.stream())
+                .arg("*")
+                .arg("payload")
+                .arg(&body)
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await.context("XADD")?;
+    }
+    let added = started.elapsed();
+
+    let cpu_before = server.cpu_time().await?;
+    let started = Instant::now();
+    let mut done = 0usize;
+    let mut to_finish: Vec<String> = Vec::new();
+    loop {
+        let mut pipe = redis::pipe();
+        for id in to_finish.drain(..) {
+            pipe.cmd("XACK")
+                .arg(keys.stream())
+                .arg(GROUP)
+                .arg(&id)
+                .ignore();
+            pipe.cmd("XDEL").arg(keys.stream()).arg(&id).ignore();
+            pipe.cmd("HSET")
+                .arg(keys.job(&id))
+                .arg("result")
+                .arg("null")
+                .ignore();
+        }
+        pipe.cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(CONSUMER)
+            .arg("COUNT")
+            .arg(FLOOR_READ_COUNT)
+            .arg("STREAMS")
+            .arg(keys.stream())
+            .arg(">");
+        let (read,): (Option<StreamReadReply>,) =
+            pipe.query_async(&mut conn).await.context("XREADGROUP")?;
+        for key in read.map(|r| r.keys).unwrap_or_default() {
+            to_finish.extend(key.ids.into_iter().map(|e| e.id));
+        }
+        if to_finish.is_empty() {
+            break;
+        }
+        done += to_finish.len();
+    }
+    let elapsed = started.elapsed();
+    let redis_cpu = server.cpu_time().await?.saturating_sub(cpu_before);
+
+    anyhow::ensure!(done == n, "the floor loop read {done} of {n} entries");
+    let len = server.stream_len(&keys).await?;
+    let pending = server.pending(&keys).await?;
+    anyhow::ensure!(
+        len == 0 && pending == 0,
+        "the floor loop left {len} entries and {pending} pending"
+    );
+    Ok(FloorResult {
+        jobs: n,
+        read_count: FLOOR_READ_COUNT,
+        add_per_sec: rate(n, added),
+        seconds: elapsed.as_secs_f64(),
+        jobs_per_sec: rate(n, elapsed.max(Duration::from_nanos(1))),
+        redis_cpu_us_per_job: redis_cpu.as_secs_f64() * 1e6 / n as f64,
+    })
+}

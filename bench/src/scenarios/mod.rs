@@ -1,0 +1,29 @@
+//! The scenarios. Each starts its own `redis-server` (see [`crate::server`]) and returns its
+//! figures; none depends on another's state.
+//!
+//! - [`enqueue`] — producer throughput: one job at a time, and pipelined batches.
+//! - [`e2e`] — N no-op jobs through one worker process with 8 slots: throughput, Redis
+//!   commands per job, and the exactly-once check.
+//! - [`floor`] — the same Redis work with nothing else, from one client: what Redis allows.
+//! - [`memory`] — Redis memory per waiting job.
+//! - [`idle`] — Redis commands per idle worker per second.
+//! - [`dispatch`] — enqueue→start latency at a fixed arrival rate with idle slots.
+//! - [`recovery`] — time until a killed or frozen host's job runs elsewhere.
+
+pub mod dispatch;
+pub mod e2e;
+pub mod enqueue;
+pub mod floor;
+pub mod idle;
+pub mod memory;
+pub mod recovery;
+
+/// Jobs per second, 0 when nothing was timed.
+pub(crate) fn rate(jobs: usize, elapsed: std::time::Duration) -> f64 {
+    let secs = elapsed.as_secs_f64();
+    if secs > 0.0 {
+        jobs as f64 / secs
+    } else {
+        0.0
+    }
+}

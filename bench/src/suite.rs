@@ -1,0 +1,83 @@
+//! The whole benchmark: every scenario in turn, each on its own fresh `redis-server`, one
+//! [`Report`] at the end.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+
+use crate::plan::Plan;
+use crate::report::Report;
+use crate::scenarios::{dispatch, e2e, enqueue, floor, idle, memory, recovery};
+
+/// How to run the benchmark.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Small counts and short windows ([`Plan::quick`]) instead of [`Plan::full`].
+    pub quick: bool,
+    /// The `fleetq-bench` binary, re-executed with its hidden `worker` subcommand for every
+    /// worker process. The binary passes `std::env::current_exe()`; a test passes the path
+    /// of the built binary (see the crate docs).
+    pub worker_exe: PathBuf,
+}
+
+/// Runs every scenario and returns the report. Errors when a scenario cannot run (no
+/// `redis-server`, a worker that does not start, a deadline passed); a failed exactly-once
+/// check is not an error but is in [`Report::problems`].
+pub async fn run(opts: &Options) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        opts.worker_exe.is_file(),
+        "the worker executable {} does not exist; pass the path of the built fleetq-bench binary",
+        opts.worker_exe.display()
+    );
+    let plan = Plan::new(opts.quick);
+    let exe = opts.worker_exe.as_path();
+    let started = Instant::now();
+    tracing::info!(
+        quick = plan.quick,
+        "fleetq-bench: each scenario on its own redis-server"
+    );
+
+    tracing::info!(
+        single = plan.enqueue_single_jobs,
+        batch = plan.enqueue_batch_jobs,
+        "enqueue"
+    );
+    let enqueue = enqueue::run(&plan).await.context("enqueue scenario")?;
+    tracing::info!(
+        jobs = plan.e2e_jobs,
+        "end to end through one worker process"
+    );
+    let e2e = e2e::run(&plan, exe).await.context("end-to-end scenario")?;
+    tracing::info!(jobs = plan.e2e_jobs, "floor");
+    let floor = floor::run(&plan).await.context("floor scenario")?;
+    tracing::info!(jobs = plan.memory_jobs, "memory per waiting job");
+    let memory = memory::run(&plan).await.context("memory scenario")?;
+    tracing::info!(
+        workers = plan.idle_workers,
+        window_s = plan.idle_window.as_secs(),
+        "idle workers"
+    );
+    let idle = idle::run(&plan, exe).await.context("idle scenario")?;
+    tracing::info!(
+        window_s = plan.dispatch_window.as_secs(),
+        "dispatch latency"
+    );
+    let dispatch = dispatch::run(&plan, exe)
+        .await
+        .context("dispatch scenario")?;
+    tracing::info!("recovery after SIGKILL and SIGSTOP (default 10 s lease)");
+    let recovery = recovery::run(exe).await.context("recovery scenario")?;
+
+    Ok(Report {
+        quick: plan.quick,
+        seconds: started.elapsed().as_secs_f64(),
+        enqueue,
+        e2e,
+        floor,
+        memory,
+        idle,
+        dispatch,
+        recovery,
+    })
+}

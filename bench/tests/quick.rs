@@ -1,0 +1,32 @@
+//! Runs the benchmark suite in its `--quick` mode so it cannot rot: every scenario runs and
+//! every job succeeds exactly once. Speed is reported, never asserted.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_benchmark_runs_every_scenario_correctly() {
+    let opts = fleetq_bench::Options {
+        quick: true,
+        worker_exe: env!("CARGO_BIN_EXE_fleetq-bench").into(),
+    };
+    let report = fleetq_bench::run(&opts).await.unwrap();
+    assert!(report.problems().is_empty(), "{:?}", report.problems());
+    let json = report.to_json();
+    for key in [
+        "enqueue_jobs_per_sec",
+        "e2e_jobs_per_sec",
+        "floor_jobs_per_sec",
+        "redis_cmds_per_job",
+        "redis_bytes_per_waiting_job",
+        "idle_cmds_per_worker_per_sec",
+        "dispatch_p50_ms",
+        "dispatch_p99_ms",
+        "recovery_kill_s",
+        "recovery_hang_s",
+    ] {
+        assert!(
+            json.get(key).is_some_and(|v| !v.is_null()),
+            "{key} missing from {json}"
+        );
+    }
+}
