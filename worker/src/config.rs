@@ -9,7 +9,8 @@ pub const DEFAULT_SLOTS: usize = 1;
 /// Default time running jobs get to finish after a stop signal before they are released.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Longest a worker blocks in one read; it also wakes earlier when a lease or a retry
-/// falls due. Default 10 s (so an idle worker sends about 0.2 commands a second).
+/// falls due. Default 10 s (with the heartbeat, an idle worker sends about 0.3 commands a
+/// second).
 pub const DEFAULT_MAX_BLOCK: Duration = Duration::from_secs(10);
 /// How often an idle worker re-reads the queue config from Redis. Default 60 s.
 pub const DEFAULT_CONFIG_REFRESH: Duration = Duration::from_secs(60);
