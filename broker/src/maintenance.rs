@@ -1,6 +1,7 @@
 //! Maintenance: the idempotent server-side steps that keep queues moving no matter which
 //! processes are alive — promote due retries and scheduled jobs (`fleetq_promote`), expire
-//! waiting jobs past their queue timeout (`fleetq_expire`). Any number of brokers may run them
+//! waiting jobs past their queue timeout, dead-letter in-flight jobs whose last lease ran out,
+//! and remove consumers of hosts gone for good (`fleetq_expire`). Any number of brokers may run them
 //! at once with the same result as one; workers promote too (inside `fleetq_reclaim`).
 
 use std::future::Future;
@@ -22,7 +23,8 @@ pub const EXPIRE_BATCH: u64 = 1000;
 pub struct Tick {
     /// Delayed jobs moved to the stream.
     pub promoted: u64,
-    /// Waiting jobs ended `expired`.
+    /// Jobs ended here: waiting jobs past their queue timeout (`expired`), and in-flight jobs
+    /// whose holder's lease ran out on their last attempt (`dead`).
     pub expired: u64,
 }
 

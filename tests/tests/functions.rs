@@ -428,3 +428,68 @@ async fn enqueue_refuses_bad_input_with_a_reason() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+#[tokio::test]
+async fn expire_dead_letters_entries_whose_last_lease_ran_out() {
+    let (_s, keys, mut c) = setup().await;
+    let e = xadd(&mut c, &keys, &[("payload", "{}"), ("max_attempts", "2")]).await;
+    let keep = xadd(&mut c, &keys, &[("payload", "{}")]).await;
+    read(&mut c, &keys, "dead-host", 2).await;
+    // Both idle past the lease; `e` has used both its attempts, `keep` one of three.
+    let _: redis::Value = redis::cmd("XCLAIM")
+        .arg(keys.stream())
+        .arg("workers")
+        .arg("dead-host")
+        .arg(0)
+        .arg(&e)
+        .arg("IDLE")
+        .arg(60_000)
+        .arg("RETRYCOUNT")
+        .arg(2)
+        .arg("JUSTID")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let _: redis::Value = redis::cmd("XCLAIM")
+        .arg(keys.stream())
+        .arg("workers")
+        .arg("dead-host")
+        .arg(0)
+        .arg(&keep)
+        .arg("IDLE")
+        .arg(60_000)
+        .arg("JUSTID")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let mut cmd = fcall("fleetq_expire", &keys);
+    cmd.arg(100);
+    let (ended, _): (u64, u64) = cmd.query_async(&mut c).await.unwrap();
+    assert_eq!(ended, 1);
+    let h = job_hash(&mut c, &keys, &e).await;
+    assert_eq!(
+        (h["state"].as_str(), h["reason"].as_str()),
+        ("dead", "attempts_exhausted")
+    );
+    let dead: u64 = redis::cmd("XLEN")
+        .arg(keys.dead())
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(dead, 1);
+    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(keys.stream())
+        .arg("workers")
+        .arg("-")
+        .arg("+")
+        .arg(10)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(
+        pending.len(),
+        1,
+        "the job with attempts left waits for a reclaim"
+    );
+    assert_eq!(pending[0].0, keep);
+}

@@ -2,7 +2,8 @@
 --
 -- KEYS[1]  queue stream key
 -- ARGV[1]  most entries to look at in this call (default 1000)
--- Reply    { expired, scanned }
+-- Reply    { ended, scanned } — jobs ended here (expired, or dead-lettered: see below) and
+--          waiting entries looked at
 --
 -- Looks at undelivered entries from where the previous call stopped (cursor `expire_cursor`
 -- in the stats hash), wrapping to the oldest waiting entry at the end, so repeated calls cover
@@ -10,7 +11,9 @@
 -- enqueued_ms + its queue_timeout_ms (the entry's own, else the queue's) is past. The job
 -- ends `expired` (waiters are woken); its entry stays in the stream, marked, until a worker
 -- reaches and drops it: deleting entries that were never delivered would spoil the O(1)
--- queue position. Idempotent; any number of brokers may run it. Also removes consumers idle
+-- queue position. Idempotent; any number of brokers may run it. Also dead-letters pending
+-- entries idle past the lease that have no attempt left (their holder died on the last one,
+-- and no worker needs to reclaim them to find out), removes consumers idle
 -- for 10 minutes with nothing pending (hosts gone for good), forgets nodes not seen for a day,
 -- and workflow blocks and suspensions that are over.
 
@@ -46,6 +49,34 @@ local function expire(keys, args)
         stat(K, 'timeout:queue')
         emit(K, 'expired', job_id, { 'waited_ms', tostring(waited) })
         expired = expired + 1
+      end
+    end
+  end
+  -- Entries whose holder's lease ran out and that have no attempt left: dead-letter them here,
+  -- so they do not wait for a worker with a free slot to reclaim them first.
+  local lease = config_num(K, 'lease_ms', 10000)
+  local max_default = config_num(K, 'max_attempts', 3)
+  local ok_p, stale = pcall(redis.call, 'XPENDING', K.stream, GROUP, 'IDLE', lease, '-', '+', 100)
+  if ok_p then
+    for _, p in ipairs(stale) do
+      local entry_id, deliveries = p[1], tonumber(p[4])
+      local fields = entry_fields(K, entry_id)
+      if fields then
+        local m = to_map(fields)
+        local max = tonumber(m['max_attempts']) or max_default
+        local used = (tonumber(m['attempts']) or 0) + deliveries
+        if used >= max then
+          local job_id = job_id_of(entry_id, fields)
+          local nodes = redis.call('HGET', job_key(K, job_id), 'nodes') or ''
+          local reason = 'attempts exhausted: ' .. used .. ' of ' .. max ..
+            ' used; the last holder lost its lease (dead, frozen or partitioned host)'
+          dead_letter(K, job_id, fields, 'attempts_exhausted', reason, used, nodes)
+          drop_entry(K, entry_id)
+          finish(K, job_id, 'dead', { 'error', reason, 'reason', 'attempts_exhausted', 'attempts', tostring(used) })
+          stat(K, 'timeout:lease')
+          emit(K, 'dead', job_id, { 'reason', 'attempts_exhausted' })
+          expired = expired + 1
+        end
       end
     end
   end
