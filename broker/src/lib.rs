@@ -15,10 +15,12 @@
 //! - [`service`] — the `fleetq-broker` service: maintenance loop and HTTP server.
 //! - [`nodes`] — the fleet's node records; operator suspend and resume.
 //! - [`local_redis`] — a throwaway `redis-server` for the demo, benchmarks and tests.
+//! - [`flags`] — command-line flags shared by the service binaries.
 //! - [`error`] — the crate's error type.
 
 pub mod connection;
 pub mod error;
+pub mod flags;
 pub mod functions;
 pub mod http;
 pub mod inspect;

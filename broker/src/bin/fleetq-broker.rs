@@ -5,19 +5,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, ValueEnum};
-use fleetq_broker::connection::DEFAULT_REDIS_URL;
+use clap::Parser;
+use fleetq_broker::flags::CommonFlags;
 use fleetq_broker::http::DEFAULT_MAX_BODY_BYTES;
 use fleetq_broker::maintenance::DEFAULT_INTERVAL;
 use fleetq_broker::service::{BrokerConfig, DEFAULT_LISTEN};
-use fleetq_broker::{Redis, RedisConfig};
-
-/// Log line format.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
+use fleetq_broker::Redis;
 
 /// Run the fleetq broker: promotes retries, expires old jobs, serves /metrics and the HTTP API.
 ///
@@ -25,12 +18,8 @@ enum LogFormat {
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Redis server, redis://[user:password@]host:port/db or rediss://… for TLS.
-    #[arg(long, env = "REDIS_URL", default_value = DEFAULT_REDIS_URL, hide_env_values = true)]
-    redis_url: String,
-    /// PEM file of a private CA for rediss:// servers.
-    #[arg(long, env = "FLEETQ_REDIS_CA_CERT")]
-    redis_ca_cert: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    common: CommonFlags,
     /// HTTP address for the API, /metrics and health checks (loopback unless you say so).
     #[arg(long, env = "FLEETQ_LISTEN", default_value = DEFAULT_LISTEN)]
     listen: SocketAddr,
@@ -46,9 +35,6 @@ struct Args {
     /// Milliseconds between maintenance runs (promote retries, expire old jobs).
     #[arg(long, env = "FLEETQ_MAINTENANCE_INTERVAL_MS", default_value_t = DEFAULT_INTERVAL.as_millis() as u64)]
     maintenance_interval_ms: u64,
-    /// Log format.
-    #[arg(long, env = "FLEETQ_LOG_FORMAT", value_enum, default_value = "text")]
-    log_format: LogFormat,
 }
 
 #[tokio::main]
@@ -64,7 +50,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    fleetq_broker::service::init_logging(matches!(args.log_format, LogFormat::Json));
+    args.common.init_logging();
     let config = BrokerConfig {
         queues: args.queues.into_iter().filter(|q| !q.is_empty()).collect(),
         api_token: args.api_token,
@@ -72,9 +58,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         maintenance_interval: Duration::from_millis(args.maintenance_interval_ms),
     };
     config.validate()?;
-    let mut redis_config = RedisConfig::new(&args.redis_url);
-    redis_config.ca_cert = args.redis_ca_cert;
-    let redis = Redis::connect_with(redis_config)
+    let redis = Redis::connect_with(args.common.redis_config())
         .await
         .context("fleetq-broker cannot start")?;
     let listener = tokio::net::TcpListener::bind(args.listen)

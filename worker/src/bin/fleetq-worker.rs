@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
-use fleetq_broker::connection::DEFAULT_REDIS_URL;
-use fleetq_broker::{Redis, RedisConfig};
+use fleetq_broker::flags::CommonFlags;
+use fleetq_broker::Redis;
 use fleetq_worker::config::{
     DEFAULT_HEARTBEAT, DEFAULT_MAX_BLOCK, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SLOTS,
     DEFAULT_SUSPEND_AFTER, DEFAULT_SUSPEND_FOR,
@@ -29,25 +29,14 @@ enum Executor {
     Http,
 }
 
-/// Log line format.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 /// Run fleetq jobs from one queue on this host.
 ///
 /// Example: fleetq-worker --queue images --node gpu-07 --slots 4 --executor echo
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Redis server, redis://[user:password@]host:port/db or rediss://… for TLS.
-    #[arg(long, env = "REDIS_URL", default_value = DEFAULT_REDIS_URL, hide_env_values = true)]
-    redis_url: String,
-    /// PEM file of a private CA for rediss:// servers.
-    #[arg(long, env = "FLEETQ_REDIS_CA_CERT")]
-    redis_ca_cert: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    common: CommonFlags,
     /// Queue to work.
     #[arg(long, env = "FLEETQ_QUEUE")]
     queue: String,
@@ -102,9 +91,6 @@ struct Args {
     /// CUDA_VISIBLE_DEVICES, NVIDIA_VISIBLE_DEVICES, HF_HOME).
     #[arg(long = "child-env", env = "FLEETQ_CHILD_ENV", value_delimiter = ',')]
     child_env: Vec<String>,
-    /// Log format.
-    #[arg(long, env = "FLEETQ_LOG_FORMAT", value_enum, default_value = "text")]
-    log_format: LogFormat,
 }
 
 fn host_name() -> String {
@@ -129,7 +115,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    fleetq_broker::service::init_logging(matches!(args.log_format, LogFormat::Json));
+    args.common.init_logging();
     let node = args.node.clone().unwrap_or_else(host_name);
     let mut config = WorkerConfig::new(&args.queue, &node);
     config.slots = args.slots;
@@ -145,9 +131,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })?),
     };
     config.validate()?;
-    let mut redis_config = RedisConfig::new(&args.redis_url);
-    redis_config.ca_cert = args.redis_ca_cert.clone();
-    let redis = Redis::connect_with(redis_config)
+    let redis = Redis::connect_with(args.common.redis_config())
         .await
         .context("fleetq-worker cannot start")?;
     match args.executor {

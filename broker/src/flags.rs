@@ -1,0 +1,43 @@
+//! Command-line flags every fleetq service binary shares (`fleetq-broker`, `fleetq-worker`):
+//! where Redis is, and how to log. Flatten [`CommonFlags`] into a binary's clap arguments.
+
+use clap::{Args, ValueEnum};
+
+use crate::connection::{RedisConfig, DEFAULT_REDIS_URL};
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags shared by the service binaries.
+#[derive(Debug, Clone, Args)]
+pub struct CommonFlags {
+    /// Redis server, redis://[user:password@]host:port/db or rediss://… for TLS.
+    #[arg(long, env = "REDIS_URL", default_value = DEFAULT_REDIS_URL, hide_env_values = true)]
+    pub redis_url: String,
+    /// PEM file of a private CA for rediss:// servers.
+    #[arg(long, env = "FLEETQ_REDIS_CA_CERT")]
+    pub redis_ca_cert: Option<std::path::PathBuf>,
+    /// Log format.
+    #[arg(long, env = "FLEETQ_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl CommonFlags {
+    /// The Redis connection settings these flags describe.
+    pub fn redis_config(&self) -> RedisConfig {
+        let mut c = RedisConfig::new(&self.redis_url);
+        c.ca_cert = self.redis_ca_cert.clone();
+        c
+    }
+
+    /// Sets up logging as asked (`RUST_LOG` filters; default `info`).
+    pub fn init_logging(&self) {
+        crate::service::init_logging(self.log_format == LogFormat::Json);
+    }
+}
