@@ -264,12 +264,9 @@ pub fn bin_path(name: &str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--bins"]);
-        for pkg in [
-            "fleetq-broker",
-            "fleetq-worker",
-            "fleetq-cli",
-            "fleetq-tests",
-        ] {
+        // Not fleetq-tests: `cargo test` builds its own binaries (with its own features), and
+        // building them here too would make the two overwrite each other on every run.
+        for pkg in ["fleetq-broker", "fleetq-worker", "fleetq-cli"] {
             cmd.args(["-p", pkg]);
         }
         if dir.ends_with("release") {

@@ -50,4 +50,4 @@ local function cancel(keys, args)
   return { 'cancelling' }
 end
 
-redis.register_function('fleetq_cancel', cancel)
+register('fleetq_cancel', cancel)

@@ -21,9 +21,26 @@ local HISTORY_MAX = 20
 -- Plain-XADD jobs carry no `seq` field; their position is counted with XRANGE up to this.
 local POSITION_SCAN_LIMIT = 1000
 
+-- Per-call caches, reset by `register`'s wrapper at the start of every function call: the
+-- server's time (frozen during a call anyway) and the queue's config hash.
+local call_now = nil
+local call_config = nil
+
 local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if call_now == nil then
+    local t = redis.call('TIME')
+    call_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return call_now
+end
+
+-- Registers a fleetq function; every call starts with empty per-call caches.
+local function register(name, fn, flags)
+  redis.register_function{ function_name = name, flags = flags, callback = function(keys, args)
+    call_now = nil
+    call_config = nil
+    return fn(keys, args)
+  end }
 end
 
 local function queue_keys(stream_key)
@@ -57,8 +74,12 @@ end
 
 local TERMINAL = { succeeded = true, failed = true, dead = true, expired = true, cancelled = true }
 
+-- A number from the queue's config hash (read once per call), or `default`.
 local function config_num(K, name, default)
-  local v = tonumber(redis.call('HGET', K.config, name))
+  if call_config == nil or call_config.key ~= K.config then
+    call_config = { key = K.config, map = to_map(redis.call('HGETALL', K.config)) }
+  end
+  local v = tonumber(call_config.map[name])
   if v == nil then return default end
   return v
 end
@@ -185,8 +206,11 @@ local function finish(K, job_id, state, fields)
     for i = 1, #fields do args[#args + 1] = fields[i] end
   end
   redis.call(unpack(args))
-  redis.call('HDEL', jk, 'retry', 'cancel')
-  if state == 'succeeded' then redis.call('HDEL', jk, 'error') end
+  if state == 'succeeded' then
+    redis.call('HDEL', jk, 'retry', 'cancel', 'error')
+  else
+    redis.call('HDEL', jk, 'retry', 'cancel')
+  end
   local waiters = tonumber(redis.call('HGET', jk, 'waiters')) or 0
   if waiters > 0 then
     local nk = notify_key(K, job_id)

@@ -41,8 +41,12 @@ local function complete(keys, args)
   local now = now_ms()
   local h = redis.call('HMGET', jk, 'attempts', 'nodes', 'node', 'failed_nodes', 'entry', 'attempt_started_ms')
   local attempts, nodes, node = h[1] or '0', h[2] or '', h[3] or ''
-  local fields = entry_fields(K, entry_id) or {}
-  local m = to_map(fields)
+  -- The entry's own fields are needed only to dead-letter or re-add it.
+  local fields, m = {}, {}
+  if outcome ~= 'succeeded' and outcome ~= 'failed' and outcome ~= 'cancelled' then
+    fields = entry_fields(K, entry_id) or {}
+    m = to_map(fields)
+  end
   local reply = 'ok'
 
   if timeout_kind ~= '' then
@@ -72,10 +76,13 @@ local function complete(keys, args)
   if outcome == 'retry' then ended_as = 'failed' end
   if timeout_kind ~= '' then ended_as = 'timeout' end
   if outcome == 'release' then ended_as = 'released' end
-  local started = tonumber(h[6])
-  record_attempt(K, jk, { attempt = tonumber(attempts), node = node, outcome = ended_as, timeout = timeout_kind,
-    stage = stage, started_ms = started, ended_ms = now, elapsed_ms = elapsed,
-    error = (outcome ~= 'succeeded' and outcome ~= 'release') and string.sub(data, 1, 300) or nil })
+  -- The attempt history: a job that succeeded at its first attempt needs none (its node,
+  -- timestamps and state say it all), which keeps the common case cheap.
+  if not (outcome == 'succeeded' and tonumber(attempts) == 1 and timeout_kind == '') then
+    record_attempt(K, jk, { attempt = tonumber(attempts), node = node, outcome = ended_as, timeout = timeout_kind,
+      stage = stage, started_ms = tonumber(h[6]), ended_ms = now, elapsed_ms = elapsed,
+      error = (outcome ~= 'succeeded' and outcome ~= 'release') and string.sub(data, 1, 300) or nil })
+  end
 
   if outcome == 'succeeded' then
     drop_entry(K, entry_id)
@@ -145,4 +152,4 @@ local function complete(keys, args)
   return reply
 end
 
-redis.register_function('fleetq_complete', complete)
+register('fleetq_complete', complete)

@@ -60,5 +60,5 @@ local function dead_purge(keys, args)
   return redis.call('XDEL', K.dead, unpack(args))
 end
 
-redis.register_function('fleetq_dead_retry', dead_retry)
-redis.register_function('fleetq_dead_purge', dead_purge)
+register('fleetq_dead_retry', dead_retry)
+register('fleetq_dead_purge', dead_purge)

@@ -105,4 +105,4 @@ local function enqueue(keys, args)
   return { job_id, 'waiting', position_of(K, entry_id, seq), 1 }
 end
 
-redis.register_function('fleetq_enqueue', enqueue)
+register('fleetq_enqueue', enqueue)

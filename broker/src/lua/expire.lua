@@ -108,4 +108,4 @@ local function expire(keys, args)
   return { expired, #r }
 end
 
-redis.register_function('fleetq_expire', expire)
+register('fleetq_expire', expire)

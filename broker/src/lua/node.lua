@@ -44,5 +44,5 @@ local function node_state(keys, args)
   return 'ok'
 end
 
-redis.register_function('fleetq_node_beat', node_beat)
-redis.register_function('fleetq_node_state', node_state)
+register('fleetq_node_beat', node_beat)
+register('fleetq_node_state', node_state)

@@ -35,4 +35,4 @@ local function progress(keys, args)
   return 'ok'
 end
 
-redis.register_function('fleetq_progress', progress)
+register('fleetq_progress', progress)

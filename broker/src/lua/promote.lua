@@ -35,4 +35,4 @@ local function promote(keys, args)
   return { moved, next_due }
 end
 
-redis.register_function('fleetq_promote', promote)
+register('fleetq_promote', promote)

@@ -78,4 +78,4 @@ local function reclaim(keys, args)
   return { claimed, next_wake, now }
 end
 
-redis.register_function('fleetq_reclaim', reclaim)
+register('fleetq_reclaim', reclaim)

@@ -35,4 +35,4 @@ local function renew(keys, args)
   return out
 end
 
-redis.register_function('fleetq_renew', renew)
+register('fleetq_renew', renew)

@@ -57,5 +57,5 @@ local function watch(keys, args)
   return read_status(queue_keys(keys[1]), args[1], true)
 end
 
-redis.register_function{ function_name = 'fleetq_status', callback = status, flags = { 'no-writes' } }
-redis.register_function('fleetq_watch', watch)
+register('fleetq_status', status, { 'no-writes' })
+register('fleetq_watch', watch)

@@ -96,16 +96,25 @@ local function take(keys, args)
         if nodes ~= '' then nodes = nodes .. ',' end
         nodes = nodes .. node
         local st = started_now and 'running' or 'taken'
-        redis.call('HSET', jk, 'state', st, 'entry', entry_id, 'consumer', consumer, 'node', node,
+        local set = { 'HSET', jk, 'state', st, 'entry', entry_id, 'consumer', consumer, 'node', node,
           'attempts', tostring(attempts), 'max_attempts', tostring(max_attempts), 'taken_ms', tostring(now),
-          'nodes', nodes, 'enqueued_ms', enqueued, 'deliveries', tostring(deliveries))
-        redis.call('HDEL', jk, 'progress', 'progress_ms', 'stages', 'attempt_started_ms', 'timeout', 'timeout_stage',
-          'timeout_elapsed_ms', 'timeout_node')
+          'nodes', nodes, 'enqueued_ms', enqueued, 'deliveries', tostring(deliveries) }
         if started_now then
-          redis.call('HSET', jk, 'attempt_started_ms', tostring(now))
-          if not started then redis.call('HSET', jk, 'started_ms', tostring(now)) end
+          set[#set + 1] = 'attempt_started_ms'
+          set[#set + 1] = tostring(now)
+          if not started then
+            set[#set + 1] = 'started_ms'
+            set[#set + 1] = tostring(now)
+          end
         end
-        redis.call('PERSIST', jk)
+        redis.call(unpack(set))
+        if attempts > 1 or state then
+          -- An earlier attempt's progress and timeout do not describe this one.
+          redis.call('HDEL', jk, 'progress', 'progress_ms', 'stages', 'timeout', 'timeout_stage',
+            'timeout_elapsed_ms', 'timeout_node')
+          if not started_now then redis.call('HDEL', jk, 'attempt_started_ms') end
+          redis.call('PERSIST', jk)
+        end
         redis.call('ZADD', K.leases, now + lease, entry_id)
         emit(K, started_now and 'started' or 'taken', job_id, { 'node', node, 'attempt', tostring(attempts) })
         out[#out + 1] = { entry_id, 'run', deliveries, attempts }
@@ -115,4 +124,4 @@ local function take(keys, args)
   return out
 end
 
-redis.register_function('fleetq_take', take)
+register('fleetq_take', take)
