@@ -38,6 +38,14 @@ impl CommonFlags {
 
     /// Sets up logging as asked (`RUST_LOG` filters; default `info`).
     pub fn init_logging(&self) {
-        crate::service::init_logging(self.log_format == LogFormat::Json);
+        let filter =
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+        match self.log_format {
+            LogFormat::Json => tracing_subscriber::fmt()
+                .json()
+                .with_env_filter(filter)
+                .init(),
+            LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        }
     }
 }

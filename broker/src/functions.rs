@@ -131,11 +131,35 @@ where
     T: FromRedisValue,
     C: ConnectionLike + Send,
 {
+    // Not a one-command pipeline: redis-rs would wrap the function's own error (`fleetq: …`).
     match cmd.query_async(conn).await {
         Ok(v) => Ok(v),
         Err(e) if e.to_string().contains("Function not found") => {
             load(conn).await?;
             cmd.query_async(conn)
+                .await
+                .map_err(|e| Error::redis(step, e))
+        }
+        Err(e) => Err(Error::redis(step, e)),
+    }
+}
+
+/// Runs a pipeline of [`fcall`]s; when the server lost the library (a restart without
+/// persistence), loads it and tries once more.
+pub async fn call_pipeline<T, C>(
+    conn: &mut C,
+    pipe: &redis::Pipeline,
+    step: &'static str,
+) -> Result<T>
+where
+    T: FromRedisValue,
+    C: ConnectionLike + Send,
+{
+    match pipe.query_async(conn).await {
+        Ok(v) => Ok(v),
+        Err(e) if e.to_string().contains("Function not found") => {
+            load(conn).await?;
+            pipe.query_async(conn)
                 .await
                 .map_err(|e| Error::redis(step, e))
         }

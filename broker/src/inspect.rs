@@ -271,3 +271,48 @@ pub async fn purge_dead(redis: &Redis, keys: &QueueKeys, ids: &[String]) -> Resu
     }
     functions::call(&mut redis.conn(), &cmd, "purge dead letters").await
 }
+
+/// An event of a queue: its id in the events stream and its fields (`type`, `job`, …).
+pub type Event = (String, HashMap<String, String>);
+
+/// The queue's events after `after` (an event id, `0-0` for all), blocking up to `block` for
+/// the first one; empty when none came. `conn` must be a blocking connection
+/// ([`Redis::blocking_conn`]) whose response timeout exceeds `block`.
+pub async fn read_events(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &QueueKeys,
+    after: &str,
+    block: std::time::Duration,
+) -> Result<Vec<Event>> {
+    type Reply = Vec<(String, Vec<(String, Vec<(String, String)>)>)>;
+    let read: Option<Reply> = redis::cmd("XREAD")
+        .arg("BLOCK")
+        .arg(block.as_millis().max(1) as u64)
+        .arg("STREAMS")
+        .arg(keys.events())
+        .arg(after)
+        .query_async(conn)
+        .await
+        .map_err(|e| Error::redis("read events", e))?;
+    Ok(read
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|(_, entries)| entries)
+        .map(|(id, fields)| (id, fields.into_iter().collect()))
+        .collect())
+}
+
+/// Every event of the queue still in its (capped) events stream, oldest first.
+pub async fn events(redis: &Redis, keys: &QueueKeys) -> Result<Vec<Event>> {
+    let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(keys.events())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut redis.conn())
+        .await
+        .map_err(|e| Error::redis("read events", e))?;
+    Ok(raw
+        .into_iter()
+        .map(|(id, fields)| (id, fields.into_iter().collect()))
+        .collect())
+}

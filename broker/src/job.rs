@@ -318,6 +318,15 @@ impl JobState {
         }
     }
 
+    /// The states a job never leaves (each counted under its name in the stats hash).
+    pub const TERMINAL: [JobState; 5] = [
+        Self::Succeeded,
+        Self::Failed,
+        Self::Dead,
+        Self::Expired,
+        Self::Cancelled,
+    ];
+
     /// True for the states a job never leaves.
     pub fn is_terminal(self) -> bool {
         matches!(

@@ -134,6 +134,11 @@ pub fn node(node: &str) -> String {
     format!("fleetq:node:{node}")
 }
 
+/// The node name inside a node record key, when it is one.
+pub fn node_of(key: &str) -> Option<&str> {
+    key.strip_prefix("fleetq:node:")
+}
+
 /// Pattern matching every node record, for listing the fleet with `SCAN`.
 pub const NODE_PATTERN: &str = "fleetq:node:*";
 

@@ -81,7 +81,9 @@ pub async fn list(redis: &Redis) -> Result<Vec<NodeRecord>> {
         if fields.is_empty() {
             continue;
         }
-        let node = key.trim_start_matches("fleetq:node:").to_owned();
+        let Some(node) = keys::node_of(&key).map(str::to_owned) else {
+            continue;
+        };
         out.push(NodeRecord { node, fields });
     }
     Ok(out)

@@ -158,16 +158,7 @@ impl Producer {
             pipe.add_command(cmd);
         }
         let replies: Vec<(String, String, u64, u8)> =
-            match pipe.query_async(&mut self.redis.conn()).await {
-                Ok(r) => r,
-                Err(e) if e.to_string().contains("Function not found") => {
-                    functions::load(&mut self.redis.conn()).await?;
-                    pipe.query_async(&mut self.redis.conn())
-                        .await
-                        .map_err(|e| Error::redis("enqueue batch", e))?
-                }
-                Err(e) => return Err(Error::redis("enqueue batch", e)),
-            };
+            functions::call_pipeline(&mut self.redis.conn(), &pipe, "enqueue batch").await?;
         replies
             .into_iter()
             .map(|(id, state, position, created)| {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_util_shutdown::Shutdown;
+use tokio_util::sync::CancellationToken;
 
 use crate::http::{self, ApiState};
 use crate::{maintenance, Error, Redis, Result};
@@ -71,14 +71,21 @@ where
     S: Future<Output = ()> + Send + 'static,
 {
     config.validate()?;
-    let stop = Shutdown::new(shutdown);
+    let stop = CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            stop.cancel();
+        });
+    }
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(listen = ?addr, queues = ?config.queues, auth = config.api_token.is_some(), "broker started");
     let maint = tokio::spawn(maintenance::run(
         redis.clone(),
         config.queues.clone(),
         config.maintenance_interval,
-        stop.wait(),
+        stop.clone().cancelled_owned(),
     ));
     let state = Arc::new(ApiState::new(
         redis,
@@ -87,39 +94,11 @@ where
         config.max_body_bytes,
     ));
     let served = axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(stop.wait())
+        .with_graceful_shutdown(stop.cancelled_owned())
         .await;
     let _ = maint.await;
     tracing::info!("broker stopped");
     served.map_err(|e| Error::Config(format!("HTTP server failed: {e}")))
-}
-
-/// A shutdown future shared by several tasks.
-mod tokio_util_shutdown {
-    use std::future::Future;
-
-    use tokio::sync::watch;
-
-    /// Resolves every [`Shutdown::wait`] once the original future resolved.
-    pub(crate) struct Shutdown(watch::Receiver<bool>);
-
-    impl Shutdown {
-        pub(crate) fn new<S: Future<Output = ()> + Send + 'static>(signal: S) -> Self {
-            let (tx, rx) = watch::channel(false);
-            tokio::spawn(async move {
-                signal.await;
-                let _ = tx.send(true);
-            });
-            Self(rx)
-        }
-
-        pub(crate) fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
-            let mut rx = self.0.clone();
-            async move {
-                let _ = rx.wait_for(|v| *v).await;
-            }
-        }
-    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C: the shutdown future every fleetq binary passes to its `run`.
@@ -135,19 +114,5 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term => {}
         _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-/// Sets up logging for a binary: `RUST_LOG` when set, else `info`; JSON lines when `json`.
-pub fn init_logging(json: bool) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    if json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
     }
 }

@@ -15,21 +15,25 @@ use crate::output::{human_secs, json, table};
 
 /// Runs one command.
 pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
-    if let Command::Demo(args) = &cli.command {
-        return crate::demo::run(std::env::var("REDIS_URL").ok(), args, cli.json).await;
-    }
-    let redis = Redis::connect(&cli.redis_url).await?;
+    let url = cli.redis_url;
+    let connect = || Redis::connect(&url);
     match cli.command {
-        Command::Demo(_) => Ok(()),
-        Command::Enqueue(a) => enqueue(&redis, a, cli.json).await,
-        Command::Status(a) => status(&redis, a, cli.json).await,
-        Command::Watch(a) => watch(&redis, a, cli.json).await,
-        Command::Queues => queues(&redis, cli.json).await,
+        // The demo brings its own Redis unless REDIS_URL names one.
+        Command::Demo(a) => crate::demo::run(std::env::var("REDIS_URL").ok(), &a, cli.json).await,
+        Command::Enqueue(a) => enqueue(&connect().await?, a, cli.json).await,
+        Command::Status(a) => status(&connect().await?, a, cli.json).await,
+        Command::Watch(a) => watch(&connect().await?, a, cli.json).await,
+        Command::Queues => queues(&connect().await?, cli.json).await,
         Command::Nodes(a) => {
-            nodes_cmd(&redis, a.action.unwrap_or(NodeAction::List), cli.json).await
+            nodes_cmd(
+                &connect().await?,
+                a.action.unwrap_or(NodeAction::List),
+                cli.json,
+            )
+            .await
         }
-        Command::Dead(a) => dead(&redis, a, cli.json).await,
-        Command::Top(a) => top(&redis, a).await,
+        Command::Dead(a) => dead(&connect().await?, a, cli.json).await,
+        Command::Top(a) => top(&connect().await?, a).await,
     }
 }
 
@@ -319,21 +323,11 @@ async fn follow(
                 ),
             ));
         }
-        type Events = Vec<(String, Vec<(String, Vec<(String, String)>)>)>;
-        let read: Option<Events> = redis::cmd("XREAD")
-            .arg("BLOCK")
-            .arg(2000)
-            .arg("STREAMS")
-            .arg(keys.events())
-            .arg(&cursor)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| fleetq_broker::Error::redis("follow events", e))?;
+        let read = inspect::read_events(&mut conn, &keys, &cursor, Duration::from_secs(2)).await?;
         let mut ended = false;
-        for (_, entries) in read.unwrap_or_default() {
-            for (eid, fields) in entries {
-                cursor = eid;
-                let f: HashMap<String, String> = fields.into_iter().collect();
+        for (eid, f) in read {
+            cursor = eid;
+            {
                 if f.get("job").map(String::as_str) != Some(id) {
                     continue;
                 }

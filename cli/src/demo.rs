@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use fleetq_broker::metrics::TIMEOUT_KINDS;
 use fleetq_broker::service::BrokerConfig;
 use fleetq_broker::{inspect, JobState, LocalRedis, Producer, QueueConfig, QueueKeys, Redis};
 use fleetq_worker::executor::{ProcessConfig, ProcessExecutor};
@@ -263,30 +264,18 @@ pub async fn run(
                 dying = None;
             }
         }
-        type Events = Vec<(String, Vec<(String, Vec<(String, String)>)>)>;
-        let read: Option<Events> = redis::cmd("XREAD")
-            .arg("BLOCK")
-            .arg(300)
-            .arg("STREAMS")
-            .arg(keys.events())
-            .arg(&cursor)
-            .query_async(&mut events_conn)
-            .await
-            .map_err(|e| fleetq_broker::Error::redis("follow events", e))?;
-        for (_, entries) in read.unwrap_or_default() {
-            for (id, fields) in entries {
-                cursor = id;
-                ui.event(&fields.into_iter().collect());
-            }
+        for (id, fields) in
+            inspect::read_events(&mut events_conn, &keys, &cursor, Duration::from_millis(300))
+                .await?
+        {
+            cursor = id;
+            ui.event(&fields);
         }
         if last_depth.elapsed() >= Duration::from_millis(500) {
             last_depth = Instant::now();
             let st = inspect::queue_state(&redis, &keys).await?;
             ui.depth(&st);
-            let ended: i64 = ["succeeded", "failed", "dead", "expired", "cancelled"]
-                .iter()
-                .map(|k| st.stat(k))
-                .sum();
+            let ended: i64 = JobState::TERMINAL.iter().map(|t| st.stat(t.name())).sum();
             if ended >= ids.len() as i64 {
                 break;
             }
@@ -351,13 +340,7 @@ async fn summarize(
     waits.sort_unstable();
     // Exactly once: one `succeeded` event per succeeded job, none for the others, and the
     // counters agree.
-    let events: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(keys.events())
-        .arg("-")
-        .arg("+")
-        .query_async(&mut redis.conn())
-        .await
-        .map_err(|e| fleetq_broker::Error::redis("read events", e))?;
+    let events = inspect::events(redis, keys).await?;
     let mut successes: HashMap<String, usize> = HashMap::new();
     let mut suspended = Vec::new();
     for (_, f) in &events {
@@ -382,7 +365,7 @@ async fn summarize(
         && successes.len() == succeeded
         && state.stat("succeeded") == succeeded as i64
         && outcomes.values().sum::<usize>() == ids.len();
-    let timeouts = ["queue", "start", "progress", "run", "lease"]
+    let timeouts = TIMEOUT_KINDS
         .iter()
         .map(|k| ((*k).to_owned(), state.stat(&format!("timeout:{k}"))))
         .collect();

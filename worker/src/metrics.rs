@@ -27,17 +27,9 @@ use prometheus::{
     TextEncoder,
 };
 
-/// Outcomes counted in `fleetq_jobs_total`.
-pub const OUTCOMES: &[&str] = &[
-    "succeeded",
-    "failed",
-    "retried",
-    "dead",
-    "expired",
-    "cancelled",
-];
-/// Kinds counted in `fleetq_job_timeouts_total`.
-pub const TIMEOUT_KINDS: &[&str] = &["queue", "start", "progress", "run", "lease"];
+/// Outcomes counted in `fleetq_jobs_total`, and kinds in `fleetq_job_timeouts_total`: the
+/// broker's lists, so both sides speak of the same things.
+pub use fleetq_broker::metrics::{OUTCOMES, TIMEOUT_KINDS};
 /// Wait-time buckets, seconds: GPU queues wait from milliseconds to many minutes.
 const WAIT_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,

@@ -2,7 +2,7 @@
 //! stage profile, and the throttled writes of all that to the job (`fleetq_progress`).
 
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use fleetq_broker::functions::{self, fcall};
 use fleetq_broker::{QueueKeys, Redis};
@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 
 use crate::handler::Progress;
 use crate::lease::{HeldJob, StopReason};
+use crate::node::epoch_ms;
 
 /// Longest progress message kept.
 const MAX_MESSAGE_BYTES: usize = 200;
@@ -78,12 +79,6 @@ impl WaitClock {
         self.histogram
             .observe(epoch_ms().saturating_sub(self.enqueued_ms) as f64 / 1000.0);
     }
-}
-
-fn epoch_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Tracker {

@@ -14,7 +14,7 @@ use redis::aio::MultiplexedConnection;
 use redis::streams::StreamReadReply;
 use redis::Value;
 
-/// An entry after `fleetq_take`.
+/// An entry after `fleetq_take` (its parsed job travels beside it).
 #[derive(Debug)]
 pub(crate) struct Taken {
     pub(crate) entry_id: String,
@@ -23,7 +23,6 @@ pub(crate) struct Taken {
     pub(crate) deliveries: u64,
     /// This attempt's number (prior attempts + deliveries).
     pub(crate) attempt: u32,
-    pub(crate) job: Result<JobEntry, Malformed>,
 }
 
 /// What `fleetq_take` decided for an entry.
@@ -138,7 +137,7 @@ pub(crate) async fn take(
     taker: &Taker,
     queue: &QueueConfig,
     entries: Vec<RawEntry>,
-) -> Result<Vec<Taken>, fleetq_broker::Error> {
+) -> Result<Vec<(Taken, Result<JobEntry, Malformed>)>, fleetq_broker::Error> {
     let Taker {
         redis,
         keys,
@@ -209,7 +208,7 @@ pub(crate) async fn take(
                 tracing::debug!(entry = %entry_id, %decision, "entry settled at take");
                 Decision::Skip(decision)
             };
-            Taken {
+            let taken = Taken {
                 job_id: match &job {
                     Ok(j) => j.job_id.clone(),
                     Err(_) => raw.job_id(),
@@ -218,8 +217,8 @@ pub(crate) async fn take(
                 decision,
                 deliveries,
                 attempt,
-                job,
-            }
+            };
+            (taken, job)
         })
         .collect())
 }

@@ -335,7 +335,7 @@ async fn dispatch<H: Handler>(
     }
     let queue = rt.queue_config();
     let taken = take::take(&rt.taker, &queue, entries).await?;
-    for t in taken {
+    for (t, job) in taken {
         match &t.decision {
             Decision::Run => {}
             Decision::Skip(why) => {
@@ -355,9 +355,8 @@ async fn dispatch<H: Handler>(
                 continue;
             }
         }
-        match t.job {
-            Ok(ref job) => {
-                let job = job.clone();
+        match job {
+            Ok(job) => {
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
                     // Cannot happen: we read no more than the free slots. Give it back.
                     tracing::error!(job = %t.job_id, "no free slot for a job read for a free slot; releasing it");
@@ -367,7 +366,7 @@ async fn dispatch<H: Handler>(
                 let rt = rt.clone();
                 tasks.spawn(run_job(rt, t, job, queue.clone(), permit));
             }
-            Err(ref malformed) => {
+            Err(malformed) => {
                 tracing::warn!(entry = %t.entry_id, reason = %malformed, "malformed entry sent to the dead letters");
                 let commit = Commit::Dead {
                     reason: "malformed",
@@ -422,24 +421,24 @@ async fn run_job<H: Handler>(
         }),
     ));
     let max_attempts = entry.max_attempts(&queue);
+    let limits = Limits {
+        start: entry.start_timeout(&queue),
+        progress: entry.progress_timeout(&queue),
+        run: entry.run_timeout(&queue),
+    };
     let job = Job {
         id: t.job_id.clone(),
         queue: rt.keys().name().to_owned(),
-        payload: entry.payload.clone(),
+        payload: entry.payload,
         attempt: t.attempt,
         max_attempts,
-        workflow: entry.workflow.clone(),
-        traceparent: entry.traceparent.clone(),
+        workflow: entry.workflow,
+        traceparent: entry.traceparent,
         enqueued_ms: entry.enqueued_ms,
     };
     let ctx = JobContext {
         cancel: held.cancel.clone(),
         tracker: tracker.clone(),
-    };
-    let limits = Limits {
-        start: entry.start_timeout(&queue),
-        progress: entry.progress_timeout(&queue),
-        run: entry.run_timeout(&queue),
     };
     let started = Instant::now();
     let ended = tokio::select! {

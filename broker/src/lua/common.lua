@@ -340,3 +340,23 @@ local function requeue(K, job_id, entry_id, set, delay, now)
     redis.call('ZADD', K.delayed, now + delay, job_id)
   end
 end
+
+-- End a job whose queue timeout passed before it started (`timeout_ms` after `enqueued`).
+local function end_expired(K, job_id, enqueued, timeout_ms)
+  local waited = now_ms() - enqueued
+  finish(K, job_id, 'expired', { 'error', 'queue timeout: not started within ' .. timeout_ms ..
+    ' ms (waited ' .. waited .. ' ms)', 'timeout', 'queue', 'enqueued_ms', tostring(enqueued) })
+  stat(K, 'timeout:queue')
+  emit(K, 'expired', job_id, { 'waited_ms', tostring(waited) })
+end
+
+-- Dead-letter a delivered entry whose job used all its attempts, the last holders having lost
+-- their leases; the entry leaves the stream.
+local function end_exhausted(K, job_id, entry_id, fields, used, max, nodes)
+  local reason = 'attempts exhausted: ' .. used .. ' of ' .. max ..
+    ' used; the last holder lost its lease (dead, frozen or partitioned host)'
+  dead_letter(K, job_id, fields, 'attempts_exhausted', reason, used, nodes)
+  drop_entry(K, entry_id)
+  finish(K, job_id, 'dead', { 'error', reason, 'reason', 'attempts_exhausted', 'attempts', tostring(used) })
+  emit(K, 'dead', job_id, { 'reason', 'attempts_exhausted' })
+end

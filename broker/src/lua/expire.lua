@@ -39,15 +39,12 @@ local function expire(keys, args)
       local h = redis.call('HMGET', jk, 'state', 'started_ms', 'entry')
       -- Not a job that already started, nor an older duplicate of a job with the same id.
       if not TERMINAL[h[1]] and not h[2] and (not h[3] or h[3] == e[1]) then
-        local waited = now - enqueued
-        redis.call('HSET', jk, 'entry', e[1], 'enqueued_ms', tostring(enqueued))
-        finish(K, job_id, 'expired', { 'error', 'queue timeout: not started within ' .. timeout ..
-          ' ms (waited ' .. waited .. ' ms)', 'timeout', 'queue' })
+        redis.call('HSET', jk, 'entry', e[1])
+        end_expired(K, job_id, enqueued, timeout)
+        -- The entry stays until a worker reaches it (see fleetq_cancel): keep the hash till then.
         redis.call('HSET', jk, 'tombstone', '1')
         redis.call('PERSIST', jk)
         stat(K, 'tombstones')
-        stat(K, 'timeout:queue')
-        emit(K, 'expired', job_id, { 'waited_ms', tostring(waited) })
         expired = expired + 1
       end
     end
@@ -68,13 +65,8 @@ local function expire(keys, args)
         if used >= max then
           local job_id = job_id_of(entry_id, fields)
           local nodes = redis.call('HGET', job_key(K, job_id), 'nodes') or ''
-          local reason = 'attempts exhausted: ' .. used .. ' of ' .. max ..
-            ' used; the last holder lost its lease (dead, frozen or partitioned host)'
-          dead_letter(K, job_id, fields, 'attempts_exhausted', reason, used, nodes)
-          drop_entry(K, entry_id)
-          finish(K, job_id, 'dead', { 'error', reason, 'reason', 'attempts_exhausted', 'attempts', tostring(used) })
+          end_exhausted(K, job_id, entry_id, fields, used, max, nodes)
           stat(K, 'timeout:lease')
-          emit(K, 'dead', job_id, { 'reason', 'attempts_exhausted' })
           expired = expired + 1
         end
       end

@@ -16,6 +16,9 @@ local STATUS_FIELDS = { 'state', 'attempts', 'max_attempts', 'node', 'nodes', 'e
   'started_ms', 'ended_ms', 'due_ms', 'progress', 'result', 'error', 'reason', 'timeout', 'entry', 'seq', 'cancel',
   'timeout_stage', 'timeout_elapsed_ms', 'timeout_node', 'stages', 'history', 'attempt_started_ms', 'progress_ms' }
 
+-- Read for the reply's sake but not shown: where the entry is, its sequence, the cancel flag.
+local INTERNAL_FIELDS = { entry = true, seq = true, cancel = true }
+
 local function read_status(K, job_id, watch)
   local jk = job_key(K, job_id)
   local h = redis.call('HMGET', jk, unpack(STATUS_FIELDS))
@@ -34,7 +37,7 @@ local function read_status(K, job_id, watch)
   if h[18] == '1' and not TERMINAL[state] then state = 'cancelling' end
   local out = { 'state', state }
   for i = 2, #STATUS_FIELDS do
-    if h[i] and i ~= 16 and i ~= 17 and i ~= 18 then
+    if h[i] and not INTERNAL_FIELDS[STATUS_FIELDS[i]] then
       out[#out + 1] = STATUS_FIELDS[i]
       out[#out + 1] = h[i]
     end

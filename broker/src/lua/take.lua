@@ -71,20 +71,11 @@ local function take(keys, args)
         out[#out + 1] = { entry_id, 'cancelled', deliveries, attempts }
       elseif deadline > 0 and now > deadline and not started then
         drop_entry(K, entry_id)
-        local waited = now - (tonumber(enqueued) or now)
-        finish(K, job_id, 'expired', { 'error', 'queue timeout: not started within its queue_timeout_ms (waited ' .. waited .. ' ms)',
-          'timeout', 'queue', 'enqueued_ms', enqueued })
-        stat(K, 'timeout:queue')
-        emit(K, 'expired', job_id, { 'waited_ms', tostring(waited) })
+        local enq = tonumber(enqueued) or now
+        end_expired(K, job_id, enq, deadline - enq)
         out[#out + 1] = { entry_id, 'expired', deliveries, attempts }
       elseif attempts > max_attempts then
-        local fields = entry_fields(K, entry_id)
-        local reason = 'attempts exhausted: ' .. attempts - 1 .. ' of ' .. max_attempts ..
-          ' used; the last holder lost its lease (dead, frozen or partitioned host)'
-        dead_letter(K, job_id, fields, 'attempts_exhausted', reason, attempts - 1, nodes)
-        drop_entry(K, entry_id)
-        finish(K, job_id, 'dead', { 'error', reason, 'reason', 'attempts_exhausted', 'attempts', tostring(attempts - 1) })
-        emit(K, 'dead', job_id, { 'reason', 'attempts_exhausted' })
+        end_exhausted(K, job_id, entry_id, entry_fields(K, entry_id), attempts - 1, max_attempts, nodes)
         out[#out + 1] = { entry_id, 'dead', deliveries, attempts }
       elseif avoided and deliveries == 1
         and other_node_eligible(K, node, avoid_until > now and avoid or {}, workflow, now) then
