@@ -74,16 +74,26 @@ impl Stack {
     /// Every event of `queue` still in its events stream, oldest first.
     pub async fn events(&self, queue: &str) -> Vec<std::collections::HashMap<String, String>> {
         let keys = QueueKeys::new(queue).unwrap();
-        let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-            .arg(keys.events())
-            .arg("-")
-            .arg("+")
-            .query_async(&mut self.conn())
+        let events = fleetq_broker::inspect::events(&self.redis, &keys)
             .await
             .unwrap();
-        raw.into_iter()
-            .map(|(_, f)| f.into_iter().collect())
-            .collect()
+        events.into_iter().map(|(_, f)| f).collect()
+    }
+
+    /// The `/metrics` URL of the first live node's worker, once its record exists.
+    pub async fn first_node_metrics_url(&self) -> String {
+        eventually(Duration::from_secs(10), "a node registered", || async {
+            !fleetq_broker::nodes::list(&self.redis)
+                .await
+                .unwrap()
+                .is_empty()
+        })
+        .await;
+        let record = fleetq_broker::nodes::list(&self.redis)
+            .await
+            .unwrap()
+            .remove(0);
+        format!("http://{}/metrics", record.fields["metrics_addr"])
     }
 
     /// A field of the queue's stats hash, 0 when absent.
@@ -289,28 +299,19 @@ pub struct WorkerProcess {
     child: Child,
     /// The worker's node name.
     pub node: String,
-    log: tempfile_path::LogFile,
-}
-
-mod tempfile_path {
-    /// A log file in the system temp dir, removed on drop.
-    pub struct LogFile(pub std::path::PathBuf);
-    impl Drop for LogFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
+    /// Its stderr, removed with it.
+    log: tempfile::NamedTempFile,
 }
 
 impl WorkerProcess {
     /// Starts `fleetq-test-worker` on `queue` as `node` with `slots` and extra flags.
     pub fn spawn(url: &str, queue: &str, node: &str, slots: usize, extra: &[&str]) -> Self {
-        let log = std::env::temp_dir().join(format!(
-            "fleetq-test-worker-{node}-{}-{}.log",
-            std::process::id(),
-            Instant::now().elapsed().as_nanos() ^ rand_suffix()
-        ));
-        let file = std::fs::File::create(&log).expect("log file");
+        let log = tempfile::Builder::new()
+            .prefix(&format!("fleetq-test-worker-{node}-"))
+            .suffix(".log")
+            .tempfile()
+            .expect("log file");
+        let file = log.reopen().expect("log file");
         let child = Command::new(bin_path("fleetq-test-worker"))
             .args(["--redis-url", url, "--queue", queue, "--node", node])
             .args(["--slots", &slots.to_string()])
@@ -324,7 +325,7 @@ impl WorkerProcess {
         Self {
             child,
             node: node.to_owned(),
-            log: tempfile_path::LogFile(log),
+            log,
         }
     }
 
@@ -335,9 +336,7 @@ impl WorkerProcess {
 
     /// Sends `signal` (libc::SIGKILL, SIGSTOP, SIGCONT, SIGTERM).
     pub fn signal(&self, signal: i32) {
-        // SAFETY-free: libc::kill only sends a signal to our own child.
-        let rc = unsafe_kill(self.pid(), signal);
-        assert_eq!(rc, 0, "kill({}, {signal}) failed", self.pid());
+        send_signal(self.child.id(), signal);
     }
 
     /// Waits for the process to exit, up to `timeout`; returns its exit code.
@@ -360,25 +359,64 @@ impl WorkerProcess {
 
     /// What the worker logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log.0).unwrap_or_default()
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 }
 
 impl Drop for WorkerProcess {
     fn drop(&mut self) {
-        let _ = unsafe_kill(self.pid(), libc::SIGCONT);
+        let _ = kill(self.child.id(), libc::SIGCONT);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-fn rand_suffix() -> u128 {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    N.fetch_add(1, Ordering::SeqCst) as u128
+/// Sends `signal` to process `pid`; panics when it cannot.
+pub fn send_signal(pid: u32, signal: i32) {
+    assert_eq!(kill(pid, signal), 0, "kill({pid}, {signal}) failed");
 }
 
 #[allow(unsafe_code)]
-fn unsafe_kill(pid: i32, signal: i32) -> i32 {
+fn kill(pid: u32, signal: i32) -> i32 {
     // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe { libc::kill(pid, signal) }
+    unsafe { libc::kill(pid as i32, signal) }
+}
+
+/// A free loopback port (for servers the tests start and must name up front).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// The children of process `ppid` in the process table, zombies included: (pid, state).
+pub fn child_processes(ppid: u32) -> Vec<(u32, char)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // After the command name in parentheses: state, then parent pid.
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        if fields.next().and_then(|p| p.parse::<u32>().ok()) == Some(ppid) {
+            out.push((pid, state));
+        }
+    }
+    out
+}
+
+/// Whether process `pid` is gone or a zombie waiting to be reaped.
+pub fn process_gone(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, r)| r.starts_with('Z'))
+    })
 }

@@ -7,16 +7,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use fleetq_broker::{EnqueueOptions, JobState};
-use fleetq_tests::{bin_path, eventually, Stack};
+use fleetq_tests::{
+    bin_path, child_processes, eventually, free_port, process_gone, send_signal, Stack,
+};
 use serde_json::json;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn run_to_end(bin: &str, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     let out = Command::new(bin_path(bin))
@@ -109,8 +103,7 @@ async fn broker_and_worker_binaries_serve_and_stop_on_sigterm() {
         .unwrap();
     assert!(m.contains("fleetq_node_slots{node=\"gpu-0\"} 1"), "{m}");
     for child in [&mut broker, &mut worker] {
-        let rc = unsafe_kill(child.id() as i32, libc::SIGTERM);
-        assert_eq!(rc, 0);
+        send_signal(child.id(), libc::SIGTERM);
     }
     for child in [&mut broker, &mut worker] {
         let mut waited = Duration::ZERO;
@@ -131,12 +124,6 @@ async fn broker_and_worker_binaries_serve_and_stop_on_sigterm() {
             .is_empty(),
         "the stopped worker left the fleet"
     );
-}
-
-#[allow(unsafe_code)]
-fn unsafe_kill(pid: i32, signal: i32) -> i32 {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe { libc::kill(pid, signal) }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,37 +160,18 @@ async fn a_killed_worker_takes_its_child_processes_with_it() {
         p.status(&e.id).await.unwrap().state == JobState::Running
     })
     .await;
-    let wpid = worker.id().to_string();
-    let children: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|d| {
-            let pid = d.file_name().to_string_lossy().to_string();
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let ppid = stat
-                .rsplit_once(") ")?
-                .1
-                .split_whitespace()
-                .nth(1)?
-                .to_owned();
-            (ppid == wpid).then_some(pid)
-        })
+    let children: Vec<u32> = child_processes(worker.id())
+        .into_iter()
+        .map(|(pid, _)| pid)
         .collect();
     assert_eq!(children.len(), 1, "one child runs the job");
-    assert_eq!(unsafe_kill(worker.id() as i32, libc::SIGKILL), 0);
+    send_signal(worker.id(), libc::SIGKILL);
     let _ = worker.wait();
+    // Gone, or a zombie waiting for its new parent to reap it.
     eventually(
         Duration::from_secs(10),
         "the child died with its worker",
-        || async {
-            let stat =
-                std::fs::read_to_string(format!("/proc/{}/stat", children[0])).unwrap_or_default();
-            // Gone, or a zombie waiting for its new parent to reap it.
-            stat.is_empty()
-                || stat
-                    .rsplit_once(") ")
-                    .is_some_and(|(_, r)| r.starts_with('Z'))
-        },
+        || async { process_gone(children[0]) },
     )
     .await;
 }

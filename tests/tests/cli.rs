@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use fleetq_broker::{EnqueueOptions, QueueKeys};
+use fleetq_broker::QueueKeys;
 use fleetq_tests::{bin_path, eventually, worker_config, FnHandler, Stack};
 use fleetq_worker::Outcome;
 use serde_json::{json, Value};
@@ -231,7 +231,6 @@ async fn commands_against_a_live_queue() {
     let r = fleetq(u, &["top", "--iterations", "1"]).await;
     assert_eq!(r.code, Some(0));
     assert!(r.stdout.contains("images"));
-    let _ = EnqueueOptions::default();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,18 +22,8 @@ async fn worker(s: &Stack, url: &str, mode: HttpMode, node: &str) -> (InProcessW
     })
     .unwrap();
     let w = s.worker(cfg, exec);
-    eventually(Duration::from_secs(10), "node registered", || async {
-        !fleetq_broker::nodes::list(&s.redis)
-            .await
-            .unwrap()
-            .is_empty()
-    })
-    .await;
-    let rec = fleetq_broker::nodes::list(&s.redis)
-        .await
-        .unwrap()
-        .remove(0);
-    (w, format!("http://{}/metrics", rec.fields["metrics_addr"]))
+    let metrics = s.first_node_metrics_url().await;
+    (w, metrics)
 }
 
 async fn slot_free(metrics: &str) {

@@ -17,36 +17,19 @@ fn sim(flags: &str) -> String {
 }
 
 /// Processes (zombies included) that this test process started for `node`.
-fn children_of(node: &str) -> Vec<(i32, char)> {
-    let me = std::process::id().to_string();
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r.to_owned()) else {
-            continue;
-        };
-        let mut f = rest.split_whitespace();
-        let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
-        let ppid = f.next().unwrap_or("");
-        if ppid != me {
-            continue;
-        }
-        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        let tagged = env
-            .split(|b| *b == 0)
-            .any(|kv| kv == format!("FLEETQ_NODE={node}").as_bytes());
-        // A zombie's environ is empty: match it by its command name instead.
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if tagged || (state == 'Z' && comm.starts_with("python")) {
-            out.push((pid, state));
-        }
-    }
-    out
+fn children_of(node: &str) -> Vec<(u32, char)> {
+    fleetq_tests::child_processes(std::process::id())
+        .into_iter()
+        .filter(|(pid, state)| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let tagged = env
+                .split(|b| *b == 0)
+                .any(|kv| kv == format!("FLEETQ_NODE={node}").as_bytes());
+            // A zombie's environ is empty: match it by its command name instead.
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            tagged || (*state == 'Z' && comm.starts_with("python"))
+        })
+        .collect()
 }
 
 struct Fixture {
@@ -73,18 +56,7 @@ impl Fixture {
         pc.kill_grace = Duration::from_millis(500);
         tune(&mut pc);
         let w = s.worker(cfg, ProcessExecutor::new(pc, node));
-        eventually(Duration::from_secs(10), "node registered", || async {
-            !fleetq_broker::nodes::list(&s.redis)
-                .await
-                .unwrap()
-                .is_empty()
-        })
-        .await;
-        let rec = fleetq_broker::nodes::list(&s.redis)
-            .await
-            .unwrap()
-            .remove(0);
-        let metrics = format!("http://{}/metrics", rec.fields["metrics_addr"]);
+        let metrics = s.first_node_metrics_url().await;
         Self {
             s,
             node: node.to_owned(),
@@ -186,7 +158,7 @@ async fn a_crash_mid_job_is_retried_and_the_child_replaced() {
     assert_eq!(st.attempts, 2, "the crash was retried");
     let err = st.error.unwrap();
     assert!(
-        err.contains(&format!("child process {pid1} exited")) || err.contains("exited"),
+        err.contains("exited (exit status: 3) during the job"),
         "{err}"
     );
     let after = p
@@ -227,7 +199,7 @@ async fn hang_before_start_trips_the_start_timeout_and_the_child_is_killed() {
         !children_of("px-nostart").is_empty()
     })
     .await;
-    let hung: Vec<i32> = children_of("px-nostart")
+    let hung: Vec<u32> = children_of("px-nostart")
         .into_iter()
         .map(|(p, _)| p)
         .collect();
@@ -237,10 +209,7 @@ async fn hang_before_start_trips_the_start_timeout_and_the_child_is_killed() {
     eventually(
         Duration::from_secs(10),
         "hung child gone from the process table",
-        || async {
-            hung.iter()
-                .all(|pid| !PathBuf::from(format!("/proc/{pid}")).exists())
-        },
+        || async { hung.iter().all(|pid| fleetq_tests::process_gone(*pid)) },
     )
     .await;
     f.assert_idle_and_clean().await;

@@ -127,11 +127,7 @@ async fn frozen_worker_cannot_record_its_result() {
         },
     )
     .await;
-    // Give A's commit (if it tried one) time to land before checking nothing changed.
-    eventually(Duration::from_secs(5), "A idle again", || async {
-        p.status(&e.id).await.unwrap().state == JobState::Succeeded
-    })
-    .await;
+    // A either saw the lost lease (and commits nothing) or its commit was already refused.
     let after = p.status(&e.id).await.unwrap();
     assert_eq!(after.result.unwrap()["node"], "node-b");
     assert_eq!(s.stat("q", "succeeded").await, 1);

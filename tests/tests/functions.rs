@@ -323,12 +323,23 @@ async fn complete_is_fenced_and_all_or_nothing() {
 
 #[tokio::test]
 async fn promote_moves_each_due_job_once() {
-    let (_s, keys, mut c) = setup().await;
+    let (s, keys, mut c) = setup().await;
     let mut enq = fcall("fleetq_enqueue", &keys);
     enq.arg("{}").arg("delay_ms").arg(1).arg("id").arg("later");
     let (_, state, _, _): (String, String, u64, u8) = enq.query_async(&mut c).await.unwrap();
     assert_eq!(state, "scheduled");
-    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    fleetq_tests::eventually(std::time::Duration::from_secs(2), "the job due", || async {
+        let now = fleetq_broker::nodes::server_ms(&s.redis).await.unwrap();
+        let due: u64 = redis::cmd("ZCOUNT")
+            .arg(keys.delayed())
+            .arg("-inf")
+            .arg(now)
+            .query_async(&mut s.conn())
+            .await
+            .unwrap();
+        due == 1
+    })
+    .await;
     // Two promoters at once (a pipeline stands for two brokers): one moves it.
     let mut pipe = redis::pipe();
     pipe.add_command(fcall("fleetq_promote", &keys).arg(10).clone());

@@ -62,7 +62,7 @@ async fn ten_thousand_jobs_leave_nothing_behind() {
         let mut c = s.conn();
         async move {
             let keys: Vec<String> = redis::cmd("KEYS")
-                .arg("fleetq:{q}:job:*")
+                .arg(QueueKeys::new("q").unwrap().job("*"))
                 .query_async(&mut c)
                 .await
                 .unwrap();

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use fleetq_broker::service::BrokerConfig;
 use fleetq_broker::{EnqueueOptions, JobState, QueueConfig, QueueKeys};
-use fleetq_tests::{eventually, worker_config, FnHandler, Stack, WorkerProcess};
+use fleetq_tests::{eventually, free_port, worker_config, FnHandler, Stack, WorkerProcess};
 use fleetq_worker::Outcome;
 use serde_json::{json, Value};
 
@@ -253,14 +253,6 @@ impl Drop for Prometheus {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start_prometheus(targets_broker: &[String], targets_workers: &[String]) -> Prometheus {
     let dir = std::env::temp_dir().join(format!(
         "fleetq-prom-{}-{}",
@@ -307,6 +299,35 @@ async fn query(base: &str, expr: &str) -> Value {
         .await
         .unwrap();
     r.json().await.unwrap()
+}
+
+/// The dashboard and rule expressions that are invalid or have no data now, with the answer.
+async fn failing_queries(base: &str) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (panel, expr) in dashboard_exprs() {
+        let e = grafana_vars(&expr);
+        let r = query(base, &e).await;
+        if r["status"] != "success" || r["data"]["result"].as_array().is_none_or(Vec::is_empty) {
+            failures.push(format!("{panel}: {e} → {r}"));
+        }
+    }
+    for (name, expr, is_alert) in rules() {
+        let r = query(base, &expr).await;
+        if r["status"] != "success" {
+            failures.push(format!("rule {name} invalid: {expr} → {r}"));
+            continue;
+        }
+        let data_expr = if is_alert {
+            alert_quantity(&expr)
+        } else {
+            expr.clone()
+        };
+        let r = query(base, &data_expr).await;
+        if r["data"]["result"].as_array().is_none_or(Vec::is_empty) {
+            failures.push(format!("rule {name} has no data: {data_expr} → {r}"));
+        }
+    }
+    failures
 }
 
 fn log_of(dir: &Path) -> String {
@@ -413,7 +434,14 @@ async fn every_dashboard_and_rule_query_returns_data_from_a_live_stack() {
         .query_async(&mut s.conn())
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // gpu-c must be on record in Prometheus before it dies.
+    let c_scraped = format!("count_over_time(up{{instance=\"127.0.0.1:{c_port}\"}}[1m]) >= 2");
+    eventually(Duration::from_secs(20), "gpu-c scraped twice", || async {
+        query(&prom.base, &c_scraped).await["data"]["result"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty())
+    })
+    .await;
     c.signal(libc::SIGKILL);
     let st = p.wait(&long.id, Duration::from_secs(30)).await.unwrap();
     assert_eq!(
@@ -431,8 +459,6 @@ async fn every_dashboard_and_rule_query_returns_data_from_a_live_stack() {
         s.stat("img", "reclaimed").await >= 1
     })
     .await;
-    // Let Prometheus scrape the new state a few times.
-    tokio::time::sleep(Duration::from_secs(4)).await;
 
     let up = query(&prom.base, "up").await;
     assert!(
@@ -440,36 +466,22 @@ async fn every_dashboard_and_rule_query_returns_data_from_a_live_stack() {
         "{up}\n{}",
         log_of(&prom._dir)
     );
-    let mut failures = Vec::new();
-    for (panel, expr) in dashboard_exprs() {
-        let e = grafana_vars(&expr);
-        let r = query(&prom.base, &e).await;
-        if r["status"] != "success" || r["data"]["result"].as_array().is_none_or(Vec::is_empty) {
-            failures.push(format!("{panel}: {e} → {r}"));
+    // Poll (the last scrapes and rule runs may still be on their way) until every query is
+    // valid and has data, or the deadline says which are not.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let failures = failing_queries(&prom.base).await;
+        if failures.is_empty() {
+            break;
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} expressions failed:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    for (name, expr, is_alert) in rules() {
-        let r = query(&prom.base, &expr).await;
-        if r["status"] != "success" {
-            failures.push(format!("rule {name} invalid: {expr} → {r}"));
-            continue;
-        }
-        let data_expr = if is_alert {
-            alert_quantity(&expr)
-        } else {
-            expr.clone()
-        };
-        let r = query(&prom.base, &data_expr).await;
-        if r["data"]["result"].as_array().is_none_or(Vec::is_empty) {
-            failures.push(format!("rule {name} has no data: {data_expr} → {r}"));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} expressions failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
     // The alerting side works too: Prometheus loaded every rule.
     let loaded: Value = reqwest::get(format!("{}/api/v1/rules", prom.base))
         .await

@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use fleetq_broker::{
@@ -20,10 +19,6 @@ fn quick(cfg: QueueConfig) -> QueueConfig {
         backoff_max: Duration::from_millis(100),
         ..cfg
     }
-}
-
-async fn events(s: &Stack, queue: &str) -> Vec<HashMap<String, String>> {
-    s.events(queue).await
 }
 
 async fn wait_all(p: &Producer, ids: &[String]) -> Vec<fleetq_broker::JobStatus> {
@@ -165,7 +160,7 @@ async fn stale_generation_jobs_move_and_the_hanging_node_is_suspended() {
         record.suspended_until() > nodes::server_ms(&s.redis).await.unwrap(),
         "{record:?}"
     );
-    let ev = events(&s, "q").await;
+    let ev = s.events("q").await;
     assert!(ev
         .iter()
         .any(|e| e["type"] == "node_suspended" && e["node"] == "stuck"));
@@ -529,7 +524,8 @@ async fn poison_job_is_dead_lettered_after_m_distinct_nodes() {
             .state,
         JobState::Succeeded
     );
-    assert!(!events(&s, "q")
+    assert!(!s
+        .events("q")
         .await
         .iter()
         .any(|e| e["type"] == "node_suspended"));
