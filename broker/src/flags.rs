@@ -49,3 +49,14 @@ impl CommonFlags {
         }
     }
 }
+
+/// How a service binary ends: 0, or 1 after one line on stderr that says what went wrong.
+pub fn exit(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", crate::error::report(e.chain()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -53,6 +53,20 @@ impl Stack {
         cfg.store(&mut self.redis.conn(), &keys).await.unwrap();
     }
 
+    /// Creates the `workers` group of `queue` (as a worker does at start).
+    pub async fn create_group(&self, queue: &str) {
+        let keys = QueueKeys::new(queue).unwrap();
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(keys.stream())
+            .arg("workers")
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut self.conn())
+            .await
+            .unwrap();
+    }
+
     /// A plain connection for raw commands.
     pub fn conn(&self) -> redis::aio::ConnectionManager {
         self.redis.conn()

@@ -272,15 +272,7 @@ async fn two_brokers_promote_and_expire_each_job_exactly_once() {
     let s = Stack::start().await;
     let p = s.producer("q").await;
     let keys = QueueKeys::new("q").unwrap();
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(keys.stream())
-        .arg("workers")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut s.conn())
-        .await
-        .unwrap();
+    s.create_group("q").await;
     let b1 = s.broker(fast_broker()).await;
     let b2 = s.broker(fast_broker()).await;
     let delay = EnqueueOptions {

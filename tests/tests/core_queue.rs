@@ -399,15 +399,7 @@ async fn position_is_exact_before_the_first_delivery() {
     let s = Stack::start().await;
     let p = s.producer("q").await;
     // A worker created the group but has delivered nothing yet.
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(p.keys().stream())
-        .arg("workers")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut s.conn())
-        .await
-        .unwrap();
+    s.create_group("q").await;
     for k in 1..=5u64 {
         let e = p
             .enqueue(&json!({"k": k}), &EnqueueOptions::default())

@@ -18,15 +18,7 @@ async fn setup() -> (Stack, QueueKeys, ConnectionManager) {
     let mut c = s.conn();
     functions::load(&mut c).await.unwrap();
     let keys = QueueKeys::new("q").unwrap();
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(keys.stream())
-        .arg("workers")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    s.create_group("q").await;
     (s, keys, c)
 }
 

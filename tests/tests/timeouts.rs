@@ -357,15 +357,7 @@ async fn queue_timeout_expires_waiting_jobs_without_any_worker() {
     let p = s.producer("q").await;
     let keys = QueueKeys::new("q").unwrap();
     // The group exists (workers ran before) but none is alive now.
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(keys.stream())
-        .arg("workers")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut s.conn())
-        .await
-        .unwrap();
+    s.create_group("q").await;
     let mut ids = Vec::new();
     for _ in 0..3 {
         ids.push(

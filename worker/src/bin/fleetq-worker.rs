@@ -105,13 +105,7 @@ fn host_name() -> String {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    match run(args).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", fleetq_broker::error::report(e.chain()));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    fleetq_broker::flags::exit(run(args).await)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
