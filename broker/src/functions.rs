@@ -21,17 +21,26 @@ use crate::{Error, Result};
 /// The library's name in `FUNCTION LIST`.
 pub const LIBRARY_NAME: &str = "fleetq";
 /// Wire-protocol and library version; the major number is the protocol version.
-pub const LIBRARY_SEMVER: &str = "1.0.0";
+pub const LIBRARY_SEMVER: &str = "2.0.0";
 
 /// The Lua sources, in load order (helpers first). Each file documents its KEYS, ARGV and reply.
 pub const SOURCES: &[(&str, &str)] = &[
-    ("common.lua", include_str!("lua/common.lua")),
+    // Helpers, by concept.
+    ("base.lua", include_str!("lua/base.lua")),
+    ("events.lua", include_str!("lua/events.lua")),
+    ("record.lua", include_str!("lua/record.lua")),
+    ("fencing.lua", include_str!("lua/fencing.lua")),
+    ("position.lua", include_str!("lua/position.lua")),
+    ("requeue.lua", include_str!("lua/requeue.lua")),
+    ("eligible.lua", include_str!("lua/eligible.lua")),
+    // Functions.
     ("enqueue.lua", include_str!("lua/enqueue.lua")),
     ("take.lua", include_str!("lua/take.lua")),
     ("renew.lua", include_str!("lua/renew.lua")),
     ("complete.lua", include_str!("lua/complete.lua")),
     ("promote.lua", include_str!("lua/promote.lua")),
     ("reclaim.lua", include_str!("lua/reclaim.lua")),
+    ("abandon.lua", include_str!("lua/abandon.lua")),
     ("cancel.lua", include_str!("lua/cancel.lua")),
     ("progress.lua", include_str!("lua/progress.lua")),
     ("expire.lua", include_str!("lua/expire.lua")),

@@ -6,6 +6,7 @@
 //! - [`job`] — the job envelope: entry fields, validation, states, status.
 //! - [`queue_config`] — queue defaults kept in Redis (timeouts, attempts, backoff, retention).
 //! - [`functions`] — the server-side Redis Functions library (Lua) and its loader.
+//! - [`calls`] — typed arguments and replies of the functions a worker calls.
 //! - [`connection`] — connections to Redis (TLS, passwords, timeouts).
 //! - [`producer`] — enqueue, status, wait for the result, cancel.
 //! - [`inspect`] — queue state (depths, oldest wait, counters) and dead letters.
@@ -18,6 +19,7 @@
 //! - [`flags`] — command-line flags shared by the service binaries.
 //! - [`error`] — the crate's error type.
 
+pub mod calls;
 pub mod connection;
 pub mod error;
 pub mod flags;
@@ -32,6 +34,7 @@ pub mod metrics;
 pub mod nodes;
 pub mod producer;
 pub mod queue_config;
+pub mod retry;
 pub mod service;
 
 pub use connection::{Redis, RedisConfig};

@@ -4,6 +4,12 @@
 
 use std::collections::HashMap;
 
+use std::time::Duration;
+
+use fleetq_broker::calls::{
+    self, Caller, Commit, Committed, Ending, HoldReply, Holding, ProgressKind, ReclaimReply,
+    TakeDecision, TakeEntry, TakeReply, Token,
+};
 use fleetq_broker::functions;
 use fleetq_broker::QueueKeys;
 use fleetq_tests::Stack;
@@ -56,28 +62,165 @@ async fn read(
         .collect()
 }
 
-/// fleetq_take for entries with default limits; returns (decision, deliveries, attempt) each.
+/// An entry for fleetq_take with default limits and a fresh token.
+fn entry(entry_id: &str, job_id: &str) -> TakeEntry {
+    TakeEntry {
+        entry_id: entry_id.into(),
+        job_id: job_id.into(),
+        token: Some(Token::new()),
+        max_attempts: 3,
+        ..TakeEntry::default()
+    }
+}
+
+fn caller(consumer: &str) -> Caller {
+    Caller {
+        consumer: consumer.into(),
+        node: format!("node-{consumer}"),
+    }
+}
+
+/// fleetq_take of `entries` by `consumer` (started at once), with lease `lease_ms`.
+async fn take_with(
+    c: &mut ConnectionManager,
+    keys: &QueueKeys,
+    consumer: &str,
+    lease_ms: u64,
+    entries: &[TakeEntry],
+) -> Vec<TakeReply> {
+    let cmd = calls::take(
+        keys,
+        &caller(consumer),
+        Duration::from_millis(lease_ms),
+        true,
+        entries,
+    );
+    let rows = functions::call(c, &cmd, "take").await.unwrap();
+    calls::parse_take(rows).unwrap()
+}
+
+/// fleetq_take of `(entry, job)` pairs with default limits; returns the replies and the
+/// holdings (with their tokens).
 async fn take(
     c: &mut ConnectionManager,
     keys: &QueueKeys,
     consumer: &str,
     entries: &[(&str, &str)],
-) -> Vec<(String, String, u64, u32)> {
-    let mut cmd = fcall("fleetq_take", keys);
-    cmd.arg(consumer).arg("node-x").arg(10_000).arg(1);
-    for (entry, job) in entries {
-        cmd.arg(*entry)
-            .arg(*job)
-            .arg(0)
-            .arg(3)
-            .arg(0)
-            .arg(0)
-            .arg("")
-            .arg(0)
-            .arg("")
-            .arg(0);
+) -> (Vec<TakeReply>, Vec<Holding>) {
+    let args: Vec<TakeEntry> = entries.iter().map(|(e, j)| entry(e, j)).collect();
+    let replies = take_with(c, keys, consumer, 10_000, &args).await;
+    (replies, args.into_iter().map(holding).collect())
+}
+
+fn holding(e: TakeEntry) -> Holding {
+    Holding {
+        entry_id: e.entry_id,
+        token: e.token.unwrap(),
+        job_id: e.job_id,
     }
-    cmd.query_async(c).await.unwrap()
+}
+
+async fn renew(
+    c: &mut ConnectionManager,
+    keys: &QueueKeys,
+    consumer: &str,
+    h: &Holding,
+) -> HoldReply {
+    let cmd = calls::renew(keys, &caller(consumer), Duration::from_secs(10), &[h]);
+    let r: Vec<String> = functions::call(c, &cmd, "renew").await.unwrap();
+    HoldReply::parse("renew", &r[0]).unwrap()
+}
+
+async fn complete(
+    c: &mut ConnectionManager,
+    keys: &QueueKeys,
+    consumer: &str,
+    h: &Holding,
+    commit: &Commit,
+) -> Committed {
+    let cmd = calls::complete(keys, consumer, h, commit, &Ending::default());
+    let r: String = functions::call(c, &cmd, "complete").await.unwrap();
+    Committed::parse(&r).unwrap()
+}
+
+async fn progress(
+    c: &mut ConnectionManager,
+    keys: &QueueKeys,
+    consumer: &str,
+    h: &Holding,
+) -> HoldReply {
+    let cmd = calls::progress(
+        keys,
+        consumer,
+        h,
+        ProgressKind::Progress,
+        r#"{"step":1}"#,
+        "",
+    );
+    let r: String = functions::call(c, &cmd, "progress").await.unwrap();
+    HoldReply::parse("progress", &r).unwrap()
+}
+
+/// Ages a pending entry's idle time to `idle_ms` (owner unchanged) without waiting.
+async fn age(
+    c: &mut ConnectionManager,
+    keys: &QueueKeys,
+    owner: &str,
+    entry_id: &str,
+    idle_ms: u64,
+) {
+    let _: redis::Value = redis::cmd("XCLAIM")
+        .arg(keys.stream())
+        .arg("workers")
+        .arg(owner)
+        .arg(0)
+        .arg(entry_id)
+        .arg("IDLE")
+        .arg(idle_ms)
+        .arg("JUSTID")
+        .query_async(c)
+        .await
+        .unwrap();
+}
+
+/// Moves an entry's lease deadline into the past.
+async fn lapse(c: &mut ConnectionManager, keys: &QueueKeys, entry_id: &str) {
+    let _: i64 = redis::cmd("ZADD")
+        .arg(keys.leases())
+        .arg(1)
+        .arg(entry_id)
+        .query_async(c)
+        .await
+        .unwrap();
+}
+
+async fn reclaim(
+    c: &mut ConnectionManager,
+    keys: &QueueKeys,
+    consumer: &str,
+    lease_ms: u64,
+    free: usize,
+) -> Vec<String> {
+    let cmd = calls::reclaim(
+        keys,
+        &caller(consumer),
+        Duration::from_millis(lease_ms),
+        free,
+    );
+    let (entries, _, _): ReclaimReply = functions::call(c, &cmd, "reclaim").await.unwrap();
+    entries.into_iter().map(|e| e.0).collect()
+}
+
+async fn pending(c: &mut ConnectionManager, keys: &QueueKeys) -> Vec<(String, String, u64, u64)> {
+    redis::cmd("XPENDING")
+        .arg(keys.stream())
+        .arg("workers")
+        .arg("-")
+        .arg("+")
+        .arg(100)
+        .query_async(c)
+        .await
+        .unwrap()
 }
 
 async fn job_hash(
@@ -160,19 +303,21 @@ async fn take_decides_run_lost_and_duplicate() {
     let e2 = xadd(&mut c, &keys, &[("payload", "{}"), ("id", "dup")]).await;
     let e3 = xadd(&mut c, &keys, &[("payload", "{}")]).await;
     assert_eq!(read(&mut c, &keys, "w1", 3).await.len(), 3);
-    let r = take(&mut c, &keys, "w1", &[(&e1, "dup"), (&e2, "dup")]).await;
-    assert_eq!(r[0].1, "run");
-    assert_eq!((r[0].2, r[0].3), (1, 1));
+    let (r, _) = take(&mut c, &keys, "w1", &[(&e1, "dup"), (&e2, "dup")]).await;
+    assert_eq!(r[0].decision, TakeDecision::Run { attempt: 1 });
+    assert_eq!(r[0].deliveries, 1);
     assert_eq!(
-        r[1].1, "duplicate",
+        r[1].decision,
+        TakeDecision::Duplicate,
         "a second entry with a known id does not run"
     );
-    let r = take(&mut c, &keys, "w2", &[(&e3, &e3)]).await;
-    assert_eq!(r[0].1, "lost", "w2 does not own e3");
+    let (r, _) = take(&mut c, &keys, "w2", &[(&e3, &e3)]).await;
+    assert_eq!(r[0].decision, TakeDecision::Lost, "w2 does not own e3");
     let h = job_hash(&mut c, &keys, "dup").await;
     assert_eq!(h["state"], "running");
-    assert_eq!(h["node"], "node-x");
+    assert_eq!(h["node"], "node-w1");
     assert_eq!(h["entry"], e1);
+    assert_eq!(h["attempts"], "1", "started at once: the attempt counts");
     let len: u64 = redis::cmd("XLEN")
         .arg(keys.stream())
         .query_async(&mut c)
@@ -186,22 +331,31 @@ async fn take_expires_jobs_past_their_queue_deadline() {
     let (_s, keys, mut c) = setup().await;
     let e = xadd(&mut c, &keys, &[("payload", "{}")]).await;
     read(&mut c, &keys, "w1", 1).await;
+    let mut late = entry(&e, &e);
+    late.queue_deadline_ms = 1;
+    let r = take_with(&mut c, &keys, "w1", 10_000, &[late]).await;
+    assert_eq!(r[0].decision, TakeDecision::Expired);
+    let h = job_hash(&mut c, &keys, &e).await;
+    assert_eq!(h["state"], "expired");
+    assert_eq!(h["timeout"], "queue");
+}
+
+#[tokio::test]
+async fn take_refuses_arguments_of_another_protocol() {
+    let (_s, keys, mut c) = setup().await;
     let mut cmd = fcall("fleetq_take", &keys);
     cmd.arg("w1")
         .arg("n")
         .arg(10_000)
         .arg(1)
-        .arg(&e)
-        .arg(&e)
-        .arg(0)
-        .arg(3)
-        .arg(1)
+        .arg("1-0")
+        .arg("j")
         .arg(0);
-    let r: Vec<(String, String, u64, u32)> = cmd.query_async(&mut c).await.unwrap();
-    assert_eq!(r[0].1, "expired");
-    let h = job_hash(&mut c, &keys, &e).await;
-    assert_eq!(h["state"], "expired");
-    assert_eq!(h["timeout"], "queue");
+    let err = functions::call::<redis::Value, _>(&mut c, &cmd, "take")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("11 per entry"), "{err}");
 }
 
 #[tokio::test]
@@ -209,43 +363,30 @@ async fn renew_checks_ownership_and_reports_cancel() {
     let (_s, keys, mut c) = setup().await;
     let e = xadd(&mut c, &keys, &[("payload", "{}")]).await;
     read(&mut c, &keys, "w1", 1).await;
-    take(&mut c, &keys, "w1", &[(&e, &e)]).await;
-    let renew = |consumer: &str, deliveries: u64| {
-        let mut cmd = fcall("fleetq_renew", &keys);
-        cmd.arg(consumer)
-            .arg(10_000)
-            .arg("node-x")
-            .arg(&e)
-            .arg(deliveries)
-            .arg(&e);
-        cmd
-    };
-    let r: Vec<String> = renew("w1", 1).query_async(&mut c).await.unwrap();
-    assert_eq!(r, vec!["ok"]);
-    let r: Vec<String> = renew("w2", 1).query_async(&mut c).await.unwrap();
+    let (_, held) = take(&mut c, &keys, "w1", &[(&e, &e)]).await;
+    let h = &held[0];
+    assert_eq!(renew(&mut c, &keys, "w1", h).await, HoldReply::Ok);
     assert_eq!(
-        r,
-        vec!["lost"],
+        renew(&mut c, &keys, "w2", h).await,
+        HoldReply::Lost,
         "another consumer cannot renew (nor steal) it"
     );
-    let r: Vec<String> = renew("w1", 2).query_async(&mut c).await.unwrap();
-    assert_eq!(r, vec!["lost"], "a stale delivery count is refused");
-    let owner: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-        .arg(keys.stream())
-        .arg("workers")
-        .arg("-")
-        .arg("+")
-        .arg(10)
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let stale = Holding {
+        token: Token::new(),
+        ..h.clone()
+    };
+    assert_eq!(
+        renew(&mut c, &keys, "w1", &stale).await,
+        HoldReply::Lost,
+        "another take's token is refused"
+    );
+    let owner = pending(&mut c, &keys).await;
     assert_eq!(owner[0].1, "w1");
     let mut cancel = fcall("fleetq_cancel", &keys);
     cancel.arg(&e);
     let (state,): (String,) = cancel.query_async(&mut c).await.unwrap();
     assert_eq!(state, "cancelling");
-    let r: Vec<String> = renew("w1", 1).query_async(&mut c).await.unwrap();
-    assert_eq!(r, vec!["cancel"]);
+    assert_eq!(renew(&mut c, &keys, "w1", h).await, HoldReply::Cancel);
 }
 
 #[tokio::test]
@@ -253,22 +394,12 @@ async fn complete_is_fenced_and_all_or_nothing() {
     let (_s, keys, mut c) = setup().await;
     let e = xadd(&mut c, &keys, &[("payload", "{}")]).await;
     read(&mut c, &keys, "w1", 1).await;
-    take(&mut c, &keys, "w1", &[(&e, &e)]).await;
-    let complete = |consumer: &str| {
-        let mut cmd = fcall("fleetq_complete", &keys);
-        cmd.arg(consumer)
-            .arg(&e)
-            .arg(1)
-            .arg(&e)
-            .arg("succeeded")
-            .arg(r#"{"v":1}"#)
-            .arg(0)
-            .arg("")
-            .arg("");
-        cmd
-    };
-    let r: String = complete("w2").query_async(&mut c).await.unwrap();
-    assert_eq!(r, "fenced");
+    let (_, held) = take(&mut c, &keys, "w1", &[(&e, &e)]).await;
+    let done = Commit::Succeeded(r#"{"v":1}"#.into());
+    assert_eq!(
+        complete(&mut c, &keys, "w2", &held[0], &done).await,
+        Committed::Fenced
+    );
     assert_eq!(
         job_hash(&mut c, &keys, &e).await["state"],
         "running",
@@ -281,8 +412,10 @@ async fn complete_is_fenced_and_all_or_nothing() {
         .await
         .unwrap();
     assert_eq!(fenced, "1");
-    let r: String = complete("w1").query_async(&mut c).await.unwrap();
-    assert_eq!(r, "ok");
+    assert_eq!(
+        complete(&mut c, &keys, "w1", &held[0], &done).await,
+        Committed::Ok
+    );
     let h = job_hash(&mut c, &keys, &e).await;
     assert_eq!(h["state"], "succeeded");
     assert_eq!(h["result"], r#"{"v":1}"#);
@@ -292,25 +425,247 @@ async fn complete_is_fenced_and_all_or_nothing() {
         .await
         .unwrap();
     assert_eq!(len, 0);
-    let pending: Vec<redis::Value> = redis::cmd("XPENDING")
-        .arg(keys.stream())
-        .arg("workers")
-        .arg("-")
-        .arg("+")
-        .arg(10)
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    assert!(pending.is_empty());
+    assert!(pending(&mut c, &keys).await.is_empty());
     let ttl: i64 = redis::cmd("PTTL")
         .arg(keys.job(&e))
         .query_async(&mut c)
         .await
         .unwrap();
     assert!(ttl > 0, "the finished job expires after its retention");
-    // A second commit of the same delivery is fenced too.
-    let r: String = complete("w1").query_async(&mut c).await.unwrap();
-    assert_eq!(r, "fenced");
+    // A second commit of the same take is fenced too.
+    assert_eq!(
+        complete(&mut c, &keys, "w1", &held[0], &done).await,
+        Committed::Fenced
+    );
+}
+
+/// underway's `fenced_attempts_ignore_stale_workers`, at the function level: A takes, its
+/// lease runs out, B reclaims and takes; everything A tries afterwards is refused, B's commit
+/// is recorded, and the job has exactly one success.
+#[tokio::test]
+async fn fenced_attempts_ignore_stale_workers() {
+    let (s, keys, mut c) = setup().await;
+    let e = xadd(&mut c, &keys, &[("payload", "{}"), ("id", "j")]).await;
+    read(&mut c, &keys, "a", 1).await;
+    let (r, a) = take(&mut c, &keys, "a", &[(&e, "j")]).await;
+    assert_eq!(r[0].decision, TakeDecision::Run { attempt: 1 });
+    // A goes silent: its entry idles past the lease and its deadline passes.
+    age(&mut c, &keys, "a", &e, 60_000).await;
+    lapse(&mut c, &keys, &e).await;
+    assert_eq!(
+        reclaim(&mut c, &keys, "b", 10_000, 1).await,
+        vec![e.clone()]
+    );
+    let (r, b) = take(&mut c, &keys, "b", &[(&e, "j")]).await;
+    assert_eq!(r[0].decision, TakeDecision::Run { attempt: 2 });
+    assert_eq!(renew(&mut c, &keys, "a", &a[0]).await, HoldReply::Lost);
+    assert_eq!(progress(&mut c, &keys, "a", &a[0]).await, HoldReply::Lost);
+    let late = Commit::Succeeded(r#""from a""#.into());
+    assert_eq!(
+        complete(&mut c, &keys, "a", &a[0], &late).await,
+        Committed::Fenced
+    );
+    let on_time = Commit::Succeeded(r#""from b""#.into());
+    assert_eq!(
+        complete(&mut c, &keys, "b", &b[0], &on_time).await,
+        Committed::Ok
+    );
+    let h = job_hash(&mut c, &keys, "j").await;
+    assert_eq!(
+        (h["state"].as_str(), h["result"].as_str()),
+        ("succeeded", r#""from b""#)
+    );
+    assert_eq!(h["attempts"], "2");
+    assert_eq!(s.stat("q", "succeeded").await, 1, "exactly one success");
+    assert_eq!(s.stat("q", "fenced").await, 1);
+    assert_eq!(
+        s.stat("q", "timeout:lease").await,
+        1,
+        "A's node is blamed once"
+    );
+}
+
+/// After a rollback (AOF everysec, a replica promoted) the same consumer can be handed the
+/// same entry again with the same delivery count; the new take's token fences the old run.
+#[tokio::test]
+async fn a_new_take_of_the_same_entry_fences_the_old_one() {
+    let (_s, keys, mut c) = setup().await;
+    let e = xadd(&mut c, &keys, &[("payload", "{}")]).await;
+    read(&mut c, &keys, "w1", 1).await;
+    let (_, old) = take(&mut c, &keys, "w1", &[(&e, &e)]).await;
+    let (r, new) = take(&mut c, &keys, "w1", &[(&e, &e)]).await;
+    assert!(matches!(r[0].decision, TakeDecision::Run { .. }));
+    assert_eq!(
+        r[0].deliveries, 1,
+        "the same delivery count as the old take"
+    );
+    assert_eq!(renew(&mut c, &keys, "w1", &old[0]).await, HoldReply::Lost);
+    let done = Commit::Succeeded("1".into());
+    assert_eq!(
+        complete(&mut c, &keys, "w1", &old[0], &done).await,
+        Committed::Fenced
+    );
+    assert_eq!(
+        complete(&mut c, &keys, "w1", &new[0], &done).await,
+        Committed::Ok
+    );
+}
+
+/// A 4-slot worker whose own entries look stale (aged past the lease) does not reclaim them;
+/// another worker does.
+#[tokio::test]
+async fn reclaim_never_takes_the_callers_own_entries() {
+    let (_s, keys, mut c) = setup().await;
+    let mut entries = Vec::new();
+    for _ in 0..4 {
+        entries.push(xadd(&mut c, &keys, &[("payload", "{}")]).await);
+    }
+    read(&mut c, &keys, "w1", 4).await;
+    let pairs: Vec<(&str, &str)> = entries.iter().map(|e| (e.as_str(), e.as_str())).collect();
+    take(&mut c, &keys, "w1", &pairs).await;
+    for e in &entries {
+        age(&mut c, &keys, "w1", e, 60_000).await;
+        lapse(&mut c, &keys, e).await;
+    }
+    assert!(reclaim(&mut c, &keys, "w1", 10_000, 4).await.is_empty());
+    assert!(pending(&mut c, &keys).await.iter().all(|p| p.1 == "w1"));
+    assert_eq!(reclaim(&mut c, &keys, "w2", 10_000, 4).await.len(), 4);
+}
+
+/// A queue silent for longer than 1.5 leases (Redis was down or frozen) judges no lease
+/// stale for one more lease, so live holders renew first.
+#[tokio::test]
+async fn a_quiet_spell_delays_stale_judgments_by_one_lease() {
+    let (s, keys, mut c) = setup().await;
+    let e = xadd(&mut c, &keys, &[("payload", "{}"), ("max_attempts", "1")]).await;
+    read(&mut c, &keys, "w1", 1).await;
+    take(&mut c, &keys, "w1", &[(&e, &e)]).await;
+    age(&mut c, &keys, "w1", &e, 60_000).await;
+    lapse(&mut c, &keys, &e).await;
+    // The last worker call was a minute ago.
+    let now = fleetq_broker::nodes::server_ms(&s.redis).await.unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(keys.stats())
+        .arg("active_ms")
+        .arg(now - 60_000)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(
+        reclaim(&mut c, &keys, "w2", 10_000, 1).await.is_empty(),
+        "grace"
+    );
+    let mut expire = fcall("fleetq_expire", &keys);
+    expire.arg(100);
+    let (ended, _): (u64, u64) = expire.query_async(&mut c).await.unwrap();
+    assert_eq!(ended, 0, "no dead letter during the grace");
+    assert_eq!(s.stat("q", "quiet_spells").await, 1);
+    // Once the grace is over, the stale entry is judged as usual.
+    let _: () = redis::cmd("HSET")
+        .arg(keys.stats())
+        .arg("grace_until_ms")
+        .arg(1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(reclaim(&mut c, &keys, "w2", 10_000, 1).await, vec![e]);
+}
+
+/// A delivery that never reached fleetq_take costs no attempt: the reader died between its
+/// XREADGROUP and the take, and the next holder's attempt is still the first.
+#[tokio::test]
+async fn attempts_count_when_a_job_starts_not_when_it_is_delivered() {
+    let (_s, keys, mut c) = setup().await;
+    let e = xadd(&mut c, &keys, &[("payload", "{}"), ("max_attempts", "1")]).await;
+    read(&mut c, &keys, "died-before-take", 1).await;
+    age(&mut c, &keys, "died-before-take", &e, 60_000).await;
+    assert_eq!(
+        reclaim(&mut c, &keys, "w2", 10_000, 1).await,
+        vec![e.clone()]
+    );
+    let mut one = entry(&e, &e);
+    one.max_attempts = 1;
+    let r = take_with(&mut c, &keys, "w2", 10_000, &[one]).await;
+    assert_eq!(r[0].deliveries, 2);
+    assert_eq!(
+        r[0].decision,
+        TakeDecision::Run { attempt: 1 },
+        "not dead-lettered"
+    );
+}
+
+/// An entry of thousands of fields still reaches the dead letters (its first fields kept).
+#[tokio::test]
+async fn an_entry_with_thousands_of_fields_is_dead_lettered() {
+    let (_s, keys, mut c) = setup().await;
+    let mut fields: Vec<(String, String)> = vec![("payload".into(), "{x".into())];
+    for i in 0..5000 {
+        fields.push((format!("f{i}"), "v".into()));
+    }
+    let refs: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(f, v)| (f.as_str(), v.as_str()))
+        .collect();
+    let e = xadd(&mut c, &keys, &refs).await;
+    read(&mut c, &keys, "w1", 1).await;
+    let (_, held) = take(&mut c, &keys, "w1", &[(&e, &e)]).await;
+    let dead = Commit::Dead {
+        reason: calls::DeadReason::Malformed,
+        error: "payload is not JSON".into(),
+    };
+    assert_eq!(
+        complete(&mut c, &keys, "w1", &held[0], &dead).await,
+        Committed::Ok
+    );
+    let letters: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(keys.dead())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1);
+    let m = &letters[0].1;
+    assert_eq!(m["reason"], "malformed");
+    assert_eq!(m["f:payload"], "{x");
+    assert_eq!(m["fields_left_out"], "4937");
+    assert!(pending(&mut c, &keys).await.is_empty());
+}
+
+/// A consumer whose process is gone: its entries go back in line at once, an exhausted one to
+/// the dead letters, and the consumer is removed.
+#[tokio::test]
+async fn abandon_requeues_a_gone_consumers_entries() {
+    let (_s, keys, mut c) = setup().await;
+    let e1 = xadd(&mut c, &keys, &[("payload", "{}"), ("id", "a")]).await;
+    let e2 = xadd(
+        &mut c,
+        &keys,
+        &[("payload", "{}"), ("id", "b"), ("max_attempts", "1")],
+    )
+    .await;
+    read(&mut c, &keys, "gone", 2).await;
+    let mut last = entry(&e2, "b");
+    last.max_attempts = 1;
+    take_with(&mut c, &keys, "gone", 10_000, &[entry(&e1, "a"), last]).await;
+    let cmd = calls::abandon(&keys, "gone");
+    let (requeued, dead): (u64, u64) = functions::call(&mut c, &cmd, "abandon").await.unwrap();
+    assert_eq!((requeued, dead), (1, 1));
+    let h = job_hash(&mut c, &keys, "a").await;
+    assert_eq!(
+        (h["state"].as_str(), h["attempts"].as_str()),
+        ("waiting", "1")
+    );
+    assert_eq!(job_hash(&mut c, &keys, "b").await["state"], "dead");
+    assert!(pending(&mut c, &keys).await.is_empty());
+    let consumers: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(keys.stream())
+        .arg("workers")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(consumers.is_empty(), "the gone consumer was removed");
 }
 
 #[tokio::test]
@@ -435,36 +790,32 @@ async fn enqueue_refuses_bad_input_with_a_reason() {
 #[tokio::test]
 async fn expire_dead_letters_entries_whose_last_lease_ran_out() {
     let (_s, keys, mut c) = setup().await;
-    let e = xadd(&mut c, &keys, &[("payload", "{}"), ("max_attempts", "2")]).await;
+    let e = xadd(
+        &mut c,
+        &keys,
+        &[("payload", "{}"), ("max_attempts", "2"), ("attempts", "1")],
+    )
+    .await;
     let keep = xadd(&mut c, &keys, &[("payload", "{}")]).await;
-    read(&mut c, &keys, "dead-host", 2).await;
-    // Both idle past the lease; `e` has used both its attempts, `keep` one of three.
-    let _: redis::Value = redis::cmd("XCLAIM")
-        .arg(keys.stream())
-        .arg("workers")
-        .arg("dead-host")
-        .arg(0)
-        .arg(&e)
-        .arg("IDLE")
-        .arg(60_000)
-        .arg("RETRYCOUNT")
-        .arg(2)
-        .arg("JUSTID")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    let _: redis::Value = redis::cmd("XCLAIM")
-        .arg(keys.stream())
-        .arg("workers")
-        .arg("dead-host")
-        .arg(0)
-        .arg(&keep)
-        .arg("IDLE")
-        .arg(60_000)
-        .arg("JUSTID")
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let unstarted = xadd(&mut c, &keys, &[("payload", "{}"), ("max_attempts", "1")]).await;
+    read(&mut c, &keys, "dead-host", 3).await;
+    // `e` started its last attempt, `keep` its first of three; `unstarted` was delivered on
+    // its last attempt but never started. All three idle past the lease.
+    let mut last = entry(&e, &e);
+    (last.prior_attempts, last.max_attempts) = (1, 2);
+    take_with(
+        &mut c,
+        &keys,
+        "dead-host",
+        10_000,
+        &[last, entry(&keep, &keep)],
+    )
+    .await;
+    for id in [&e, &keep, &unstarted] {
+        age(&mut c, &keys, "dead-host", id, 60_000).await;
+    }
+    lapse(&mut c, &keys, &e).await;
+    lapse(&mut c, &keys, &keep).await;
     let mut cmd = fcall("fleetq_expire", &keys);
     cmd.arg(100);
     let (ended, _): (u64, u64) = cmd.query_async(&mut c).await.unwrap();
@@ -480,19 +831,14 @@ async fn expire_dead_letters_entries_whose_last_lease_ran_out() {
         .await
         .unwrap();
     assert_eq!(dead, 1);
-    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-        .arg(keys.stream())
-        .arg("workers")
-        .arg("-")
-        .arg("+")
-        .arg(10)
-        .query_async(&mut c)
+    let left: Vec<String> = pending(&mut c, &keys)
         .await
-        .unwrap();
+        .into_iter()
+        .map(|p| p.0)
+        .collect();
     assert_eq!(
-        pending.len(),
-        1,
-        "the job with attempts left waits for a reclaim"
+        left,
+        vec![keep, unstarted],
+        "a job with attempts left, and one that never started, wait for a reclaim"
     );
-    assert_eq!(pending[0].0, keep);
 }

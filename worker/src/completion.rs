@@ -1,92 +1,107 @@
 //! Fenced completion: every end of an attempt is one `fleetq_complete` call that first checks
-//! this worker still owns the entry (consumer and delivery count), then records the result
-//! or error, acknowledges, deletes the entry and emits the event — all or nothing. A late
-//! result from a host that lost its lease is refused ("fenced"), counted and logged.
+//! this worker still holds the entry (consumer and token), then records the result or error,
+//! acknowledges, deletes the entry and emits the event — all or nothing. A late result from a
+//! host that lost its lease is refused ("fenced"), counted and logged.
+//!
+//! A computed result is never thrown away while it can still be recorded: a commit that fails
+//! for a transient reason (Redis down, loading, read-only during a failover) is tried again,
+//! with the job still held and renewed, until Redis answers — accepted or fenced — or the
+//! worker's hard stop. Only a release (nothing computed to keep) gives up once its lease has
+//! surely run out.
 
-use std::time::Duration;
+use std::time::Instant;
 
-use fleetq_broker::functions::{self, fcall};
+use fleetq_broker::calls::{self};
+pub(crate) use fleetq_broker::calls::{Commit, Committed, Ending};
+use fleetq_broker::functions;
+use fleetq_broker::retry::{Backoff, OutageLog};
 use fleetq_broker::{QueueKeys, Redis};
+use tokio_util::sync::CancellationToken;
 
-/// How an attempt is recorded.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Commit {
-    Succeeded(String),
-    Failed(String),
-    Retry {
-        error: String,
-        delay: Duration,
-    },
-    Dead {
-        reason: &'static str,
-        error: String,
-    },
-    Cancelled,
-    /// Give the job back at once without counting the attempt (shutdown).
-    Release,
+use crate::lease::HeldJob;
+
+/// Where and as whom commits are made.
+#[derive(Debug, Clone)]
+pub(crate) struct Committer {
+    pub(crate) redis: Redis,
+    pub(crate) keys: QueueKeys,
+    pub(crate) consumer: String,
+    pub(crate) lease: std::time::Duration,
+    /// Cancelled when the worker stops for good: commits still failing then are given up.
+    pub(crate) hard_stop: CancellationToken,
 }
 
-/// Whether the commit was accepted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Committed {
-    Ok,
-    /// The worker no longer owns the entry; nothing was recorded.
-    Fenced,
-    /// A retry was turned into a dead letter: the job failed on too many distinct nodes.
-    Poison,
-}
-
-/// How the attempt ended when a timeout stopped it.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Ending {
-    pub(crate) timeout: Option<&'static str>,
-    pub(crate) stage: Option<String>,
-    pub(crate) elapsed_ms: u64,
-    pub(crate) stages_json: String,
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn commit(
-    redis: &Redis,
-    keys: &QueueKeys,
-    consumer: &str,
-    entry_id: &str,
-    deliveries: u64,
-    job_id: &str,
-    commit: &Commit,
-    ending: &Ending,
-) -> Result<Committed, fleetq_broker::Error> {
-    let (outcome, data, delay, reason) = match commit {
-        Commit::Succeeded(r) => ("succeeded", r.as_str(), 0, ""),
-        Commit::Failed(e) => ("failed", e.as_str(), 0, ""),
-        Commit::Retry { error, delay } => ("retry", error.as_str(), delay.as_millis() as u64, ""),
-        Commit::Dead { reason, error } => ("dead", error.as_str(), 0, *reason),
-        Commit::Cancelled => ("cancelled", "", 0, ""),
-        Commit::Release => ("release", "", 0, ""),
-    };
-    let mut cmd = fcall("fleetq_complete", keys);
-    cmd.arg(consumer)
-        .arg(entry_id)
-        .arg(deliveries)
-        .arg(job_id)
-        .arg(outcome)
-        .arg(data)
-        .arg(delay)
-        .arg(reason)
-        .arg(ending.timeout.unwrap_or(""))
-        .arg(ending.stage.as_deref().unwrap_or(""))
-        .arg(ending.elapsed_ms)
-        .arg(&ending.stages_json);
-    let reply: String = functions::call(&mut redis.conn(), &cmd, "complete").await?;
-    Ok(match reply.as_str() {
-        "fenced" => {
-            tracing::warn!(job = %job_id, entry = %entry_id, outcome, "commit refused: this worker lost its lease on the job; another host owns it now");
-            Committed::Fenced
+impl Committer {
+    /// One `fleetq_complete` call.
+    pub(crate) async fn commit_once(
+        &self,
+        job: &HeldJob,
+        commit: &Commit,
+        ending: &Ending,
+    ) -> Result<Committed, fleetq_broker::Error> {
+        let cmd = calls::complete(&self.keys, &self.consumer, &job.holding, commit, ending);
+        let word: String = functions::call(&mut self.redis.conn(), &cmd, "complete").await?;
+        let committed = Committed::parse(&word)?;
+        let id = &job.holding.job_id;
+        match committed {
+            Committed::Fenced => {
+                tracing::warn!(job = %id, entry = %job.holding.entry_id, ?commit,
+                    "commit refused: this worker lost its lease on the job; another host owns it now");
+            }
+            Committed::Poison => {
+                tracing::warn!(job = %id, "job failed on too many distinct nodes: dead-lettered as poison");
+            }
+            Committed::Ok => {}
         }
-        "poison" => {
-            tracing::warn!(job = %job_id, "job failed on too many distinct nodes: dead-lettered as poison");
-            Committed::Poison
+        Ok(committed)
+    }
+
+    /// Commits until Redis answers (see the module docs); `None` when given up.
+    pub(crate) async fn commit(
+        &self,
+        job: &HeldJob,
+        commit: &Commit,
+        ending: &Ending,
+    ) -> Option<Committed> {
+        let mut backoff = Backoff::new();
+        let mut outage = OutageLog::default();
+        loop {
+            let e = match self.commit_once(job, commit, ending).await {
+                Ok(c) => {
+                    outage.recovered();
+                    return Some(c);
+                }
+                Err(e) => e,
+            };
+            if !e.is_transient() {
+                tracing::error!(job = %job.holding.job_id, error = %e,
+                    "cannot record the end of the job; its lease will run out and another host will run it again");
+                return None;
+            }
+            if self.give_up(job, commit) {
+                return None;
+            }
+            outage.failed("record the end of a job", &e);
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next()) => {}
+                _ = self.hard_stop.cancelled() => {}
+            }
         }
-        _ => Committed::Ok,
-    })
+    }
+
+    /// Whether to stop trying: at the hard stop, or for a release once the lease is surely over.
+    fn give_up(&self, job: &HeldJob, commit: &Commit) -> bool {
+        if self.hard_stop.is_cancelled() {
+            tracing::error!(job = %job.holding.job_id, ?commit,
+                "stopping with the end of this job unrecorded (Redis unreachable); another host will run it again");
+            return true;
+        }
+        let lease_over = Instant::now() > job.confirmed_at() + self.lease * 2;
+        if *commit == Commit::Release && lease_over {
+            tracing::warn!(job = %job.holding.job_id,
+                "cannot give the job back (Redis unreachable); its lease has run out, so another host takes it");
+            return true;
+        }
+        false
+    }
 }

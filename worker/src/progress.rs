@@ -4,7 +4,8 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use fleetq_broker::functions::{self, fcall};
+use fleetq_broker::calls::{self, HoldReply, ProgressKind};
+use fleetq_broker::functions;
 use fleetq_broker::{QueueKeys, Redis};
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -45,13 +46,12 @@ pub(crate) struct Snapshot {
     pub(crate) flush_at: Option<Instant>,
 }
 
-/// Where a tracker writes: the attempt's fencing identity.
+/// Where a tracker writes (the fencing identity is the held job's).
 #[derive(Debug, Clone)]
 pub(crate) struct Target {
     pub(crate) redis: Redis,
     pub(crate) keys: QueueKeys,
     pub(crate) consumer: String,
-    pub(crate) entry_id: String,
 }
 
 /// Tracks one attempt.
@@ -164,7 +164,7 @@ impl Tracker {
             w.observe();
         }
         self.changed.notify_one();
-        self.write("started", String::new()).await;
+        self.write(ProgressKind::Started, String::new()).await;
     }
 
     pub(crate) async fn report(&self, mut p: Progress) {
@@ -213,7 +213,7 @@ impl Tracker {
         };
         self.changed.notify_one();
         if write_now {
-            self.write("progress", json).await;
+            self.write(ProgressKind::Progress, json).await;
         }
     }
 
@@ -228,29 +228,35 @@ impl Tracker {
             p
         };
         if let Some(json) = pending {
-            self.write("progress", json).await;
+            self.write(ProgressKind::Progress, json).await;
         }
     }
 
-    async fn write(&self, kind: &str, progress_json: String) {
+    async fn write(&self, kind: ProgressKind, progress_json: String) {
         let t = &self.target;
-        let mut cmd = fcall("fleetq_progress", &t.keys);
-        cmd.arg(&t.consumer)
-            .arg(&t.entry_id)
-            .arg(self.held.deliveries)
-            .arg(&self.held.job_id)
-            .arg(kind)
-            .arg(progress_json)
-            .arg(self.stages_json());
-        match functions::call::<String, _>(&mut t.redis.conn(), &cmd, "report progress").await {
-            Ok(reply) if reply == "lost" => {
-                tracing::warn!(job = %self.held.job_id, "lease lost (seen on a progress report); stopping the local run");
+        let holding = &self.held.holding;
+        let cmd = calls::progress(
+            &t.keys,
+            &t.consumer,
+            holding,
+            kind,
+            &progress_json,
+            &self.stages_json(),
+        );
+        let reply = functions::call::<String, _>(&mut t.redis.conn(), &cmd, "report progress")
+            .await
+            .and_then(|w| HoldReply::parse("report progress", &w));
+        match reply {
+            Ok(HoldReply::Lost) => {
+                if self.held.stop_reason().is_none() {
+                    tracing::warn!(job = %holding.job_id, "lease lost (seen on a progress report); stopping the local run");
+                }
                 self.held.stop(StopReason::LeaseLost);
             }
-            Ok(reply) if reply == "cancel" => self.held.stop(StopReason::Cancelled),
-            Ok(_) => {}
+            Ok(HoldReply::Cancel) => self.held.stop(StopReason::Cancelled),
+            Ok(HoldReply::Ok) => {}
             Err(e) => {
-                tracing::warn!(job = %self.held.job_id, error = %e, "cannot write progress; the job goes on");
+                tracing::warn!(job = %holding.job_id, error = %e, "cannot write progress; the job goes on");
             }
         }
     }

@@ -1,14 +1,15 @@
 //! Reclaim: a worker with free slots takes over entries whose lease ran out (their host died,
-//! froze or lost its network) with `XAUTOCLAIM`, inside `fleetq_reclaim`, which also promotes
+//! froze or lost its network) with `XCLAIM`, inside `fleetq_reclaim`, which also promotes
 //! due retries. The reply says when something may next fall due, so an idle worker sleeps
 //! (blocked on its read) exactly until then instead of polling.
 
 use std::time::Duration;
 
-use fleetq_broker::functions::{self, fcall};
+use fleetq_broker::calls::{self, Caller, ReclaimReply};
+use fleetq_broker::functions;
 use fleetq_broker::{QueueKeys, RawEntry, Redis};
 
-use crate::take::{raw_entry, EntryReply};
+use crate::take::raw_entry;
 
 /// Added to every wake-up delay so the worker wakes just after a deadline, not before.
 const WAKE_MARGIN_MS: u64 = 5;
@@ -24,17 +25,12 @@ pub(crate) struct Reclaimed {
 pub(crate) async fn reclaim(
     redis: &Redis,
     keys: &QueueKeys,
-    consumer: &str,
-    node: &str,
+    caller: &Caller,
     lease: Duration,
     free: usize,
 ) -> Result<Reclaimed, fleetq_broker::Error> {
-    let mut cmd = fcall("fleetq_reclaim", keys);
-    cmd.arg(consumer)
-        .arg(lease.as_millis() as u64)
-        .arg(free)
-        .arg(node);
-    let (entries, next_wake_ms, now_ms): (Vec<EntryReply>, u64, u64) =
+    let cmd = calls::reclaim(keys, caller, lease, free);
+    let (entries, next_wake_ms, now_ms): ReclaimReply =
         functions::call(&mut redis.conn(), &cmd, "reclaim").await?;
     let entries = entries.into_iter().map(raw_entry).collect();
     // A few ms late rather than early: an entry is claimable once its idle time reaches the lease.

@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use fleetq_broker::functions::{self, fcall};
+use fleetq_broker::calls::{self, Caller, Holding, TakeDecision, TakeEntry, Token};
+use fleetq_broker::functions;
 use fleetq_broker::job::entry_ms;
 use fleetq_broker::keys::GROUP;
 use fleetq_broker::{JobEntry, Malformed, QueueConfig, QueueKeys, RawEntry, Redis};
@@ -17,24 +18,9 @@ use redis::Value;
 /// An entry after `fleetq_take` (its parsed job travels beside it).
 #[derive(Debug)]
 pub(crate) struct Taken {
-    pub(crate) entry_id: String,
-    pub(crate) job_id: String,
-    pub(crate) decision: Decision,
-    pub(crate) deliveries: u64,
-    /// This attempt's number (prior attempts + deliveries).
-    pub(crate) attempt: u32,
-}
-
-/// What `fleetq_take` decided for an entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Decision {
-    /// Run it here.
-    Run,
-    /// Settled without running here (`fleetq_take`'s word: lost, duplicate, cancelled,
-    /// expired, dead).
-    Skip(String),
-    /// Handed on to another node; due again after this delay.
-    Pass(std::time::Duration),
+    /// Entry, job and this take's token.
+    pub(crate) holding: Holding,
+    pub(crate) decision: TakeDecision,
 }
 
 /// Reads up to `count` new entries, blocking up to `block`. `from_start` reads this
@@ -76,8 +62,7 @@ pub(crate) async fn read(
     Ok(out)
 }
 
-/// An entry as Lua and `XRANGE` return it: id and flat field/value pairs.
-pub(crate) type EntryReply = (String, Vec<(String, Value)>);
+pub(crate) use fleetq_broker::calls::EntryReply;
 
 /// Turns an [`EntryReply`] into a [`RawEntry`].
 pub(crate) fn raw_entry((id, fields): EntryReply) -> RawEntry {
@@ -120,105 +105,94 @@ pub(crate) async fn ensure_group(
     }
 }
 
-/// Runs `fleetq_take` for a batch of entries this worker read.
 /// Who takes: the identity and settings `fleetq_take` needs.
 #[derive(Debug, Clone)]
 pub(crate) struct Taker {
     pub(crate) redis: Redis,
     pub(crate) keys: QueueKeys,
-    pub(crate) consumer: String,
-    pub(crate) node: String,
+    pub(crate) caller: Caller,
     pub(crate) lease: std::time::Duration,
     /// The handler does not report its start: the job counts as started when taken.
     pub(crate) starts_at_once: bool,
 }
 
+/// The values `fleetq_take` needs about one entry (a malformed one is taken too, so that it
+/// can be dead-lettered with its reason, and so never runs out of attempts first).
+fn take_entry(raw: &RawEntry, job: &Result<JobEntry, Malformed>, queue: &QueueConfig) -> TakeEntry {
+    let token = Some(Token::new());
+    match job {
+        Ok(j) => TakeEntry {
+            entry_id: raw.id.clone(),
+            job_id: j.job_id.clone(),
+            token,
+            prior_attempts: j.prior_attempts,
+            max_attempts: j.max_attempts(queue),
+            queue_deadline_ms: match j.queue_timeout(queue) {
+                Some(t) if j.prior_attempts == 0 => j.enqueued_ms + t.as_millis() as u64,
+                _ => 0,
+            },
+            enqueued_ms: j.enqueued_ms,
+            avoid: j.avoid.clone(),
+            avoid_until_ms: j.avoid_until,
+            workflow: j.workflow.clone(),
+            passes: j.passes,
+        },
+        Err(_) => TakeEntry {
+            entry_id: raw.id.clone(),
+            job_id: raw.job_id(),
+            token,
+            max_attempts: u32::MAX,
+            enqueued_ms: entry_ms(&raw.id),
+            ..TakeEntry::default()
+        },
+    }
+}
+
+/// Runs `fleetq_take` for a batch of entries this worker read.
 pub(crate) async fn take(
     taker: &Taker,
     queue: &QueueConfig,
     entries: Vec<RawEntry>,
 ) -> Result<Vec<(Taken, Result<JobEntry, Malformed>)>, fleetq_broker::Error> {
-    let Taker {
-        redis,
-        keys,
-        consumer,
-        node,
-        lease,
-        starts_at_once,
-    } = taker;
     if entries.is_empty() {
         return Ok(Vec::new());
     }
-    let parsed: Vec<(RawEntry, Result<JobEntry, Malformed>)> = entries
+    let parsed: Vec<(TakeEntry, Result<JobEntry, Malformed>)> = entries
         .into_iter()
         .map(|raw| {
             let job = JobEntry::parse(&raw, queue.max_payload_bytes);
-            (raw, job)
+            (take_entry(&raw, &job, queue), job)
         })
         .collect();
-    let mut cmd = fcall("fleetq_take", keys);
-    cmd.arg(consumer)
-        .arg(node)
-        .arg(lease.as_millis() as u64)
-        .arg(u8::from(*starts_at_once));
-    for (raw, job) in &parsed {
-        match job {
-            Ok(j) => {
-                let deadline = match j.queue_timeout(queue) {
-                    Some(t) if j.prior_attempts == 0 => j.enqueued_ms + t.as_millis() as u64,
-                    _ => 0,
-                };
-                cmd.arg(&raw.id)
-                    .arg(&j.job_id)
-                    .arg(j.prior_attempts)
-                    .arg(j.max_attempts(queue))
-                    .arg(deadline)
-                    .arg(j.enqueued_ms)
-                    .arg(j.avoid.join(","))
-                    .arg(j.avoid_until)
-                    .arg(j.workflow.as_deref().unwrap_or(""))
-                    .arg(j.passes);
-            }
-            Err(_) => {
-                // Taken so that it can be dead-lettered with its reason.
-                cmd.arg(&raw.id)
-                    .arg(raw.job_id())
-                    .arg(0)
-                    .arg(u32::MAX)
-                    .arg(0)
-                    .arg(entry_ms(&raw.id))
-                    .arg("")
-                    .arg(0)
-                    .arg("")
-                    .arg(0);
-            }
-        }
-    }
-    let replies: Vec<(String, String, u64, u32)> =
-        functions::call(&mut redis.conn(), &cmd, "take").await?;
+    let args: Vec<TakeEntry> = parsed.iter().map(|(e, _)| e.clone()).collect();
+    let cmd = calls::take(
+        &taker.keys,
+        &taker.caller,
+        taker.lease,
+        taker.starts_at_once,
+        &args,
+    );
+    let rows = functions::call(&mut taker.redis.conn(), &cmd, "take").await?;
+    let replies = calls::parse_take(rows)?;
     Ok(parsed
         .into_iter()
         .zip(replies)
-        .map(|((raw, job), (entry_id, decision, deliveries, attempt))| {
-            let decision = if decision == "run" {
-                Decision::Run
-            } else if decision == "pass" {
-                Decision::Pass(std::time::Duration::from_millis(u64::from(attempt)))
-            } else {
-                tracing::debug!(entry = %entry_id, %decision, "entry settled at take");
-                Decision::Skip(decision)
+        .map(|((e, job), reply)| {
+            if !matches!(reply.decision, TakeDecision::Run { .. }) {
+                tracing::debug!(entry = %e.entry_id, decision = ?reply.decision, "entry settled at take");
+            }
+            let holding = Holding {
+                entry_id: e.entry_id,
+                token: e.token.unwrap_or_else(Token::none),
+                job_id: e.job_id,
             };
-            let taken = Taken {
-                job_id: match &job {
-                    Ok(j) => j.job_id.clone(),
-                    Err(_) => raw.job_id(),
+            (
+                Taken {
+                    holding,
+                    decision: reply.decision,
                 },
-                entry_id,
-                decision,
-                deliveries,
-                attempt,
-            };
-            (taken, job)
+                job,
+            )
         })
         .collect())
 }

@@ -50,4 +50,4 @@ local function cancel(keys, args)
   return { 'cancelling' }
 end
 
-register('fleetq_cancel', cancel)
+register('fleetq_cancel', cancel, DRAIN)

@@ -3,7 +3,8 @@
 -- KEYS[1]  queue stream key
 -- ARGV[1]  consumer name of the caller
 -- ARGV[2]  entry id
--- ARGV[3]  deliveries (as returned by fleetq_take: the fencing token)
+-- ARGV[3]  token (the caller's, from its fleetq_take; '' only to release an entry the caller
+--          read but never took, at shutdown)
 -- ARGV[4]  job id
 -- ARGV[5]  outcome: succeeded | failed | retry | dead | cancelled | release
 -- ARGV[6]  data: the result JSON (succeeded) or the error message (failed, retry, dead)
@@ -17,30 +18,47 @@
 --          failed on poison_nodes distinct nodes (the node is not to blame); 'fenced' when the
 --          caller no longer owns the entry (nothing is written but the `fenced` counter).
 --
+-- Attempts: an attempt that ended (succeeded, failed, retry, dead, cancelled) counts, started or
+-- not; a released one does not.
+--
 -- succeeded/failed/dead/cancelled end the job (its hash then expires after retention_ms);
 -- retry puts the job in the delayed set (due now + delay) with its attempts counted, avoiding
 -- this node (and, for a job with a workflow, blocking this node for that workflow) for
 -- failover_cooldown_ms; release gives an unfinished job back at once without counting the
 -- attempt (shutdown).
 
+local OUTCOMES = { succeeded = 1, failed = 1, retry = 1, dead = 1, cancelled = 1, release = 1 }
+
+-- May the caller end this attempt? With its token: it holds the entry. Without one (a release
+-- at shutdown of an entry read but never taken): it owns the entry in the pending list and
+-- the job record does not name it as this entry's holder.
+local function may_complete(K, consumer, entry_id, token, jk, outcome)
+  if token ~= '' then return owns(K, entry_id, consumer, token, jk) end
+  if outcome ~= 'release' or pending_owner(K, entry_id) ~= consumer then return false end
+  local h = redis.call('HMGET', jk, 'entry', 'consumer')
+  return h[1] ~= entry_id or h[2] == false
+end
+
 local function complete(keys, args)
   local K = queue_keys(keys[1])
-  local consumer, entry_id, deliveries, job_id = args[1], args[2], args[3], args[4]
+  local consumer, entry_id, token, job_id = args[1], args[2], args[3] or '', args[4]
   local outcome, data = args[5], args[6] or ''
   local timeout_kind, stage = args[9] or '', args[10] or ''
   local elapsed = tonumber(args[11]) or 0
   local stages = args[12] or ''
-  if not ({ succeeded = 1, failed = 1, retry = 1, dead = 1, cancelled = 1, release = 1 })[outcome] then
+  if not OUTCOMES[outcome] then
     return redis.error_reply('fleetq: unknown outcome "' .. outcome .. '"; use succeeded, failed, retry, dead, cancelled or release')
   end
-  if not owns(K, entry_id, consumer, deliveries) then
+  local jk = job_key(K, job_id)
+  if not may_complete(K, consumer, entry_id, token, jk, outcome) then
     stat(K, 'fenced')
     return 'fenced'
   end
-  local jk = job_key(K, job_id)
   local now = now_ms()
-  local h = redis.call('HMGET', jk, 'attempts', 'nodes', 'node', 'failed_nodes', 'entry', 'attempt_started_ms')
+  local h = redis.call('HMGET', jk, 'attempt', 'nodes', 'node', 'failed_nodes', 'entry', 'attempt_started_ms')
   local attempts, nodes, node = h[1] or '0', h[2] or '', h[3] or ''
+  if h[5] ~= entry_id then attempts, node = '0', '' end
+  if outcome ~= 'release' and h[5] == entry_id then redis.call('HSET', jk, 'attempts', attempts) end
   -- The entry's own fields are needed only to dead-letter or re-add it.
   local fields, m = {}, {}
   if outcome ~= 'succeeded' and outcome ~= 'failed' and outcome ~= 'cancelled' then
@@ -107,8 +125,8 @@ local function complete(keys, args)
     finish(K, job_id, 'cancelled')
     emit(K, 'cancelled', job_id, { 'node', node })
   elseif outcome == 'retry' or outcome == 'release' then
-    -- Attempts made so far: counted by fleetq_take when this entry was taken; an entry
-    -- released before it was taken still carries its own count.
+    -- Attempts made so far: this one counts unless it is released; an entry released before
+    -- it was taken still carries its own count.
     local done
     if h[5] == entry_id then
       done = tonumber(attempts) or 0
@@ -152,4 +170,4 @@ local function complete(keys, args)
   return reply
 end
 
-register('fleetq_complete', complete)
+register('fleetq_complete', complete, DRAIN)

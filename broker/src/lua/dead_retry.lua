@@ -61,4 +61,4 @@ local function dead_purge(keys, args)
 end
 
 register('fleetq_dead_retry', dead_retry)
-register('fleetq_dead_purge', dead_purge)
+register('fleetq_dead_purge', dead_purge, DRAIN)

@@ -17,6 +17,33 @@
 -- for 10 minutes with nothing pending (hosts gone for good), forgets nodes not seen for a day,
 -- and workflow blocks and suspensions that are over.
 
+-- Entries whose holder's lease ran out and that have no attempt left: dead-letter them here,
+-- so they do not wait for a worker with a free slot to reclaim them first. An attempt counts
+-- once started, so an entry that never started on its last delivery is left for a reclaim.
+local function dead_letter_lapsed(K, now)
+  local lease = config_num(K, 'lease_ms', DEFAULT_LEASE_MS)
+  if not may_judge(K, lease, now) then return 0 end
+  local max_default = config_num(K, 'max_attempts', 3)
+  local ended = 0
+  local due = redis.call('ZRANGE', K.leases, '-inf', now, 'BYSCORE', 'LIMIT', 0, 100)
+  for _, entry_id in ipairs(due) do
+    local owner, _, idle = pending_owner(K, entry_id)
+    local fields = owner and idle >= lease and entry_fields(K, entry_id)
+    if fields then
+      local job_id = job_id_of(entry_id, fields)
+      local h = redis.call('HMGET', job_key(K, job_id), 'entry', 'attempts', 'max_attempts', 'nodes')
+      local used = tonumber(h[2]) or 0
+      local max = tonumber(h[3]) or tonumber(to_map(fields)['max_attempts']) or max_default
+      if h[1] == entry_id and used >= max then
+        blame_lease(K, entry_id, owner, now)
+        end_exhausted(K, job_id, entry_id, fields, used, max, h[4] or '')
+        ended = ended + 1
+      end
+    end
+  end
+  return ended
+end
+
 local function expire(keys, args)
   local K = queue_keys(keys[1])
   local limit = tonumber(args[1]) or 1000
@@ -49,29 +76,7 @@ local function expire(keys, args)
       end
     end
   end
-  -- Entries whose holder's lease ran out and that have no attempt left: dead-letter them here,
-  -- so they do not wait for a worker with a free slot to reclaim them first.
-  local lease = config_num(K, 'lease_ms', 10000)
-  local max_default = config_num(K, 'max_attempts', 3)
-  local ok_p, stale = pcall(redis.call, 'XPENDING', K.stream, GROUP, 'IDLE', lease, '-', '+', 100)
-  if ok_p then
-    for _, p in ipairs(stale) do
-      local entry_id, deliveries = p[1], tonumber(p[4])
-      local fields = entry_fields(K, entry_id)
-      if fields then
-        local m = to_map(fields)
-        local max = tonumber(m['max_attempts']) or max_default
-        local used = (tonumber(m['attempts']) or 0) + deliveries
-        if used >= max then
-          local job_id = job_id_of(entry_id, fields)
-          local nodes = redis.call('HGET', job_key(K, job_id), 'nodes') or ''
-          end_exhausted(K, job_id, entry_id, fields, used, max, nodes)
-          stat(K, 'timeout:lease')
-          expired = expired + 1
-        end
-      end
-    end
-  end
+  expired = expired + dead_letter_lapsed(K, now)
   -- Remove consumers of hosts gone for good: idle for 10 minutes with nothing pending (a live
   -- worker reads at least every max_block; one with pending entries keeps them reclaimable).
   local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', K.stream, GROUP)
@@ -100,4 +105,4 @@ local function expire(keys, args)
   return { expired, #r }
 end
 
-register('fleetq_expire', expire)
+register('fleetq_expire', expire, DRAIN)

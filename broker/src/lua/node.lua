@@ -44,5 +44,5 @@ local function node_state(keys, args)
   return 'ok'
 end
 
-register('fleetq_node_beat', node_beat)
-register('fleetq_node_state', node_state)
+register('fleetq_node_beat', node_beat, DRAIN)
+register('fleetq_node_state', node_state, DRAIN)

@@ -8,21 +8,33 @@
 -- Idempotent: any number of brokers and workers may call it at any time; each job moves once
 -- (ZREM happens in the same atomic step as the XADD).
 
+-- Puts one due job back in line. Its saved fields are checked before anything is removed: a
+-- record that cannot be read (written by hand, say) is dead-lettered with the reason.
+local function promote_one(K, job_id)
+  local jk = job_key(K, job_id)
+  local saved = redis.call('HGET', jk, 'retry')
+  local ok, fields = false, nil
+  if saved then ok, fields = pcall(cjson.decode, saved) end
+  redis.call('ZREM', K.delayed, job_id)
+  if not saved then return end
+  if not ok or type(fields) ~= 'table' or #fields > 2 * ENTRY_FIELDS_MAX then
+    local reason = 'malformed: its saved retry fields are not a JSON array of at most ' .. ENTRY_FIELDS_MAX .. ' fields'
+    dead_letter(K, job_id, {}, 'malformed', reason, 0, '')
+    finish(K, job_id, 'dead', { 'error', reason, 'reason', 'malformed' })
+    emit(K, 'dead', job_id, { 'reason', 'malformed' })
+    return
+  end
+  for i = 1, #fields do fields[i] = tostring(fields[i]) end
+  local new_id, seq = add_entry(K, fields)
+  stat(K, 'readded')
+  redis.call('HSET', jk, 'state', 'waiting', 'entry', new_id, 'seq', tostring(seq))
+  redis.call('HDEL', jk, 'retry', 'due_ms')
+  emit(K, 'queued', job_id, { 'promoted', '1' })
+end
+
 local function promote_due(K, now, limit)
   local due = redis.call('ZRANGE', K.delayed, '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)
-  for _, job_id in ipairs(due) do
-    redis.call('ZREM', K.delayed, job_id)
-    local jk = job_key(K, job_id)
-    local saved = redis.call('HGET', jk, 'retry')
-    if saved then
-      local fields = cjson.decode(saved)
-      local new_id, seq = add_entry(K, fields)
-      stat(K, 'readded')
-      redis.call('HSET', jk, 'state', 'waiting', 'entry', new_id, 'seq', tostring(seq))
-      redis.call('HDEL', jk, 'retry', 'due_ms')
-      emit(K, 'queued', job_id, { 'promoted', '1' })
-    end
-  end
+  for _, job_id in ipairs(due) do promote_one(K, job_id) end
   local first = redis.call('ZRANGE', K.delayed, 0, 0, 'WITHSCORES')
   local next_due = 0
   if #first > 0 then next_due = tonumber(first[2]) end
@@ -35,4 +47,4 @@ local function promote(keys, args)
   return { moved, next_due }
 end
 
-register('fleetq_promote', promote)
+register('fleetq_promote', promote, DRAIN)

@@ -4,8 +4,8 @@
 -- ARGV[1]  consumer name of the caller
 -- ARGV[2]  lease in ms
 -- ARGV[3]  node name of the caller (marks the node alive)
--- ARGV[4…] per entry, 3 values: entry_id, deliveries (as returned by fleetq_take), job_id
--- Reply    per entry: 'ok' (renewed), 'lost' (another consumer or delivery holds it now; the
+-- ARGV[4…] per entry, 3 values: entry_id, token (the caller's, from its fleetq_take), job_id
+-- Reply    per entry: 'ok' (renewed), 'lost' (another consumer or take holds it now; the
 --          caller must stop: it cannot commit), or 'cancel' (renewed, but a producer asked to
 --          cancel the job; the caller should stop it and commit 'cancelled').
 --
@@ -15,15 +15,17 @@
 local function renew(keys, args)
   local K = queue_keys(keys[1])
   local consumer, lease = args[1], tonumber(args[2])
-  local deadline = now_ms() + lease
+  local now = now_ms()
   seen(K, args[3])
+  worker_called(K, now)
   local out = {}
   for i = 4, #args, 3 do
-    local entry_id, deliveries, job_id = args[i], args[i + 1], args[i + 2]
-    if owns(K, entry_id, consumer, deliveries) then
+    local entry_id, token, job_id = args[i], args[i + 1], args[i + 2]
+    local jk = job_key(K, job_id)
+    if owns(K, entry_id, consumer, token, jk) then
       redis.call('XCLAIM', K.stream, GROUP, consumer, 0, entry_id, 'JUSTID')
-      redis.call('ZADD', K.leases, deadline, entry_id)
-      if redis.call('HGET', job_key(K, job_id), 'cancel') == '1' then
+      set_lease(K, entry_id, now + lease)
+      if redis.call('HGET', jk, 'cancel') == '1' then
         out[#out + 1] = 'cancel'
       else
         out[#out + 1] = 'ok'
@@ -35,4 +37,4 @@ local function renew(keys, args)
   return out
 end
 
-register('fleetq_renew', renew)
+register('fleetq_renew', renew, DRAIN)

@@ -6,113 +6,168 @@
 -- ARGV[3]  lease in ms (the entry is reclaimable when not renewed within it)
 -- ARGV[4]  1 when the job counts as started at once (in-process handlers); 0 when the
 --          executor reports the start itself (fleetq_progress … started)
--- ARGV[5…] per entry, 10 values: entry_id, job_id, prior_attempts, max_attempts,
---          queue_deadline_ms (0 = none), enqueued_ms, avoid (comma-separated nodes or ''),
---          avoid_until_ms (0 = none), workflow (or ''), passes (times handed on so far)
--- Reply    per entry { entry_id, decision, deliveries, attempts }, decision one of
---          run        the caller owns it and runs it;
+-- ARGV[5…] per entry, 11 values: entry_id, job_id, token (chosen by the caller, new for every
+--          take: the fencing token its renewals, progress reports and commit present),
+--          prior_attempts, max_attempts, queue_deadline_ms (0 = none), enqueued_ms, avoid
+--          (comma-separated nodes or ''), avoid_until_ms (0 = none), workflow (or ''), passes
+--          (times handed on so far)
+-- Reply    per entry { entry_id, decision, deliveries, n }, decision one of
+--          run        the caller owns it and runs it; n is this attempt's number;
 --          lost       not owned by the caller;
 --          duplicate  another entry already carries this job id, or the job has ended;
 --          cancelled  a producer cancelled it;
 --          expired    its queue timeout passed before it started;
---          dead       attempts exhausted (the last holders lost their leases);
+--          dead       no attempt left (the last holders lost their leases), or delivered
+--                     DELIVERIES_MAX times without ever starting;
 --          pass       the caller's node is avoided for this job (it failed it, or the job's
 --                     workflow, within failover_cooldown_ms) and another eligible node is
 --                     alive: the job goes back in line, shortly, without using an attempt
---                     (the reply's last value is then the delay in ms before it is due).
+--                     (n is then the delay in ms before it is due).
+--
+-- Attempts are counted when a job starts (here when ARGV[4] is 1, else at fleetq_progress
+-- 'started'), not when it is delivered: a delivery lost before it started costs nothing.
 
 local PASS_DELAY_MS = 250
 local PASS_DELAY_MAX_MS = 5000
+-- Deliveries of one entry that never led to a start before it is dead-lettered (a job that
+-- kills every worker that reads it, say).
+local DELIVERIES_MAX = 20
+local TAKE_STRIDE = 11
+
+-- The job ended or was replaced, but its entry was still delivered: drop it.
+local function take_duplicate(K, jk, entry_id, h)
+  drop_entry(K, entry_id)
+  if h[6] == '1' and h[2] == entry_id then
+    -- A cancelled or expired waiting entry, reached at last: its hash may expire now.
+    stat(K, 'tombstones', -1)
+    redis.call('HDEL', jk, 'tombstone')
+    local retention = config_num(K, 'retention_ms', DEFAULT_RETENTION_MS)
+    if retention <= 0 then retention = DEFAULT_RETENTION_MS end
+    redis.call('PEXPIRE', jk, retention)
+  else
+    stat(K, 'duplicates')
+  end
+end
+
+local function take_dead(K, job_id, entry_id, reason, used, nodes)
+  local fields = entry_fields(K, entry_id)
+  dead_letter(K, job_id, fields, 'deliveries_exhausted', reason, used, nodes)
+  drop_entry(K, entry_id)
+  finish(K, job_id, 'dead', { 'error', reason, 'reason', 'deliveries_exhausted' })
+  emit(K, 'dead', job_id, { 'reason', 'deliveries_exhausted' })
+end
+
+-- The caller runs it: record the holder, its token and lease.
+local function take_run(K, T, e, h, used, deliveries)
+  local jk = job_key(K, e.job_id)
+  local nodes = h[4] or ''
+  if nodes ~= '' then nodes = nodes .. ',' end
+  nodes = nodes .. T.node
+  local attempt = used + 1
+  local counted = T.started_now and attempt or used
+  local set = { 'HSET', jk, 'state', T.started_now and 'running' or 'taken', 'entry', e.entry_id,
+    'consumer', T.consumer, 'token', e.token, 'node', T.node, 'attempt', tostring(attempt),
+    'attempts', tostring(counted), 'max_attempts', tostring(e.max_attempts), 'taken_ms', tostring(T.now),
+    'nodes', nodes, 'enqueued_ms', e.enqueued, 'deliveries', tostring(deliveries) }
+  if T.started_now then
+    set[#set + 1] = 'attempt_started_ms'
+    set[#set + 1] = tostring(T.now)
+    if not h[5] then
+      set[#set + 1] = 'started_ms'
+      set[#set + 1] = tostring(T.now)
+    end
+  end
+  redis.call(unpack(set))
+  if attempt > 1 or h[1] then
+    -- An earlier attempt's progress and timeout do not describe this one.
+    redis.call('HDEL', jk, 'progress', 'progress_ms', 'stages', 'timeout', 'timeout_stage',
+      'timeout_elapsed_ms', 'timeout_node')
+    if not T.started_now then redis.call('HDEL', jk, 'attempt_started_ms') end
+    redis.call('PERSIST', jk)
+  end
+  set_lease(K, e.entry_id, T.now + T.lease)
+  emit(K, T.started_now and 'started' or 'taken', e.job_id, { 'node', T.node, 'attempt', tostring(attempt) })
+  return attempt
+end
+
+local function avoided_here(K, T, e)
+  if e.avoid_until > T.now and contains(e.avoid, T.node) then return true end
+  if e.workflow == '' then return false end
+  local blocked = tonumber(redis.call('HGET', K.blocks, block_field(e.workflow, T.node)))
+  return blocked ~= nil and blocked > T.now
+end
+
+-- Decides for one entry the caller owns.
+local function take_owned(K, T, e, deliveries)
+  local jk = job_key(K, e.job_id)
+  local h = redis.call('HMGET', jk, 'state', 'entry', 'cancel', 'nodes', 'started_ms', 'tombstone', 'attempts')
+  local state, known_entry = h[1], h[2]
+  -- Attempts used so far: the job record's count while it describes this entry, else the
+  -- count the entry carries from earlier entries of the job.
+  local used = e.prior
+  if known_entry == e.entry_id then used = tonumber(h[7]) or e.prior end
+  if (known_entry and known_entry ~= e.entry_id) or TERMINAL[state] then
+    take_duplicate(K, jk, e.entry_id, h)
+    return 'duplicate', used
+  elseif h[3] == '1' then
+    drop_entry(K, e.entry_id)
+    finish(K, e.job_id, 'cancelled')
+    emit(K, 'cancelled', e.job_id)
+    return 'cancelled', used
+  elseif e.deadline > 0 and T.now > e.deadline and not h[5] then
+    drop_entry(K, e.entry_id)
+    local enq = tonumber(e.enqueued) or T.now
+    end_expired(K, e.job_id, enq, e.deadline - enq)
+    return 'expired', used
+  elseif used >= e.max_attempts then
+    end_exhausted(K, e.job_id, e.entry_id, entry_fields(K, e.entry_id), used, e.max_attempts, h[4] or '')
+    return 'dead', used
+  elseif deliveries > DELIVERIES_MAX then
+    take_dead(K, e.job_id, e.entry_id, 'delivered ' .. deliveries .. ' times and never started: ' ..
+      'every worker that read it died or lost it before the start', used, h[4] or '')
+    return 'dead', used
+  elseif deliveries == 1 and avoided_here(K, T, e)
+    and other_node_eligible(K, T.node, e.avoid_until > T.now and e.avoid or {}, e.workflow, T.now) then
+    local delay = math.min(PASS_DELAY_MS * 2 ^ e.passes, PASS_DELAY_MAX_MS)
+    requeue(K, e.job_id, e.entry_id, { passes = tostring(e.passes + 1) }, delay, T.now)
+    stat(K, 'passed')
+    return 'pass', delay
+  end
+  return 'run', take_run(K, T, e, h, used, deliveries)
+end
+
+local function take_entry(args, i)
+  return {
+    entry_id = args[i], job_id = args[i + 1], token = args[i + 2],
+    prior = tonumber(args[i + 3]) or 0, max_attempts = tonumber(args[i + 4]) or 1,
+    deadline = tonumber(args[i + 5]) or 0, enqueued = args[i + 6],
+    avoid = split_csv(args[i + 7]), avoid_until = tonumber(args[i + 8]) or 0,
+    workflow = args[i + 9] or '', passes = tonumber(args[i + 10]) or 0,
+  }
+end
 
 local function take(keys, args)
   local K = queue_keys(keys[1])
-  local consumer, node = args[1], args[2]
-  local lease = tonumber(args[3])
-  local started_now = args[4] == '1'
-  local now = now_ms()
-  seen(K, node)
+  if (#args - 4) % TAKE_STRIDE ~= 0 then
+    return redis.error_reply('fleetq: fleetq_take takes 4 values and then ' .. TAKE_STRIDE ..
+      ' per entry; got ' .. #args .. ' (a worker of another protocol version?)')
+  end
+  local T = { consumer = args[1], node = args[2], lease = tonumber(args[3]), started_now = args[4] == '1',
+    now = now_ms() }
+  seen(K, T.node)
+  worker_called(K, T.now)
   local out = {}
-  for i = 5, #args, 10 do
-    local entry_id, job_id = args[i], args[i + 1]
-    local prior, max_attempts = tonumber(args[i + 2]), tonumber(args[i + 3])
-    local deadline, enqueued = tonumber(args[i + 4]), args[i + 5]
-    local avoid, avoid_until = split_csv(args[i + 6]), tonumber(args[i + 7]) or 0
-    local workflow, passes = args[i + 8] or '', tonumber(args[i + 9]) or 0
-    local owner, deliveries = pending_owner(K, entry_id)
-    local jk = job_key(K, job_id)
-    if owner ~= consumer then
-      out[#out + 1] = { entry_id, 'lost', deliveries, 0 }
+  for i = 5, #args, TAKE_STRIDE do
+    local e = take_entry(args, i)
+    local owner, deliveries = pending_owner(K, e.entry_id)
+    if owner ~= T.consumer or e.token == '' then
+      out[#out + 1] = { e.entry_id, 'lost', deliveries, 0 }
     else
-      local h = redis.call('HMGET', jk, 'state', 'entry', 'cancel', 'nodes', 'started_ms', 'tombstone')
-      local state, known_entry, cancel, nodes, started = h[1], h[2], h[3], h[4] or '', h[5]
-      local attempts = prior + deliveries
-      local avoided = (avoid_until > now and contains(avoid, node))
-      if not avoided and workflow ~= '' then
-        local blocked = tonumber(redis.call('HGET', K.blocks, block_field(workflow, node)))
-        avoided = blocked ~= nil and blocked > now
-      end
-      if (known_entry and known_entry ~= entry_id) or TERMINAL[state] then
-        drop_entry(K, entry_id)
-        if h[6] == '1' and known_entry == entry_id then
-          -- A cancelled or expired waiting entry, reached at last: its hash may expire now.
-          stat(K, 'tombstones', -1)
-          redis.call('HDEL', jk, 'tombstone')
-          local retention = config_num(K, 'retention_ms', DEFAULT_RETENTION_MS)
-          if retention <= 0 then retention = DEFAULT_RETENTION_MS end
-          redis.call('PEXPIRE', jk, retention)
-        else
-          stat(K, 'duplicates')
-        end
-        out[#out + 1] = { entry_id, 'duplicate', deliveries, attempts }
-      elseif cancel == '1' then
-        drop_entry(K, entry_id)
-        finish(K, job_id, 'cancelled')
-        emit(K, 'cancelled', job_id)
-        out[#out + 1] = { entry_id, 'cancelled', deliveries, attempts }
-      elseif deadline > 0 and now > deadline and not started then
-        drop_entry(K, entry_id)
-        local enq = tonumber(enqueued) or now
-        end_expired(K, job_id, enq, deadline - enq)
-        out[#out + 1] = { entry_id, 'expired', deliveries, attempts }
-      elseif attempts > max_attempts then
-        end_exhausted(K, job_id, entry_id, entry_fields(K, entry_id), attempts - 1, max_attempts, nodes)
-        out[#out + 1] = { entry_id, 'dead', deliveries, attempts }
-      elseif avoided and deliveries == 1
-        and other_node_eligible(K, node, avoid_until > now and avoid or {}, workflow, now) then
-        local delay = math.min(PASS_DELAY_MS * 2 ^ passes, PASS_DELAY_MAX_MS)
-        requeue(K, job_id, entry_id, { passes = tostring(passes + 1) }, delay, now)
-        stat(K, 'passed')
-        out[#out + 1] = { entry_id, 'pass', deliveries, delay }
-      else
-        if nodes ~= '' then nodes = nodes .. ',' end
-        nodes = nodes .. node
-        local st = started_now and 'running' or 'taken'
-        local set = { 'HSET', jk, 'state', st, 'entry', entry_id, 'consumer', consumer, 'node', node,
-          'attempts', tostring(attempts), 'max_attempts', tostring(max_attempts), 'taken_ms', tostring(now),
-          'nodes', nodes, 'enqueued_ms', enqueued, 'deliveries', tostring(deliveries) }
-        if started_now then
-          set[#set + 1] = 'attempt_started_ms'
-          set[#set + 1] = tostring(now)
-          if not started then
-            set[#set + 1] = 'started_ms'
-            set[#set + 1] = tostring(now)
-          end
-        end
-        redis.call(unpack(set))
-        if attempts > 1 or state then
-          -- An earlier attempt's progress and timeout do not describe this one.
-          redis.call('HDEL', jk, 'progress', 'progress_ms', 'stages', 'timeout', 'timeout_stage',
-            'timeout_elapsed_ms', 'timeout_node')
-          if not started_now then redis.call('HDEL', jk, 'attempt_started_ms') end
-          redis.call('PERSIST', jk)
-        end
-        redis.call('ZADD', K.leases, now + lease, entry_id)
-        emit(K, started_now and 'started' or 'taken', job_id, { 'node', node, 'attempt', tostring(attempts) })
-        out[#out + 1] = { entry_id, 'run', deliveries, attempts }
-      end
+      local decision, n = take_owned(K, T, e, deliveries)
+      out[#out + 1] = { e.entry_id, decision, deliveries, n }
     end
   end
   return out
 end
 
-register('fleetq_take', take)
+register('fleetq_take', take, DRAIN)

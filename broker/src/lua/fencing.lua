@@ -1,0 +1,52 @@
+-- fencing.lua: who holds a delivered entry, and whether a holder's silence means it is gone.
+--
+-- A holder is the consumer that owns the entry in the group's pending list *and* presents
+-- the token it chose when it took the entry (stored in the job hash as `token`). The token is
+-- new for every take, so no rollback of the data set (AOF everysec, an async replica promoted)
+-- can make two runs share one: a run whose token is not the job's current one is fenced.
+--
+-- Leases: every take and renewal writes the holder's deadline (server ms) to the leases zset.
+-- An entry is stale when its deadline (or, for an entry delivered but never taken, its idle
+-- time in the pending list) is a whole lease past. Silence of the whole queue is not death:
+-- when no worker has called in for QUIET_LEASES leases (Redis itself was down, frozen or
+-- failing over), stale judgments wait one more lease (a grace), so live holders renew first.
+
+-- A queue with no worker call for this many leases was cut off from its workers.
+local QUIET_LEASES = 1.5
+
+-- Owner (consumer name), delivery count and idle ms of a pending entry; nil when not pending.
+local function pending_owner(K, entry_id)
+  local ok, r = pcall(redis.call, 'XPENDING', K.stream, GROUP, entry_id, entry_id, 1)
+  if not ok or #r == 0 then return nil, 0, 0 end
+  return r[1][2], tonumber(r[1][4]), tonumber(r[1][3])
+end
+
+-- The fencing check: `consumer` still owns the entry and `token` is the job's current token.
+local function owns(K, entry_id, consumer, token, jk)
+  if token == nil or token == '' then return false end
+  if pending_owner(K, entry_id) ~= consumer then return false end
+  return redis.call('HGET', jk, 'token') == token
+end
+
+-- Records the holder's lease deadline.
+local function set_lease(K, entry_id, deadline)
+  redis.call('ZADD', K.leases, deadline, entry_id)
+end
+
+-- Notes that a worker called in (take, renew, reclaim): the queue is not cut off.
+local function worker_called(K, now)
+  redis.call('HSET', K.stats, 'active_ms', tostring(now))
+end
+
+-- May stale leases be judged now? False during the grace after a quiet spell; a call that
+-- finds the queue quiet for QUIET_LEASES leases starts that grace.
+local function may_judge(K, lease, now)
+  local h = redis.call('HMGET', K.stats, 'active_ms', 'grace_until_ms')
+  local active, grace = tonumber(h[1]), tonumber(h[2]) or 0
+  if active ~= nil and now - active > lease * QUIET_LEASES then
+    grace = now + lease
+    redis.call('HSET', K.stats, 'grace_until_ms', tostring(grace), 'active_ms', tostring(now))
+    stat(K, 'quiet_spells')
+  end
+  return now >= grace
+end

@@ -1,0 +1,60 @@
+-- record.lua: the job record (`fleetq:{q}:job:<id>`) and the entry it was read from: its
+-- fields, its terminal state (with waiters woken and the retention clock started) and its
+-- attempt history.
+
+-- Attempt records kept per job.
+local HISTORY_MAX = 20
+
+-- The fields of one stream entry as a flat array, or nil when the entry is gone.
+local function entry_fields(K, entry_id)
+  local r = redis.call('XRANGE', K.stream, entry_id, entry_id)
+  if #r == 0 then return nil end
+  return r[1][2]
+end
+
+-- The job id of an entry: its `id` field, else the entry id itself.
+local function job_id_of(entry_id, fields)
+  for i = 1, #fields, 2 do
+    if fields[i] == 'id' then return fields[i + 1] end
+  end
+  return entry_id
+end
+
+-- End a job: set its terminal state, wake its waiters, start its retention clock.
+local function finish(K, job_id, state, fields)
+  local jk = job_key(K, job_id)
+  local args = { 'HSET', jk, 'state', state, 'ended_ms', tostring(now_ms()) }
+  if fields then
+    for i = 1, #fields do args[#args + 1] = fields[i] end
+  end
+  redis.call(unpack(args))
+  if state == 'succeeded' then
+    redis.call('HDEL', jk, 'retry', 'cancel', 'error')
+  else
+    redis.call('HDEL', jk, 'retry', 'cancel')
+  end
+  local waiters = tonumber(redis.call('HGET', jk, 'waiters')) or 0
+  if waiters > 0 then
+    local nk = notify_key(K, job_id)
+    for _ = 1, waiters do redis.call('RPUSH', nk, state) end
+    redis.call('PEXPIRE', nk, 60000)
+    redis.call('HDEL', jk, 'waiters')
+  end
+  local retention = config_num(K, 'retention_ms', DEFAULT_RETENTION_MS)
+  if retention <= 0 then retention = DEFAULT_RETENTION_MS end
+  redis.call('PEXPIRE', jk, retention)
+  stat(K, state)
+end
+
+-- Append one attempt record to the job's history (JSON array, last HISTORY_MAX kept).
+local function record_attempt(K, jk, rec)
+  local raw = redis.call('HGET', jk, 'history')
+  local hist = {}
+  if raw then
+    local ok, v = pcall(cjson.decode, raw)
+    if ok and type(v) == 'table' then hist = v end
+  end
+  hist[#hist + 1] = rec
+  while #hist > HISTORY_MAX do table.remove(hist, 1) end
+  redis.call('HSET', jk, 'history', cjson.encode(hist))
+end

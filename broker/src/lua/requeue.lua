@@ -1,0 +1,151 @@
+-- requeue.lua: entries into and out of the stream — add (stamped with `seq`), drop (ack, delete,
+-- forget the lease), back in line (at once or through the delayed set), to the dead letters,
+-- and the two endings shared by several functions: expired before start, attempts exhausted.
+
+-- Most fields of an entry copied to its dead letter; an entry with more (hostile input) keeps
+-- the first ones and says how many were left out.
+local DEAD_FIELDS_MAX = 64
+-- Most fields an entry put back in line may carry (a valid job has far fewer).
+local ENTRY_FIELDS_MAX = 100
+
+-- Add an entry to the stream, stamping it with its sequence number `seq` (the stream's
+-- entries-added counter after the add) so that its queue position is O(1) to compute.
+-- Returns the new entry id and its seq.
+local function add_entry(K, flat)
+  if #flat > 2 * ENTRY_FIELDS_MAX then
+    return error('fleetq: an entry of ' .. (#flat / 2) .. ' fields cannot be added; at most ' .. ENTRY_FIELDS_MAX)
+  end
+  local added = 0
+  if redis.call('EXISTS', K.stream) == 1 then
+    local info = to_map(redis.call('XINFO', 'STREAM', K.stream))
+    added = tonumber(info['entries-added']) or 0
+  end
+  local seq = added + 1
+  local args = { 'XADD', K.stream, '*' }
+  for i = 1, #flat, 2 do
+    if flat[i] ~= 'seq' then
+      args[#args + 1] = flat[i]
+      args[#args + 1] = flat[i + 1]
+    end
+  end
+  args[#args + 1] = 'seq'
+  args[#args + 1] = tostring(seq)
+  local id = redis.call(unpack(args))
+  return id, seq
+end
+
+-- Remove a delivered entry from the group and the stream (the entry is finished).
+local function drop_entry(K, entry_id)
+  redis.call('XACK', K.stream, GROUP, entry_id)
+  redis.call('XDEL', K.stream, entry_id)
+  redis.call('ZREM', K.leases, entry_id)
+end
+
+-- Copy an entry to the dead-letter stream with its reason (at most DEAD_FIELDS_MAX fields).
+local function dead_letter(K, job_id, fields, reason, err, attempts, nodes)
+  local args = { 'XADD', K.dead, '*', 'job', job_id, 'reason', reason, 'error', err or '',
+    'attempts', tostring(attempts or 0), 'nodes', nodes or '', 'dead_ms', tostring(now_ms()) }
+  fields = fields or {}
+  local n = math.min(#fields, 2 * DEAD_FIELDS_MAX)
+  for i = 1, n - 1, 2 do
+    args[#args + 1] = 'f:' .. fields[i]
+    args[#args + 1] = fields[i + 1]
+  end
+  if #fields > n then
+    args[#args + 1] = 'fields_left_out'
+    args[#args + 1] = tostring((#fields - n) / 2)
+  end
+  redis.call(unpack(args))
+end
+
+-- The fields a delivered entry's job goes back in line with: its own, with `set` applied
+-- (a value '' removes the field), its id and first enqueue time made explicit.
+local function requeue_fields(K, job_id, entry_id, set)
+  local fields = entry_fields(K, entry_id) or {}
+  local keep = {}
+  local have_id, have_enq = false, false
+  for i = 1, #fields, 2 do
+    local f = fields[i]
+    if f == 'id' then have_id = true end
+    if f == 'enqueued_ms' then have_enq = true end
+    if f ~= 'seq' and set[f] == nil then
+      keep[#keep + 1] = f
+      keep[#keep + 1] = fields[i + 1]
+    end
+  end
+  if not have_id then
+    keep[#keep + 1] = 'id'
+    keep[#keep + 1] = job_id
+  end
+  if not have_enq then
+    keep[#keep + 1] = 'enqueued_ms'
+    keep[#keep + 1] = string.match(entry_id, '^(%d+)')
+  end
+  for f, v in pairs(set) do
+    if v ~= '' then
+      keep[#keep + 1] = f
+      keep[#keep + 1] = v
+    end
+  end
+  return keep
+end
+
+-- Put a delivered entry's job back in line as a new entry: at once (delay 0) or through the
+-- delayed set. `set` holds fields to set on the new entry (attempts, avoid, …). The new entry
+-- is written before the old one is acknowledged and deleted, so a failure leaves the old one.
+local function requeue(K, job_id, entry_id, set, delay, now)
+  local keep = requeue_fields(K, job_id, entry_id, set)
+  local jk = job_key(K, job_id)
+  if delay <= 0 then
+    local new_id, seq = add_entry(K, keep)
+    stat(K, 'readded')
+    redis.call('HSET', jk, 'state', 'waiting', 'entry', new_id, 'seq', tostring(seq))
+    redis.call('HDEL', jk, 'consumer', 'due_ms', 'retry', 'token')
+  else
+    redis.call('HSET', jk, 'state', 'retrying', 'retry', cjson.encode(keep), 'due_ms', tostring(now + delay))
+    redis.call('HDEL', jk, 'entry', 'consumer', 'token')
+    redis.call('ZADD', K.delayed, now + delay, job_id)
+  end
+  drop_entry(K, entry_id)
+end
+
+-- End a job whose queue timeout passed before it started (`timeout_ms` after `enqueued`).
+local function end_expired(K, job_id, enqueued, timeout_ms)
+  local waited = now_ms() - enqueued
+  finish(K, job_id, 'expired', { 'error', 'queue timeout: not started within ' .. timeout_ms ..
+    ' ms (waited ' .. waited .. ' ms)', 'timeout', 'queue', 'enqueued_ms', tostring(enqueued) })
+  stat(K, 'timeout:queue')
+  emit(K, 'expired', job_id, { 'waited_ms', tostring(waited) })
+end
+
+-- Dead-letter a delivered entry whose job used all its attempts, the last holders having lost
+-- their leases; the entry leaves the stream.
+local function end_exhausted(K, job_id, entry_id, fields, used, max, nodes)
+  local reason = 'attempts exhausted: ' .. used .. ' of ' .. max ..
+    ' used; the last holder lost its lease (dead, frozen or partitioned host)'
+  dead_letter(K, job_id, fields, 'attempts_exhausted', reason, used, nodes)
+  drop_entry(K, entry_id)
+  finish(K, job_id, 'dead', { 'error', reason, 'reason', 'attempts_exhausted', 'attempts', tostring(used) })
+  emit(K, 'dead', job_id, { 'reason', 'attempts_exhausted' })
+end
+
+-- The holder of `entry_id` (consumer `owner`) lost its lease: when it had taken this very
+-- delivery (the job hash names it), count a lease timeout against its node and record the
+-- attempt. Returns the job id and the entry's fields (nil when the entry is gone).
+local function blame_lease(K, entry_id, owner, now)
+  local fields = entry_fields(K, entry_id)
+  if fields == nil then return nil, nil end
+  local job_id = job_id_of(entry_id, fields)
+  local jk = job_key(K, job_id)
+  local h = redis.call('HMGET', jk, 'node', 'attempt', 'attempt_started_ms', 'entry', 'consumer')
+  if h[1] and h[4] == entry_id and h[5] == owner then
+    stat(K, 'timeout:lease')
+    stat(K, 'node:' .. h[1] .. ':timeout:lease')
+    redis.call('HSET', jk, 'timeout', 'lease', 'timeout_node', h[1])
+    redis.call('HDEL', jk, 'consumer', 'token')
+    record_attempt(K, jk, { attempt = tonumber(h[2]), node = h[1], outcome = 'timeout', timeout = 'lease',
+      started_ms = tonumber(h[3]), ended_ms = now })
+    emit(K, 'timeout', job_id, { 'node', h[1], 'kind', 'lease' })
+  end
+  return job_id, fields
+end
