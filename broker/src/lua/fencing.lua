@@ -33,14 +33,9 @@ local function set_lease(K, entry_id, deadline)
   redis.call('ZADD', K.leases, deadline, entry_id)
 end
 
--- Notes that a worker called in (take, renew, reclaim): the queue is not cut off.
-local function worker_called(K, now)
-  redis.call('HSET', K.stats, 'active_ms', tostring(now))
-end
-
--- May stale leases be judged now? False during the grace after a quiet spell; a call that
--- finds the queue quiet for QUIET_LEASES leases starts that grace.
-local function may_judge(K, lease, now)
+-- Starts the grace when the queue has been quiet (no worker call) for QUIET_LEASES leases;
+-- the call that notices counts as activity, so the grace is not started again at once.
+local function notice_quiet(K, lease, now)
   local h = redis.call('HMGET', K.stats, 'active_ms', 'grace_until_ms')
   local active, grace = tonumber(h[1]), tonumber(h[2]) or 0
   if active ~= nil and now - active > lease * QUIET_LEASES then
@@ -48,5 +43,17 @@ local function may_judge(K, lease, now)
     redis.call('HSET', K.stats, 'grace_until_ms', tostring(grace), 'active_ms', tostring(now))
     stat(K, 'quiet_spells')
   end
-  return now >= grace
+  return grace
+end
+
+-- Notes that a worker called in (take, renew, reclaim): after a quiet spell this starts the
+-- grace first, whichever call comes back first.
+local function worker_called(K, lease, now)
+  notice_quiet(K, lease, now)
+  redis.call('HSET', K.stats, 'active_ms', tostring(now))
+end
+
+-- May stale leases be judged now? False during the grace after a quiet spell.
+local function may_judge(K, lease, now)
+  return now >= notice_quiet(K, lease, now)
 end

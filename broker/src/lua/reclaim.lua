@@ -85,7 +85,7 @@ local function reclaim(keys, args)
   local now = now_ms()
   seen(K, args[4])
   local judge = may_judge(K, lease, now)
-  worker_called(K, now)
+  worker_called(K, lease, now)
   local _, next_due = promote_due(K, now, 100)
   local claimed = {}
   if want > 0 and judge and redis.call('EXISTS', K.stream) == 1 then

@@ -17,7 +17,7 @@ local function renew(keys, args)
   local consumer, lease = args[1], tonumber(args[2])
   local now = now_ms()
   seen(K, args[3])
-  worker_called(K, now)
+  worker_called(K, lease, now)
   local out = {}
   for i = 4, #args, 3 do
     local entry_id, token, job_id = args[i], args[i + 1], args[i + 2]

@@ -155,7 +155,7 @@ local function take(keys, args)
   local T = { consumer = args[1], node = args[2], lease = tonumber(args[3]), started_now = args[4] == '1',
     now = now_ms() }
   seen(K, T.node)
-  worker_called(K, T.now)
+  worker_called(K, T.lease, T.now)
   local out = {}
   for i = 5, #args, TAKE_STRIDE do
     local e = take_entry(args, i)
