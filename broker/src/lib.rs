@@ -10,6 +10,7 @@
 //! - [`connection`] — connections to Redis (TLS, passwords, timeouts).
 //! - [`producer`] — enqueue, status, wait for the result, cancel.
 //! - [`inspect`] — queue state (depths, oldest wait, counters) and dead letters.
+//! - [`liveness`] — crash detection: a worker whose connections closed gives its jobs back.
 //! - [`maintenance`] — promote due retries, expire waiting jobs past their queue timeout.
 //! - [`metrics`] — the broker's Prometheus metrics, read from Redis.
 //! - [`http`] — the HTTP API (axum) with `/metrics`, health checks and OpenAPI.
@@ -28,6 +29,7 @@ pub mod http;
 pub mod inspect;
 pub mod job;
 pub mod keys;
+pub mod liveness;
 pub mod local_redis;
 pub mod maintenance;
 pub mod metrics;

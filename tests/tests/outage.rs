@@ -319,3 +319,94 @@ async fn a_failed_release_at_shutdown_leaves_the_job_for_another_host() {
     assert_eq!(s.stat("q", "succeeded").await, 1);
     b.stop().await;
 }
+
+async fn used_memory(s: &Stack) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut s.conn())
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+async fn set_maxmemory(s: &Stack, bytes: u64) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(bytes)
+        .query_async(&mut s.conn())
+        .await
+        .unwrap();
+}
+
+/// At maxmemory with `noeviction`: a new job is refused with an error naming maxmemory,
+/// while running jobs still complete and the backlog drains (the functions that drain work
+/// may run at maxmemory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_maxmemory_new_jobs_are_refused_and_the_backlog_drains() {
+    let s = Stack::start().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query_async(&mut s.conn())
+        .await
+        .unwrap();
+    s.configure("q", &lease_config(Duration::from_secs(2), 3))
+        .await;
+    let p = s.producer("q").await;
+    let gate = tokio_util::sync::CancellationToken::new();
+    let g = gate.clone();
+    let w = s.worker(
+        worker_config("q", "w1", 2),
+        FnHandler::new(move |_, _| {
+            let g = g.clone();
+            async move {
+                g.cancelled().await;
+                Outcome::Succeeded(json!("done"))
+            }
+        }),
+    );
+    let payload = json!({ "blob": "x".repeat(4000) });
+    let mut ids = Vec::new();
+    for _ in 0..100 {
+        ids.push(
+            p.enqueue(&payload, &EnqueueOptions::default())
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    eventually(Duration::from_secs(10), "two jobs running", || async {
+        futures_running(&p, &ids).await == 2
+    })
+    .await;
+    // Full: the limit is what is used now, minus a little.
+    set_maxmemory(&s, used_memory(&s).await - 10_000).await;
+    let err = p
+        .enqueue(&payload, &EnqueueOptions::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("maxmemory"), "{err}");
+    gate.cancel();
+    let states = all_ended(&p, &ids, Duration::from_secs(60)).await;
+    assert!(
+        states.values().all(|st| *st == JobState::Succeeded),
+        "{states:?}\n{}",
+        s.server.log()
+    );
+    // Drained, the memory is back under the limit: new jobs are taken again.
+    let e = p
+        .enqueue(&json!({}), &EnqueueOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        p.wait(&e.id, Duration::from_secs(10)).await.unwrap().state,
+        JobState::Succeeded
+    );
+    w.stop().await;
+}

@@ -40,7 +40,7 @@ local function register(name, fn, flags)
 end
 
 -- Flags of the functions that drain work or keep it alive (take, renew, progress, complete,
--- reclaim, promote, expire, node records): they may run at maxmemory, because each of them
+-- reclaim, promote, expire, node records, a producer's wait): they may run at maxmemory, because each of them
 -- frees memory or writes a few bytes to let running work finish. Only enqueue and dead-letter
 -- retry, which add jobs, are refused when Redis is full.
 local DRAIN = { 'allow-oom' }

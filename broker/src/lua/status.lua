@@ -61,4 +61,4 @@ local function watch(keys, args)
 end
 
 register('fleetq_status', status, { 'no-writes' })
-register('fleetq_watch', watch)
+register('fleetq_watch', watch, DRAIN)

@@ -1,0 +1,217 @@
+//! Crash detection faster than the lease: a worker names its connections after its consumer
+//! (`CLIENT SETNAME`), so when its process dies, its connections close and its name leaves
+//! `CLIENT LIST` within a moment. The broker (the role that may run `CLIENT LIST`) watches
+//! the names of consumers that hold entries; a consumer it saw connected and then misses for
+//! [`GONE_AFTER`] is gone, and its entries are put back in line at once (`fleetq_abandon`),
+//! waking an idle worker, instead of after the lease.
+//!
+//! Only consumers this broker saw connected are judged (a worker of an older version, or
+//! one started before this broker, falls back to its lease), and nothing is judged until the
+//! broker's own connection has been up for [`GONE_AFTER`] (after a Redis restart every worker
+//! reconnects, and none is gone). A frozen host keeps its connections open: the lease still
+//! catches it. A wrong verdict (the process lives but lost its connections for a while) is
+//! safe: its renewals and commit are fenced, and it stops its run.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use crate::calls;
+use crate::functions;
+use crate::keys::{QueueKeys, GROUP};
+use crate::{Error, Redis, Result};
+
+/// How often the broker looks at the connected clients. Default 250 ms.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(250);
+/// How long a consumer's name must be missing before its process counts as gone. Default
+/// 750 ms: longer than a worker's reconnect backoff (at most 500 ms), far shorter than a lease.
+pub const GONE_AFTER: Duration = Duration::from_millis(750);
+
+/// What the broker has seen of the connected consumers.
+#[derive(Debug)]
+pub struct Liveness {
+    /// Consumer name → when its connection was last seen.
+    seen: HashMap<String, Instant>,
+    /// This broker's own connection id, and since when it has been the same.
+    own: Option<(i64, Instant)>,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Liveness {
+    /// Nothing seen yet.
+    pub fn new() -> Self {
+        Self {
+            seen: HashMap::new(),
+            own: None,
+        }
+    }
+
+    /// Reads `CLIENT LIST` and notes every named connection.
+    pub async fn observe(&mut self, redis: &Redis) -> Result<()> {
+        let mut conn = redis.conn();
+        let (id, list): (i64, String) = redis::pipe()
+            .cmd("CLIENT")
+            .arg("ID")
+            .cmd("CLIENT")
+            .arg("LIST")
+            .arg("TYPE")
+            .arg("normal")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| Error::redis("list connected clients", e))?;
+        let now = Instant::now();
+        if self.own.is_none_or(|(own, _)| own != id) {
+            // A new connection of ours: Redis may have restarted, so every worker is
+            // reconnecting now. Start every clock afresh.
+            self.own = Some((id, now));
+            for t in self.seen.values_mut() {
+                *t = now;
+            }
+        }
+        for name in names(&list) {
+            self.seen.insert(name.to_owned(), now);
+        }
+        Ok(())
+    }
+
+    /// Whether `consumer`'s process is gone: seen before, missing for [`GONE_AFTER`].
+    pub fn is_gone(&self, consumer: &str) -> bool {
+        let Some((_, since)) = self.own else {
+            return false;
+        };
+        let Some(last) = self.seen.get(consumer) else {
+            return false;
+        };
+        since.elapsed() >= GONE_AFTER && last.elapsed() >= GONE_AFTER
+    }
+
+    /// Forgets a consumer (after its entries were put back in line).
+    pub fn forget(&mut self, consumer: &str) {
+        self.seen.remove(consumer);
+    }
+
+    /// Forgets names not seen for an hour (consumers of long gone processes).
+    fn prune(&mut self) {
+        self.seen
+            .retain(|_, t| t.elapsed() < Duration::from_secs(3600));
+    }
+}
+
+/// The `name=` values of a `CLIENT LIST` reply.
+fn names(list: &str) -> HashSet<&str> {
+    list.lines()
+        .filter_map(|line| line.split(' ').find_map(|f| f.strip_prefix("name=")))
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+/// Consumers of queue `keys` that hold entries: (name, pending).
+async fn holders(redis: &Redis, keys: &QueueKeys) -> Result<Vec<(String, u64)>> {
+    let reply: redis::RedisResult<Vec<HashMap<String, redis::Value>>> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(keys.stream())
+        .arg(GROUP)
+        .query_async(&mut redis.conn())
+        .await;
+    let rows = match reply {
+        Ok(rows) => rows,
+        // No stream or no group yet: nobody holds anything.
+        Err(e) if e.code() == Some("NOGROUP") || e.to_string().contains("no such key") => {
+            return Ok(Vec::new())
+        }
+        Err(e) => return Err(Error::redis("list consumers", e)),
+    };
+    Ok(rows
+        .into_iter()
+        .filter_map(|m| {
+            let name = redis::from_redis_value_ref::<String>(m.get("name")?).ok()?;
+            let pending = redis::from_redis_value_ref::<u64>(m.get("pending")?).ok()?;
+            (pending > 0).then_some((name, pending))
+        })
+        .collect())
+}
+
+/// One look at the fleet: puts back in line the entries of every gone consumer of `queues`.
+/// Returns how many entries moved.
+pub async fn tick(redis: &Redis, queues: &[QueueKeys], seen: &mut Liveness) -> Result<u64> {
+    seen.observe(redis).await?;
+    seen.prune();
+    let mut moved = 0;
+    for keys in queues {
+        for (consumer, pending) in holders(redis, keys).await? {
+            if !seen.is_gone(&consumer) {
+                continue;
+            }
+            let cmd = calls::abandon(keys, &consumer);
+            let (requeued, dead): (u64, u64) =
+                functions::call(&mut redis.conn(), &cmd, "abandon a gone consumer").await?;
+            tracing::warn!(queue = %keys.name(), %consumer, pending, requeued, dead,
+                "a worker process is gone (its connections closed); its jobs go back in line now");
+            moved += requeued + dead;
+            seen.forget(&consumer);
+        }
+    }
+    Ok(moved)
+}
+
+/// How often the queue list is read again when the broker tends every queue.
+const REDISCOVER_EVERY: Duration = Duration::from_secs(5);
+
+/// Runs [`tick`] every `interval` on `queues` (every queue found, when empty) until `stop`.
+pub async fn run(
+    redis: Redis,
+    queues: Vec<String>,
+    interval: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut seen = Liveness::new();
+    let mut known: Vec<QueueKeys> = Vec::new();
+    let mut discovered: Option<Instant> = None;
+    let mut outage = crate::retry::OutageLog::default();
+    let mut timer = tokio::time::interval(interval);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = timer.tick() => {}
+        }
+        if discovered.is_none_or(|d| d.elapsed() >= REDISCOVER_EVERY) {
+            let names = match queues.is_empty() {
+                true => crate::maintenance::discover_queues(&redis).await,
+                false => Ok(queues.clone()),
+            };
+            if let Ok(names) = names {
+                known = names
+                    .iter()
+                    .filter_map(|q| QueueKeys::new(q).ok())
+                    .collect();
+                discovered = Some(Instant::now());
+            }
+        }
+        match tick(&redis, &known, &mut seen).await {
+            Ok(_) => outage.recovered(),
+            Err(e) if e.is_transient() => outage.failed("watch worker connections", &e),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch worker connections; the lease still catches dead hosts")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names;
+
+    #[test]
+    fn client_list_names_are_read() {
+        let list = "id=3 addr=127.0.0.1:5 laddr=x fd=8 name=gpu-1:42:1700 age=1\n\
+                    id=4 addr=127.0.0.1:6 fd=9 name= age=2\n";
+        let n = names(list);
+        assert!(n.contains("gpu-1:42:1700"));
+        assert_eq!(n.len(), 1);
+    }
+}
