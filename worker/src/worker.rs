@@ -86,27 +86,14 @@ where
         metrics_addr,
     ));
 
-    let background = CancellationToken::new();
-    // Should this future be dropped (its task aborted), the background tasks stop with it, as
-    // they would with the process: no lease renewed, no heartbeat.
-    let _background_guard = background.clone().drop_guard();
-    let renewer = tokio::spawn(rt.renewer.clone().run(background.clone()));
-    let heart = tokio::spawn(node::heartbeat_loop(
-        rt.node.clone(),
-        rt.config.slots,
-        rt.slots.clone(),
-        rt.config.heartbeat,
-        background.clone(),
-    ));
+    let background = Background::start(&rt);
     wait_until_ready(&rt.handler, &stop).await;
     let max_block = rt.config.max_block.min(rt.taker.lease);
     let mut intake = Intake::new(rt.clone(), max_block);
     intake.run(&stop).await;
 
     shutdown::drain(&rt, &mut intake.tasks).await;
-    background.cancel();
-    let _ = renewer.await;
-    let _ = heart.await;
+    background.stop().await;
     shutdown::release_pending(&rt).await;
     rt.handler.shutdown().await;
     tracing::info!("worker stopped");
@@ -221,6 +208,42 @@ where
         config,
         handler,
         held,
+    }
+}
+
+/// The lease renewer and the node heartbeat, running beside the read loop.
+struct Background {
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    // Should `run` be dropped (its task aborted), the background tasks stop with it, as they
+    // would with the process: no lease renewed, no heartbeat.
+    _guard: tokio_util::sync::DropGuard,
+}
+
+impl Background {
+    fn start<H: Handler>(rt: &Arc<Runtime<H>>) -> Self {
+        let stop = CancellationToken::new();
+        let renewer = tokio::spawn(rt.renewer.clone().run(stop.clone()));
+        let heart = tokio::spawn(node::heartbeat_loop(
+            rt.node.clone(),
+            rt.config.slots,
+            rt.slots.clone(),
+            rt.config.heartbeat,
+            stop.clone(),
+        ));
+        Self {
+            _guard: stop.clone().drop_guard(),
+            stop,
+            tasks: vec![renewer, heart],
+        }
+    }
+
+    /// Stops both and waits for them (the heartbeat removes the node record).
+    async fn stop(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
     }
 }
 

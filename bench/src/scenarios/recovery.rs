@@ -7,9 +7,12 @@
 //! B, polled by the harness every 20 ms (the system under test does not poll: B sleeps in
 //! its blocking read until the lease deadline it learnt from `fleetq_reclaim`).
 //!
-//! The lease runs out `lease − (time since A's last renewal)` after the signal, so a result
-//! lies between about 2/3 of the lease and the lease, plus B's wake-up and claim. The two
-//! faults run at the same time, each on its own Redis.
+//! A broker's crash detection runs beside them (`fleetq_broker::liveness`, as in
+//! `fleetq-broker`): a killed process closes its connections, so its job goes back in line
+//! within about a second. A frozen one keeps them open; its lease runs out
+//! `lease − (time since A's last renewal)` after the signal, so that result lies between about
+//! 2/3 of the lease and the lease, plus B's wake-up and claim. The two faults run at the same
+//! time, each on its own Redis.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -62,6 +65,14 @@ pub async fn one(exe: &Path, fault: Fault) -> anyhow::Result<Duration> {
     let server = Server::start().await?;
     let config = queue_config();
     server.configure(QUEUE, &config).await?;
+    let broker_stop = tokio_util::sync::CancellationToken::new();
+    let _broker = broker_stop.clone().drop_guard();
+    tokio::spawn(fleetq_broker::liveness::run(
+        server.redis.clone(),
+        vec![QUEUE.to_owned()],
+        fleetq_broker::liveness::DEFAULT_INTERVAL,
+        broker_stop,
+    ));
     let tag = match fault {
         Fault::Kill => "kill",
         Fault::Hang => "hang",
