@@ -7,6 +7,7 @@
 //! - [`queue_config`] — queue defaults kept in Redis (timeouts, attempts, backoff, retention).
 //! - [`functions`] — the server-side Redis Functions library (Lua) and its loader.
 //! - [`connection`] — connections to Redis (TLS, passwords, timeouts).
+//! - [`retry`] — waiting out a Redis outage: backoff, once-per-state logging, `until_ready`.
 //! - [`producer`] — enqueue, status, wait for the result, cancel.
 //! - [`inspect`] — queue state (depths, oldest wait, counters) and dead letters.
 //! - [`maintenance`] — promote due retries, expire waiting jobs past their queue timeout.
@@ -32,6 +33,7 @@ pub mod metrics;
 pub mod nodes;
 pub mod producer;
 pub mod queue_config;
+pub mod retry;
 pub mod service;
 
 pub use connection::{Redis, RedisConfig};
