@@ -48,6 +48,8 @@ impl Backoff {
     }
 
     /// The next wait (jittered), and doubles the one after it up to the cap.
+    // Not `Iterator::next`: a backoff never ends, so an `Option` would only add an unwrap.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Duration {
         let nominal = self.current;
         self.current = (self.current * 2).min(self.cap);

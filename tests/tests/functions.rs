@@ -4,10 +4,10 @@
 
 use std::collections::HashMap;
 
+use fleetq_broker::connection::SharedConn as ConnectionManager;
 use fleetq_broker::functions;
 use fleetq_broker::QueueKeys;
 use fleetq_tests::Stack;
-use fleetq_broker::connection::SharedConn as ConnectionManager;
 
 fn fcall(name: &str, keys: &QueueKeys) -> redis::Cmd {
     functions::fcall(name, keys)

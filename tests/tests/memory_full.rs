@@ -37,8 +37,14 @@ async fn an_enqueue_refused_for_memory_says_maxmemory_and_what_to_do() {
     assert!(text.contains("maxmemory"), "{text}");
     assert!(text.contains("nothing was queued"), "{text}");
     assert!(text.contains("docs/operations.md"), "{text}");
-    assert!(err.is_transient(), "memory can be freed: worth trying again");
-    let batch = producer.enqueue_batch(&["{}".to_owned()]).await.unwrap_err();
+    assert!(
+        err.is_transient(),
+        "memory can be freed: worth trying again"
+    );
+    let batch = producer
+        .enqueue_batch(&["{}".to_owned()])
+        .await
+        .unwrap_err();
     assert!(batch.to_string().contains("maxmemory"), "{batch}");
     assert_eq!(s.redis.check_eviction_policy().await.unwrap(), "noeviction");
 
