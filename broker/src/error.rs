@@ -45,6 +45,15 @@ pub enum Error {
         /// How long fleetq waited.
         after: Duration,
     },
+    /// Redis refused a write because it reached `maxmemory` (`-OOM`, with the
+    /// `noeviction` policy fleetq needs). Transient: it passes once memory is freed.
+    #[error("Redis is out of memory (maxmemory reached) and refused the {what}; nothing was queued. Let workers drain the queue, raise maxmemory, or free memory; see docs/operations.md")]
+    OutOfMemory {
+        /// What was refused (`job`, `batch of jobs`).
+        what: &'static str,
+        /// What Redis said.
+        source: redis::RedisError,
+    },
     /// A local redis-server (demo, tests) could not be started.
     #[error("local redis-server: {0}")]
     LocalRedis(String),
@@ -68,20 +77,51 @@ impl Error {
         Error::Redis { step, source }
     }
 
-    /// True when trying again later may succeed (connection lost, server loading, timeout).
+    /// An enqueue error as the producer reports it: a `-OOM` refusal becomes
+    /// [`Error::OutOfMemory`] naming maxmemory and what to do; anything else is kept.
+    pub fn refused_enqueue(self, what: &'static str) -> Self {
+        match self {
+            Error::Redis { source, .. } if source.code() == Some("OOM") => {
+                Error::OutOfMemory { what, source }
+            }
+            other => other,
+        }
+    }
+
+    /// True when trying again later may succeed: the connection was refused, dropped or
+    /// timed out, or the server is loading its data set, busy with a script, read-only (a
+    /// replica or a failover in progress), out of memory, or its cluster/master is down
+    /// (`LOADING`, `BUSY`, `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `READONLY`, `OOM`). A bad
+    /// URL, a wrong password or a refused request is not transient.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Connect { .. } | Error::Timeout { .. } => true,
-            Error::Redis { source, .. } => {
-                source.is_io_error()
-                    || source.is_timeout()
-                    || source.is_connection_dropped()
-                    || source.is_connection_refusal()
-                    || matches!(source.code(), Some("LOADING" | "TRYAGAIN" | "MASTERDOWN"))
+            Error::Timeout { .. } | Error::OutOfMemory { .. } => true,
+            Error::Connect { source, .. } | Error::Redis { source, .. } => {
+                redis_is_transient(source)
             }
             _ => false,
         }
     }
+}
+
+/// Server error codes that describe a passing state of the server, not a bad request.
+pub const TRANSIENT_CODES: &[&str] = &[
+    "LOADING",
+    "BUSY",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "MASTERDOWN",
+    "READONLY",
+    "OOM",
+];
+
+/// True for a client or server error that may pass by itself (see [`Error::is_transient`]).
+pub fn redis_is_transient(source: &redis::RedisError) -> bool {
+    source.is_io_error()
+        || source.is_timeout()
+        || source.is_connection_dropped()
+        || source.is_connection_refusal()
+        || source.code().is_some_and(|c| TRANSIENT_CODES.contains(&c))
 }
 
 /// Shorthand for results of this crate.

@@ -8,6 +8,7 @@
 //! - [`functions`] — the server-side Redis Functions library (Lua) and its loader.
 //! - [`calls`] — typed arguments and replies of the functions a worker calls.
 //! - [`connection`] — connections to Redis (TLS, passwords, timeouts).
+//! - [`retry`] — waiting out a Redis outage: backoff, once-per-state logging, `until_ready`.
 //! - [`producer`] — enqueue, status, wait for the result, cancel.
 //! - [`inspect`] — queue state (depths, oldest wait, counters) and dead letters.
 //! - [`liveness`] — crash detection: a worker whose connections closed gives its jobs back.

@@ -171,7 +171,7 @@ pub async fn run(
     let mut seen = Liveness::new();
     let mut known: Vec<QueueKeys> = Vec::new();
     let mut discovered: Option<Instant> = None;
-    let mut outage = crate::retry::OutageLog::default();
+    let mut outage = crate::retry::OutageLog::new();
     let mut timer = tokio::time::interval(interval);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -193,8 +193,12 @@ pub async fn run(
             }
         }
         match tick(&redis, &known, &mut seen).await {
-            Ok(_) => outage.recovered(),
-            Err(e) if e.is_transient() => outage.failed("watch worker connections", &e),
+            Ok(_) => {
+                outage.recovered();
+            }
+            Err(e) if e.is_transient() => {
+                outage.failed("watch worker connections", &e);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch worker connections; the lease still catches dead hosts")
             }

@@ -74,11 +74,13 @@ pub async fn discover_queues(redis: &Redis) -> Result<Vec<String>> {
 }
 
 /// Runs [`tick`] on `queues` (every queue found, when empty) every `interval` until
-/// `shutdown` resolves. Errors are logged and the next tick tries again.
+/// `shutdown` resolves. Errors are retried on the next tick and logged once per outage (and
+/// again when the reason changes), not once per tick.
 pub async fn run<S>(redis: Redis, queues: Vec<String>, interval: Duration, shutdown: S)
 where
     S: Future<Output = ()> + Send,
 {
+    let mut outage = crate::retry::OutageLog::new();
     let mut timer = tokio::time::interval(interval);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -91,13 +93,14 @@ where
             match discover_queues(&redis).await {
                 Ok(q) => q,
                 Err(e) => {
-                    tracing::warn!(error = %e, "maintenance: cannot list queues; trying again next tick");
+                    let _ = outage.failed("maintenance: list queues", &e);
                     continue;
                 }
             }
         } else {
             queues.clone()
         };
+        let mut failed = false;
         for name in names {
             let Ok(keys) = QueueKeys::new(&name) else {
                 continue;
@@ -107,10 +110,17 @@ where
                     tracing::debug!(queue = %name, promoted = t.promoted, expired = t.expired, "maintenance tick");
                 }
                 Ok(_) => {}
+                Err(e) if e.is_transient() => {
+                    failed = true;
+                    let _ = outage.failed("maintenance tick", &e);
+                }
                 Err(e) => {
                     tracing::warn!(queue = %name, error = %e, "maintenance tick failed; trying again next tick")
                 }
             }
+        }
+        if !failed {
+            let _ = outage.recovered();
         }
     }
 }

@@ -140,7 +140,9 @@ impl Producer {
             cmd.arg(k).arg(v);
         }
         let (id, state, position, created): (String, String, u64, u8) =
-            functions::call(&mut self.redis.conn(), &cmd, "enqueue").await?;
+            functions::call(&mut self.redis.conn(), &cmd, "enqueue")
+                .await
+                .map_err(|e| e.refused_enqueue("job"))?;
         Ok(Enqueued {
             id,
             state: parse_state(&state)?,
@@ -158,7 +160,9 @@ impl Producer {
             pipe.add_command(cmd);
         }
         let replies: Vec<(String, String, u64, u8)> =
-            functions::call_pipeline(&mut self.redis.conn(), &pipe, "enqueue batch").await?;
+            functions::call_pipeline(&mut self.redis.conn(), &pipe, "enqueue batch")
+                .await
+                .map_err(|e| e.refused_enqueue("batch of jobs"))?;
         replies
             .into_iter()
             .map(|(id, state, position, created)| {

@@ -68,7 +68,7 @@ impl Stack {
     }
 
     /// A plain connection for raw commands.
-    pub fn conn(&self) -> redis::aio::ConnectionManager {
+    pub fn conn(&self) -> fleetq_broker::connection::SharedConn {
         self.redis.conn()
     }
 

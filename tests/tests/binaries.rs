@@ -35,21 +35,18 @@ fn bad_settings_are_refused_with_a_clear_message() {
     let (code, err) = run_to_end("fleetq-broker", &["--listen", "nowhere"], &[]);
     assert_eq!(code, Some(2));
     assert!(err.contains("--listen"), "{err}");
-    let port = free_port();
-    let url = format!("redis://:hunter2@127.0.0.1:{port}");
+    // An unreachable server is waited for (tests/tests/startup.rs); a URL that cannot be
+    // right is refused at once, its password masked.
     let (code, err) = run_to_end(
         "fleetq-broker",
         &["--listen", "127.0.0.1:0"],
-        &[("REDIS_URL", &url)],
+        &[("REDIS_URL", "nonsense://:hunter2@127.0.0.1:1")],
     );
     assert_ne!(code, Some(0));
     assert!(
-        err.contains(&format!(
-            "cannot connect to Redis at redis://:***@127.0.0.1:{port}"
-        )),
+        err.contains("invalid Redis URL nonsense://:***@127.0.0.1:1"),
         "{err}"
     );
-    assert!(err.contains("redis-server"), "says how to start one: {err}");
     assert!(!err.contains("hunter2"), "the password leaked: {err}");
 }
 

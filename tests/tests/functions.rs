@@ -13,7 +13,7 @@ use fleetq_broker::calls::{
 use fleetq_broker::functions;
 use fleetq_broker::QueueKeys;
 use fleetq_tests::Stack;
-use redis::aio::ConnectionManager;
+use fleetq_broker::connection::SharedConn as ConnectionManager;
 
 fn fcall(name: &str, keys: &QueueKeys) -> redis::Cmd {
     functions::fcall(name, keys)

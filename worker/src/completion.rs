@@ -63,12 +63,12 @@ impl Committer {
         commit: &Commit,
         ending: &Ending,
     ) -> Option<Committed> {
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::default();
         let mut outage = OutageLog::default();
         loop {
             let e = match self.commit_once(job, commit, ending).await {
                 Ok(c) => {
-                    outage.recovered();
+                    let _ = outage.recovered();
                     return Some(c);
                 }
                 Err(e) => e,
@@ -81,7 +81,7 @@ impl Committer {
             if self.give_up(job, commit) {
                 return None;
             }
-            outage.failed("record the end of a job", &e);
+            let _ = outage.failed("record the end of a job", &e);
             tokio::select! {
                 _ = tokio::time::sleep(backoff.next()) => {}
                 _ = self.hard_stop.cancelled() => {}

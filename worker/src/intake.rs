@@ -63,7 +63,7 @@ impl<H: Handler> Intake<H> {
             // On start, too, this consumer's own pending entries come first.
             recovering: true,
             after_error: false,
-            backoff: Backoff::new(),
+            backoff: Backoff::default(),
             outage: OutageLog::default(),
             tasks: JoinSet::new(),
         }
@@ -77,7 +77,7 @@ impl<H: Handler> Intake<H> {
             match self.step(stop).await {
                 Ok(()) => {
                     self.backoff.reset();
-                    self.outage.recovered();
+                    let _ = self.outage.recovered();
                 }
                 Err(e) => self.recover(e, stop).await,
             }
@@ -250,7 +250,9 @@ impl<H: Handler> Intake<H> {
             }
         }
         match &e {
-            Error::Queue(q) if q.is_transient() => self.outage.failed("read jobs", q),
+            Error::Queue(q) if q.is_transient() => {
+                self.outage.failed("read jobs", q);
+            }
             _ => tracing::warn!(error = %e, "worker step failed; retrying"),
         }
         tokio::select! {

@@ -65,10 +65,10 @@ where
         }
     }));
     let keys = QueueKeys::new(&config.queue)?;
-    let Some(queue) = start(&redis, &keys, &stop).await? else {
+    let consumer = consumer_name(&config.node);
+    let Some((redis, queue)) = start(&redis, &keys, &consumer, &stop).await? else {
         return Ok(());
     };
-    let consumer = consumer_name(&config.node);
     tracing::info!(queue = %config.queue, node = %config.node, %consumer, slots = config.slots,
         lease_ms = queue.lease.as_millis() as u64, "worker started");
     let metrics =
@@ -100,17 +100,21 @@ where
     Ok(())
 }
 
-/// Waits for Redis, then checks the library and the group and reads the queue config;
-/// `None` when stopped meanwhile.
+/// Waits for Redis, names this process's connections after its consumer (so the broker sees
+/// at once when the process is gone), checks the library and the group and reads the queue
+/// config; `None` when stopped meanwhile.
 async fn start(
     redis: &Redis,
     keys: &QueueKeys,
+    consumer: &str,
     stop: &CancellationToken,
-) -> Result<Option<QueueConfig>, Error> {
+) -> Result<Option<(Redis, QueueConfig)>, Error> {
     let prepared = retry::until_ready("start the worker", stop, || async {
-        functions::load(&mut redis.conn()).await?;
-        take::ensure_group(redis, keys).await?;
-        QueueConfig::load(&mut redis.conn(), keys).await
+        let named = redis.named(consumer).await?;
+        functions::load(&mut named.conn()).await?;
+        take::ensure_group(&named, keys).await?;
+        let queue = QueueConfig::load(&mut named.conn(), keys).await?;
+        Ok((named, queue))
     })
     .await?;
     Ok(prepared)

@@ -11,6 +11,7 @@ use fleetq_broker::http::DEFAULT_MAX_BODY_BYTES;
 use fleetq_broker::maintenance::DEFAULT_INTERVAL;
 use fleetq_broker::service::{BrokerConfig, DEFAULT_LISTEN};
 use fleetq_broker::Redis;
+use tokio_util::sync::CancellationToken;
 
 /// Run the fleetq broker: promotes retries, expires old jobs, serves /metrics and the HTTP API.
 ///
@@ -52,9 +53,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         maintenance_interval: Duration::from_millis(args.maintenance_interval_ms),
     };
     config.validate()?;
-    let redis = Redis::connect_with(args.common.redis_config())
-        .await
-        .context("fleetq-broker cannot start")?;
+    // Bind first: a port in use is a mistake to report at once, not after Redis is up.
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| {
@@ -63,12 +62,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 args.listen
             )
         })?;
-    fleetq_broker::service::run(
-        redis,
-        listener,
-        config,
-        fleetq_broker::service::shutdown_signal(),
-    )
-    .await?;
+    let stop = CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            fleetq_broker::service::shutdown_signal().await;
+            stop.cancel();
+        });
+    }
+    // Redis down or still loading at start is an outage to wait out, not a reason to exit.
+    let Some(redis) = Redis::connect_patiently(args.common.redis_config(), &stop)
+        .await
+        .context("fleetq-broker cannot start")?
+    else {
+        tracing::info!("stopped while waiting for Redis");
+        return Ok(());
+    };
+    if let Err(e) = redis.check_eviction_policy().await {
+        tracing::warn!(error = %e, "cannot read the Redis eviction policy");
+    }
+    fleetq_broker::service::run(redis, listener, config, stop.cancelled_owned()).await?;
     Ok(())
 }
