@@ -165,67 +165,55 @@ struct QueueFamilies {
 
 impl QueueFamilies {
     fn register(reg: &Registry) -> Result<Self, prometheus::Error> {
+        let g = |name: &str, help: &str| gauge(reg, name, help, &["queue"]);
+        let c = |name: &str, help: &str, labels: &[&str]| counter(reg, name, help, labels);
         let q = &["queue"];
         Ok(Self {
-            waiting: gauge(reg, "fleetq_queue_waiting", "Jobs waiting for a worker.", q)?,
-            in_flight: gauge(
-                reg,
+            waiting: g("fleetq_queue_waiting", "Jobs waiting for a worker.")?,
+            in_flight: g(
                 "fleetq_queue_in_flight",
                 "Jobs delivered to a worker and not finished.",
-                q,
             )?,
-            delayed: gauge(
-                reg,
+            delayed: g(
                 "fleetq_queue_delayed",
                 "Retries waiting out their backoff and scheduled jobs.",
-                q,
             )?,
-            dead: gauge(reg, "fleetq_queue_dead", "Dead letters.", q)?,
-            oldest: gauge(
-                reg,
+            dead: g("fleetq_queue_dead", "Dead letters.")?,
+            oldest: g(
                 "fleetq_queue_oldest_waiting_seconds",
                 "Age of the oldest waiting job.",
-                q,
             )?,
-            consumers: gauge(
-                reg,
+            consumers: g(
                 "fleetq_queue_consumers",
                 "Worker processes in the queue's consumer group.",
-                q,
             )?,
-            enqueued: counter(reg, "fleetq_queue_enqueued_total", "Jobs enqueued.", q)?,
-            jobs: counter(
-                reg,
+            enqueued: c("fleetq_queue_enqueued_total", "Jobs enqueued.", q)?,
+            jobs: c(
                 "fleetq_queue_jobs_total",
                 "Ends of attempts by outcome.",
                 &["queue", "outcome"],
             )?,
-            timeouts: counter(
-                reg,
+            timeouts: c(
                 "fleetq_queue_timeouts_total",
                 "Timeouts by kind.",
                 &["queue", "kind"],
             )?,
-            reclaimed: counter(
-                reg,
+            reclaimed: c(
                 "fleetq_queue_reclaimed_total",
                 "Entries reclaimed after their lease ran out.",
                 q,
             )?,
-            fenced: counter(
-                reg,
+            fenced: c(
                 "fleetq_queue_fenced_total",
                 "Commits refused because the caller had lost its lease.",
                 q,
             )?,
-            node_jobs: counter(
-                reg,
+            node_jobs: c(
                 "fleetq_queue_node_jobs_total",
                 "Ends of attempts per node: succeeded, failed.",
                 &["queue", "node", "outcome"],
             )?,
-            node_timeouts: counter(
-                reg,
+            node_timeouts: c(
                 "fleetq_queue_node_timeouts_total",
                 "Timeouts per node and kind.",
                 &["queue", "node", "kind"],
