@@ -257,36 +257,40 @@ pub async fn dead_letters(
         .map_err(|e| Error::redis("list dead letters", e))?;
     Ok(raw
         .into_iter()
-        .map(|(dead_id, flat)| {
-            let mut m: HashMap<String, String> = HashMap::new();
-            let mut fields = HashMap::new();
-            for (k, v) in flat {
-                match k.strip_prefix("f:") {
-                    Some(name) => {
-                        fields.insert(name.to_owned(), v);
-                    }
-                    None => {
-                        m.insert(k, v);
-                    }
-                }
-            }
-            let take = |m: &mut HashMap<String, String>, k: &str| m.remove(k).unwrap_or_default();
-            DeadLetter {
-                dead_id,
-                job: take(&mut m, "job"),
-                reason: take(&mut m, "reason"),
-                error: take(&mut m, "error"),
-                attempts: take(&mut m, "attempts").parse().unwrap_or(0),
-                nodes: take(&mut m, "nodes")
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned)
-                    .collect(),
-                dead_ms: take(&mut m, "dead_ms").parse().unwrap_or(0),
-                fields,
-            }
-        })
+        .map(|(dead_id, flat)| dead_letter(dead_id, flat))
         .collect())
+}
+
+/// One dead-letter entry: fields named `f:<name>` are the original entry's, the rest say
+/// why and where it died.
+fn dead_letter(dead_id: String, flat: Vec<(String, String)>) -> DeadLetter {
+    let mut m: HashMap<String, String> = HashMap::new();
+    let mut fields = HashMap::new();
+    for (k, v) in flat {
+        match k.strip_prefix("f:") {
+            Some(name) => {
+                fields.insert(name.to_owned(), v);
+            }
+            None => {
+                m.insert(k, v);
+            }
+        }
+    }
+    let mut take = |k: &str| m.remove(k).unwrap_or_default();
+    DeadLetter {
+        dead_id,
+        job: take("job"),
+        reason: take("reason"),
+        error: take("error"),
+        attempts: take("attempts").parse().unwrap_or(0),
+        nodes: take("nodes")
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        dead_ms: take("dead_ms").parse().unwrap_or(0),
+        fields,
+    }
 }
 
 /// Puts dead letter `dead_id` back in line as a fresh job. Returns the job id, or `None`
