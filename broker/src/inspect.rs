@@ -7,6 +7,8 @@ use serde::Serialize;
 
 use crate::functions::{self, fcall};
 use crate::keys::{QueueKeys, GROUP};
+use redis::aio::ConnectionManager;
+
 use crate::{Error, Redis, Result};
 
 /// The state of one queue.
@@ -60,63 +62,19 @@ fn text(m: &HashMap<String, redis::Value>, k: &str) -> Option<String> {
         .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
 }
 
+/// An `XINFO` reply as field → value.
+type Info = HashMap<String, redis::Value>;
+
 /// Reads the state of queue `keys`.
 pub async fn queue_state(redis: &Redis, keys: &QueueKeys) -> Result<QueueState> {
     let mut conn = redis.conn();
-    let step = |e| Error::redis("read queue state", e);
-    let (exists, delayed, dead, raw_stats, server_time): (
-        bool,
-        u64,
-        u64,
-        HashMap<String, String>,
-        (u64, u64),
-    ) = redis::pipe()
-        .exists(keys.stream())
-        .zcard(keys.delayed())
-        .xlen(keys.dead())
-        .hgetall(keys.stats())
-        .cmd("TIME")
-        .query_async(&mut conn)
-        .await
-        .map_err(step)?;
-    let now_ms = server_time.0 * 1000 + server_time.1 / 1000;
-    // Counters only (the hash also keeps cursors).
-    let stats = raw_stats
-        .into_iter()
-        .filter_map(|(k, v)| v.parse::<i64>().ok().map(|n| (k, n)))
-        .collect();
-    let mut state = QueueState {
-        queue: keys.name().to_owned(),
-        delayed,
-        dead,
-        stats,
-        ..QueueState::default()
-    };
+    let (exists, mut state, now_ms) = read_counters(&mut conn, keys).await?;
+    // XINFO fails on a missing stream; a queue nobody has enqueued to yet has only counters.
     if !exists {
         return Ok(state);
     }
-    let stream: Vec<redis::Value> = redis::cmd("XINFO")
-        .arg("STREAM")
-        .arg(keys.stream())
-        .query_async(&mut conn)
-        .await
-        .map_err(step)?;
-    let stream = map_of(stream);
-    let length = num(&stream, "length").unwrap_or(0);
-    let added = num(&stream, "entries-added").unwrap_or(length);
-    let readded = u64::try_from(state.stat("readded")).unwrap_or(0);
-    let scheduled = u64::try_from(state.stat("scheduled")).unwrap_or(0);
-    state.enqueued_total = (added + scheduled).saturating_sub(readded);
-    let groups: Vec<Vec<redis::Value>> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(keys.stream())
-        .query_async(&mut conn)
-        .await
-        .map_err(step)?;
-    let group = groups
-        .into_iter()
-        .map(map_of)
-        .find(|g| text(g, "name").as_deref() == Some(GROUP));
+    let length = read_enqueued(&mut conn, keys, &mut state).await?;
+    let group = read_group(&mut conn, keys).await?;
     let tombstones = u64::try_from(state.stat("tombstones")).unwrap_or(0);
     let (lag, last_delivered) = match &group {
         Some(g) => {
@@ -138,6 +96,84 @@ pub async fn queue_state(redis: &Redis, keys: &QueueKeys) -> Result<QueueState> 
                 / 1000.0;
     }
     Ok(state)
+}
+
+/// One round trip for what every queue has, stream or not: whether the stream exists, the
+/// delayed and dead depths, the counters, and the server's clock (ms) for ages.
+async fn read_counters(
+    conn: &mut ConnectionManager,
+    keys: &QueueKeys,
+) -> Result<(bool, QueueState, u64)> {
+    let (exists, delayed, dead, raw_stats, server_time): (
+        bool,
+        u64,
+        u64,
+        HashMap<String, String>,
+        (u64, u64),
+    ) = redis::pipe()
+        .exists(keys.stream())
+        .zcard(keys.delayed())
+        .xlen(keys.dead())
+        .hgetall(keys.stats())
+        .cmd("TIME")
+        .query_async(conn)
+        .await
+        .map_err(step)?;
+    let now_ms = server_time.0 * 1000 + server_time.1 / 1000;
+    // Counters only (the hash also keeps cursors).
+    let stats = raw_stats
+        .into_iter()
+        .filter_map(|(k, v)| v.parse::<i64>().ok().map(|n| (k, n)))
+        .collect();
+    let state = QueueState {
+        queue: keys.name().to_owned(),
+        delayed,
+        dead,
+        stats,
+        ..QueueState::default()
+    };
+    Ok((exists, state, now_ms))
+}
+
+/// Sets `enqueued_total` from the stream's `entries-added` and returns the stream length.
+async fn read_enqueued(
+    conn: &mut ConnectionManager,
+    keys: &QueueKeys,
+    state: &mut QueueState,
+) -> Result<u64> {
+    let stream: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(keys.stream())
+        .query_async(conn)
+        .await
+        .map_err(step)?;
+    let stream = map_of(stream);
+    let length = num(&stream, "length").unwrap_or(0);
+    let added = num(&stream, "entries-added").unwrap_or(length);
+    // A scheduled job counts as enqueued when it is scheduled; every later add of a job to the
+    // stream (retry, hand-off, promotion when due) is counted in `readded` and taken off.
+    let readded = u64::try_from(state.stat("readded")).unwrap_or(0);
+    let scheduled = u64::try_from(state.stat("scheduled")).unwrap_or(0);
+    state.enqueued_total = (added + scheduled).saturating_sub(readded);
+    Ok(length)
+}
+
+/// fleetq's consumer group on the stream, if it was created yet.
+async fn read_group(conn: &mut ConnectionManager, keys: &QueueKeys) -> Result<Option<Info>> {
+    let groups: Vec<Vec<redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(keys.stream())
+        .query_async(conn)
+        .await
+        .map_err(step)?;
+    Ok(groups
+        .into_iter()
+        .map(map_of)
+        .find(|g| text(g, "name").as_deref() == Some(GROUP)))
+}
+
+fn step(e: redis::RedisError) -> Error {
+    Error::redis("read queue state", e)
 }
 
 /// Age of the oldest undelivered entry that is not a tombstone (looks at most
@@ -221,36 +257,40 @@ pub async fn dead_letters(
         .map_err(|e| Error::redis("list dead letters", e))?;
     Ok(raw
         .into_iter()
-        .map(|(dead_id, flat)| {
-            let mut m: HashMap<String, String> = HashMap::new();
-            let mut fields = HashMap::new();
-            for (k, v) in flat {
-                match k.strip_prefix("f:") {
-                    Some(name) => {
-                        fields.insert(name.to_owned(), v);
-                    }
-                    None => {
-                        m.insert(k, v);
-                    }
-                }
-            }
-            let take = |m: &mut HashMap<String, String>, k: &str| m.remove(k).unwrap_or_default();
-            DeadLetter {
-                dead_id,
-                job: take(&mut m, "job"),
-                reason: take(&mut m, "reason"),
-                error: take(&mut m, "error"),
-                attempts: take(&mut m, "attempts").parse().unwrap_or(0),
-                nodes: take(&mut m, "nodes")
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned)
-                    .collect(),
-                dead_ms: take(&mut m, "dead_ms").parse().unwrap_or(0),
-                fields,
-            }
-        })
+        .map(|(dead_id, flat)| dead_letter(dead_id, flat))
         .collect())
+}
+
+/// One dead-letter entry: fields named `f:<name>` are the original entry's, the rest say
+/// why and where it died.
+fn dead_letter(dead_id: String, flat: Vec<(String, String)>) -> DeadLetter {
+    let mut m: HashMap<String, String> = HashMap::new();
+    let mut fields = HashMap::new();
+    for (k, v) in flat {
+        match k.strip_prefix("f:") {
+            Some(name) => {
+                fields.insert(name.to_owned(), v);
+            }
+            None => {
+                m.insert(k, v);
+            }
+        }
+    }
+    let mut take = |k: &str| m.remove(k).unwrap_or_default();
+    DeadLetter {
+        dead_id,
+        job: take("job"),
+        reason: take("reason"),
+        error: take("error"),
+        attempts: take("attempts").parse().unwrap_or(0),
+        nodes: take("nodes")
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        dead_ms: take("dead_ms").parse().unwrap_or(0),
+        fields,
+    }
 }
 
 /// Puts dead letter `dead_id` back in line as a fresh job. Returns the job id, or `None`

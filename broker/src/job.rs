@@ -109,92 +109,30 @@ impl JobEntry {
     /// Checks an entry and turns it into a job. Unknown fields are ignored (a newer producer
     /// may add some); known fields must have the right type.
     pub fn parse(raw: &RawEntry, max_payload_bytes: usize) -> Result<Self, Malformed> {
-        let fields: HashMap<&str, &[u8]> = raw
-            .fields
-            .iter()
-            .map(|(f, v)| (f.as_str(), v.as_slice()))
-            .collect();
-        let payload = fields.get("payload").ok_or(Malformed::MissingPayload)?;
-        if payload.len() > max_payload_bytes {
-            return Err(Malformed::PayloadTooLarge {
-                size: payload.len(),
-                limit: max_payload_bytes,
-            });
-        }
-        let payload: serde_json::Value = serde_json::from_slice(payload)
-            .map_err(|e| Malformed::PayloadNotJson(e.to_string()))?;
-        let text = |name: &str| -> Result<Option<String>, Malformed> {
-            match fields.get(name) {
-                None => Ok(None),
-                Some(v) => match std::str::from_utf8(v) {
-                    Ok(s) if s.len() <= 200 => Ok(Some(s.to_owned())),
-                    _ => Err(bad(name, "UTF-8 text of at most 200 bytes", v)),
-                },
-            }
-        };
-        let int = |name: &str| -> Result<Option<u64>, Malformed> {
-            match fields.get(name) {
-                None => Ok(None),
-                Some(v) => std::str::from_utf8(v)
-                    .ok()
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .map(Some)
-                    .ok_or_else(|| bad(name, "a whole number", v)),
-            }
-        };
-        let positive_ms = |name: &str| -> Result<Option<Duration>, Malformed> {
-            match int(name)? {
-                Some(0) => Err(bad(name, "a positive number of milliseconds", b"0")),
-                v => Ok(v.map(Duration::from_millis)),
-            }
-        };
-        let max_attempts = match int("max_attempts")? {
-            Some(0) => return Err(bad("max_attempts", "a positive whole number", b"0")),
-            Some(v) => Some(u32::try_from(v).map_err(|_| {
-                bad(
-                    "max_attempts",
-                    "a positive whole number",
-                    v.to_string().as_bytes(),
-                )
-            })?),
-            None => None,
-        };
-        let limits = JobLimits {
-            max_attempts,
-            queue_timeout: positive_ms("queue_timeout_ms")?,
-            start_timeout: positive_ms("start_timeout_ms")?,
-            progress_timeout: positive_ms("progress_timeout_ms")?,
-            run_timeout: positive_ms("run_timeout_ms")?,
-        };
-        let enqueued_ms = match int("enqueued_ms")? {
-            Some(v) => v,
-            None => entry_ms(&raw.id),
-        };
-        let prior_attempts = int("attempts")?.map_or(0, |v| u32::try_from(v).unwrap_or(u32::MAX));
-        let avoid = fields
-            .get("avoid")
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-            .map(|s| {
-                s.split(',')
-                    .filter(|n| !n.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let fields = Fields::new(raw);
+        // The checks run in this order so an entry with several faults always reports the same
+        // one (the first), which keeps dead-letter reasons stable.
+        let payload = fields.payload(max_payload_bytes)?;
+        let limits = fields.limits()?;
+        let enqueued_ms = fields
+            .int("enqueued_ms")?
+            .unwrap_or_else(|| entry_ms(&raw.id));
+        let prior_attempts = fields.count("attempts")?;
         Ok(JobEntry {
             entry_id: raw.id.clone(),
-            job_id: text("id")?
+            job_id: fields
+                .text("id")?
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| raw.id.clone()),
             payload,
-            workflow: text("workflow")?,
-            traceparent: text("traceparent")?,
+            workflow: fields.text("workflow")?,
+            traceparent: fields.text("traceparent")?,
             limits,
             prior_attempts,
             enqueued_ms,
-            avoid,
-            avoid_until: int("avoid_until")?.unwrap_or(0),
-            passes: int("passes")?.map_or(0, |v| u32::try_from(v).unwrap_or(u32::MAX)),
+            avoid: fields.avoid(),
+            avoid_until: fields.int("avoid_until")?.unwrap_or(0),
+            passes: fields.count("passes")?,
         })
     }
 
@@ -221,6 +159,106 @@ impl JobEntry {
     /// The run timeout in force.
     pub fn run_timeout(&self, queue: &QueueConfig) -> Option<Duration> {
         self.limits.run_timeout.or(queue.run_timeout)
+    }
+}
+
+/// An entry's fields by name, with the typed readers [`JobEntry::parse`] uses.
+struct Fields<'a>(HashMap<&'a str, &'a [u8]>);
+
+impl<'a> Fields<'a> {
+    fn new(raw: &'a RawEntry) -> Self {
+        Self(
+            raw.fields
+                .iter()
+                .map(|(f, v)| (f.as_str(), v.as_slice()))
+                .collect(),
+        )
+    }
+
+    /// The payload: present, within the size limit (checked before parsing, so a huge entry
+    /// costs no JSON work), and JSON.
+    fn payload(&self, max_payload_bytes: usize) -> Result<serde_json::Value, Malformed> {
+        let payload = self.0.get("payload").ok_or(Malformed::MissingPayload)?;
+        if payload.len() > max_payload_bytes {
+            return Err(Malformed::PayloadTooLarge {
+                size: payload.len(),
+                limit: max_payload_bytes,
+            });
+        }
+        serde_json::from_slice(payload).map_err(|e| Malformed::PayloadNotJson(e.to_string()))
+    }
+
+    /// A text field of at most 200 bytes.
+    fn text(&self, name: &str) -> Result<Option<String>, Malformed> {
+        match self.0.get(name) {
+            None => Ok(None),
+            Some(v) => match std::str::from_utf8(v) {
+                Ok(s) if s.len() <= 200 => Ok(Some(s.to_owned())),
+                _ => Err(bad(name, "UTF-8 text of at most 200 bytes", v)),
+            },
+        }
+    }
+
+    /// A whole-number field.
+    fn int(&self, name: &str) -> Result<Option<u64>, Malformed> {
+        match self.0.get(name) {
+            None => Ok(None),
+            Some(v) => std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .map(Some)
+                .ok_or_else(|| bad(name, "a whole number", v)),
+        }
+    }
+
+    /// A counter field; missing is 0, and a value past `u32::MAX` saturates (it only grows).
+    fn count(&self, name: &str) -> Result<u32, Malformed> {
+        Ok(self
+            .int(name)?
+            .map_or(0, |v| u32::try_from(v).unwrap_or(u32::MAX)))
+    }
+
+    /// A timeout field: a positive number of milliseconds.
+    fn positive_ms(&self, name: &str) -> Result<Option<Duration>, Malformed> {
+        match self.int(name)? {
+            Some(0) => Err(bad(name, "a positive number of milliseconds", b"0")),
+            v => Ok(v.map(Duration::from_millis)),
+        }
+    }
+
+    fn max_attempts(&self) -> Result<Option<u32>, Malformed> {
+        const EXPECTED: &str = "a positive whole number";
+        match self.int("max_attempts")? {
+            Some(0) => Err(bad("max_attempts", EXPECTED, b"0")),
+            Some(v) => u32::try_from(v)
+                .map(Some)
+                .map_err(|_| bad("max_attempts", EXPECTED, v.to_string().as_bytes())),
+            None => Ok(None),
+        }
+    }
+
+    fn limits(&self) -> Result<JobLimits, Malformed> {
+        Ok(JobLimits {
+            max_attempts: self.max_attempts()?,
+            queue_timeout: self.positive_ms("queue_timeout_ms")?,
+            start_timeout: self.positive_ms("start_timeout_ms")?,
+            progress_timeout: self.positive_ms("progress_timeout_ms")?,
+            run_timeout: self.positive_ms("run_timeout_ms")?,
+        })
+    }
+
+    /// The comma-separated `avoid` list; read leniently (it is written only by fleetq).
+    fn avoid(&self) -> Vec<String> {
+        self.0
+            .get("avoid")
+            .map(|v| {
+                String::from_utf8_lossy(v)
+                    .split(',')
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 

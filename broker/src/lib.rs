@@ -16,6 +16,7 @@
 //! - [`metrics`] — the broker's Prometheus metrics, read from Redis.
 //! - [`http`] — the HTTP API (axum) with `/metrics`, health checks and OpenAPI.
 //! - [`service`] — the `fleetq-broker` service: maintenance loop and HTTP server.
+//! - [`shutdown`] — the SIGTERM/Ctrl-C signal and a shutdown future seen as a token.
 //! - [`nodes`] — the fleet's node records; operator suspend and resume.
 //! - [`local_redis`] — a throwaway `redis-server` for the demo, benchmarks and tests.
 //! - [`flags`] — command-line flags shared by the service binaries.
@@ -39,6 +40,7 @@ pub mod producer;
 pub mod queue_config;
 pub mod retry;
 pub mod service;
+pub mod shutdown;
 
 pub use connection::{Redis, RedisConfig};
 pub use error::{Error, Result};

@@ -68,6 +68,18 @@ impl LocalRedis {
     }
 
     fn spawn(&mut self) -> Result<()> {
+        let child = self.command().spawn().map_err(|e| {
+            Error::LocalRedis(format!(
+                "cannot run redis-server ({e}); install it (Debian: apt-get install -y redis-server) or set REDIS_URL to a running server"
+            ))
+        })?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    /// The `redis-server` command line for the current port and options: no snapshots, log to
+    /// a file in the directory (so failure messages can include it), in the foreground.
+    fn command(&self) -> Command {
         let mut cmd = Command::new("redis-server");
         cmd.arg("--port")
             .arg(self.port.to_string())
@@ -84,6 +96,7 @@ impl LocalRedis {
             .arg("--daemonize")
             .arg("no");
         if let Some((cert, key)) = &self.options.tls {
+            // The later `--port 0` wins: TLS only, on the chosen port.
             cmd.arg("--port")
                 .arg("0")
                 .arg("--tls-port")
@@ -104,21 +117,23 @@ impl LocalRedis {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let child = cmd.spawn().map_err(|e| {
-            Error::LocalRedis(format!(
-                "cannot run redis-server ({e}); install it (Debian: apt-get install -y redis-server) or set REDIS_URL to a running server"
-            ))
-        })?;
-        self.child = Some(child);
+        cmd
+    }
+
+    /// Polls until the server answers, it exits, or [`START_TIMEOUT`] passes; the error
+    /// carries the server's log.
+    fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Some(child) = &mut self.child {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Err(Error::LocalRedis(format!(
-                        "redis-server exited at start ({status}); its log:\n{}",
-                        self.log()
-                    )));
-                }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Err(Error::LocalRedis(format!(
+                    "redis-server exited at start ({status}); its log:\n{}",
+                    self.log()
+                )));
             }
             if self.ping() {
                 return Ok(());

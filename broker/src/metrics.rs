@@ -101,159 +101,240 @@ impl BrokerMetrics {
     }
 }
 
+/// Renders one scrape: a fresh registry filled from the states read just now, so a queue or
+/// node that is gone simply disappears from the output.
 fn encode(
     states: &[QueueState],
     fleet: &[NodeRecord],
     now_ms: u64,
 ) -> Result<String, prometheus::Error> {
     let reg = Registry::new();
-    let gauge = |name: &str, help: &str, labels: &[&str]| -> Result<GaugeVec, prometheus::Error> {
-        let g = GaugeVec::new(Opts::new(name, help), labels)?;
-        reg.register(Box::new(g.clone()))?;
-        Ok(g)
-    };
-    let counter =
-        |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-            reg.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-    let waiting = gauge(
-        "fleetq_queue_waiting",
-        "Jobs waiting for a worker.",
-        &["queue"],
-    )?;
-    let in_flight = gauge(
-        "fleetq_queue_in_flight",
-        "Jobs delivered to a worker and not finished.",
-        &["queue"],
-    )?;
-    let delayed = gauge(
-        "fleetq_queue_delayed",
-        "Retries waiting out their backoff and scheduled jobs.",
-        &["queue"],
-    )?;
-    let dead = gauge("fleetq_queue_dead", "Dead letters.", &["queue"])?;
-    let oldest = gauge(
-        "fleetq_queue_oldest_waiting_seconds",
-        "Age of the oldest waiting job.",
-        &["queue"],
-    )?;
-    let consumers = gauge(
-        "fleetq_queue_consumers",
-        "Worker processes in the queue's consumer group.",
-        &["queue"],
-    )?;
-    let enqueued = counter("fleetq_queue_enqueued_total", "Jobs enqueued.", &["queue"])?;
-    let jobs = counter(
-        "fleetq_queue_jobs_total",
-        "Ends of attempts by outcome.",
-        &["queue", "outcome"],
-    )?;
-    let timeouts = counter(
-        "fleetq_queue_timeouts_total",
-        "Timeouts by kind.",
-        &["queue", "kind"],
-    )?;
-    let reclaimed = counter(
-        "fleetq_queue_reclaimed_total",
-        "Entries reclaimed after their lease ran out.",
-        &["queue"],
-    )?;
-    let fenced = counter(
-        "fleetq_queue_fenced_total",
-        "Commits refused because the caller had lost its lease.",
-        &["queue"],
-    )?;
-    let node_jobs = counter(
-        "fleetq_queue_node_jobs_total",
-        "Ends of attempts per node: succeeded, failed.",
-        &["queue", "node", "outcome"],
-    )?;
-    let node_timeouts = counter(
-        "fleetq_queue_node_timeouts_total",
-        "Timeouts per node and kind.",
-        &["queue", "node", "kind"],
-    )?;
-    let nodes_g = IntGaugeVec::new(
-        Opts::new("fleetq_nodes", "Live nodes by state."),
-        &["state"],
-    )?;
-    reg.register(Box::new(nodes_g.clone()))?;
-    let slots = gauge("fleetq_node_slots", "A node's job slots.", &["node"])?;
-    let busy = gauge(
-        "fleetq_node_busy_slots",
-        "A node's slots running a job.",
-        &["node"],
-    )?;
-    let age = gauge(
-        "fleetq_node_heartbeat_age_seconds",
-        "Time since the node's last heartbeat.",
-        &["node"],
-    )?;
-
-    let count = |v: i64| u64::try_from(v).unwrap_or(0);
+    let queue = QueueFamilies::register(&reg)?;
     for s in states {
-        let q = s.queue.as_str();
-        waiting.with_label_values(&[q]).set(s.waiting as f64);
-        in_flight.with_label_values(&[q]).set(s.in_flight as f64);
-        delayed.with_label_values(&[q]).set(s.delayed as f64);
-        dead.with_label_values(&[q]).set(s.dead as f64);
-        oldest.with_label_values(&[q]).set(s.oldest_waiting_seconds);
-        consumers.with_label_values(&[q]).set(s.consumers as f64);
-        enqueued.with_label_values(&[q]).inc_by(s.enqueued_total);
-        for outcome in OUTCOMES {
-            jobs.with_label_values(&[q, outcome])
-                .inc_by(count(s.stat(outcome)));
-        }
-        for kind in TIMEOUT_KINDS {
-            timeouts
-                .with_label_values(&[q, kind])
-                .inc_by(count(s.stat(&format!("timeout:{kind}"))));
-        }
-        reclaimed
-            .with_label_values(&[q])
-            .inc_by(count(s.stat("reclaimed")));
-        fenced
-            .with_label_values(&[q])
-            .inc_by(count(s.stat("fenced")));
-        for (field, value) in &s.stats {
-            let Some(rest) = field.strip_prefix("node:") else {
-                continue;
-            };
-            let Some((node, what)) = rest.split_once(':') else {
-                continue;
-            };
-            match what.strip_prefix("timeout:") {
-                Some(kind) => node_timeouts
-                    .with_label_values(&[q, node, kind])
-                    .inc_by(count(*value)),
-                None if what == "succeeded" || what == "failed" => {
-                    node_jobs
-                        .with_label_values(&[q, node, what])
-                        .inc_by(count(*value));
-                }
-                None => {}
-            }
-        }
+        queue.record(s);
     }
-    let suspended = fleet
-        .iter()
-        .filter(|n| n.suspended_until() > now_ms)
-        .count();
-    nodes_g
-        .with_label_values(&["live"])
-        .set((fleet.len() - suspended) as i64);
-    nodes_g
-        .with_label_values(&["suspended"])
-        .set(suspended as i64);
-    for n in fleet {
-        slots.with_label_values(&[&n.node]).set(n.slots() as f64);
-        busy.with_label_values(&[&n.node]).set(n.busy() as f64);
-        age.with_label_values(&[&n.node])
-            .set(now_ms.saturating_sub(n.last_seen_ms()) as f64 / 1000.0);
-    }
+    FleetFamilies::register(&reg)?.record(fleet, now_ms);
     let mut out = Vec::new();
     TextEncoder::new().encode(&reg.gather(), &mut out)?;
     Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+fn gauge(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<GaugeVec, prometheus::Error> {
+    let g = GaugeVec::new(Opts::new(name, help), labels)?;
+    reg.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn counter(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, prometheus::Error> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    reg.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+/// Counters in Redis are signed; a negative one (never written by fleetq) reads as zero.
+fn count(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// The `fleetq_queue_*` families.
+struct QueueFamilies {
+    waiting: GaugeVec,
+    in_flight: GaugeVec,
+    delayed: GaugeVec,
+    dead: GaugeVec,
+    oldest: GaugeVec,
+    consumers: GaugeVec,
+    enqueued: IntCounterVec,
+    jobs: IntCounterVec,
+    timeouts: IntCounterVec,
+    reclaimed: IntCounterVec,
+    fenced: IntCounterVec,
+    node_jobs: IntCounterVec,
+    node_timeouts: IntCounterVec,
+}
+
+impl QueueFamilies {
+    fn register(reg: &Registry) -> Result<Self, prometheus::Error> {
+        let g = |name: &str, help: &str| gauge(reg, name, help, &["queue"]);
+        let c = |name: &str, help: &str, labels: &[&str]| counter(reg, name, help, labels);
+        let q = &["queue"];
+        Ok(Self {
+            waiting: g("fleetq_queue_waiting", "Jobs waiting for a worker.")?,
+            in_flight: g(
+                "fleetq_queue_in_flight",
+                "Jobs delivered to a worker and not finished.",
+            )?,
+            delayed: g(
+                "fleetq_queue_delayed",
+                "Retries waiting out their backoff and scheduled jobs.",
+            )?,
+            dead: g("fleetq_queue_dead", "Dead letters.")?,
+            oldest: g(
+                "fleetq_queue_oldest_waiting_seconds",
+                "Age of the oldest waiting job.",
+            )?,
+            consumers: g(
+                "fleetq_queue_consumers",
+                "Worker processes in the queue's consumer group.",
+            )?,
+            enqueued: c("fleetq_queue_enqueued_total", "Jobs enqueued.", q)?,
+            jobs: c(
+                "fleetq_queue_jobs_total",
+                "Ends of attempts by outcome.",
+                &["queue", "outcome"],
+            )?,
+            timeouts: c(
+                "fleetq_queue_timeouts_total",
+                "Timeouts by kind.",
+                &["queue", "kind"],
+            )?,
+            reclaimed: c(
+                "fleetq_queue_reclaimed_total",
+                "Entries reclaimed after their lease ran out.",
+                q,
+            )?,
+            fenced: c(
+                "fleetq_queue_fenced_total",
+                "Commits refused because the caller had lost its lease.",
+                q,
+            )?,
+            node_jobs: c(
+                "fleetq_queue_node_jobs_total",
+                "Ends of attempts per node: succeeded, failed.",
+                &["queue", "node", "outcome"],
+            )?,
+            node_timeouts: c(
+                "fleetq_queue_node_timeouts_total",
+                "Timeouts per node and kind.",
+                &["queue", "node", "kind"],
+            )?,
+        })
+    }
+
+    fn record(&self, s: &QueueState) {
+        let q = s.queue.as_str();
+        self.waiting.with_label_values(&[q]).set(s.waiting as f64);
+        self.in_flight
+            .with_label_values(&[q])
+            .set(s.in_flight as f64);
+        self.delayed.with_label_values(&[q]).set(s.delayed as f64);
+        self.dead.with_label_values(&[q]).set(s.dead as f64);
+        self.oldest
+            .with_label_values(&[q])
+            .set(s.oldest_waiting_seconds);
+        self.consumers
+            .with_label_values(&[q])
+            .set(s.consumers as f64);
+        self.enqueued
+            .with_label_values(&[q])
+            .inc_by(s.enqueued_total);
+        for outcome in OUTCOMES {
+            self.jobs
+                .with_label_values(&[q, outcome])
+                .inc_by(count(s.stat(outcome)));
+        }
+        for kind in TIMEOUT_KINDS {
+            self.timeouts
+                .with_label_values(&[q, kind])
+                .inc_by(count(s.stat(&format!("timeout:{kind}"))));
+        }
+        self.reclaimed
+            .with_label_values(&[q])
+            .inc_by(count(s.stat("reclaimed")));
+        self.fenced
+            .with_label_values(&[q])
+            .inc_by(count(s.stat("fenced")));
+        for (field, value) in &s.stats {
+            self.record_node_stat(q, field, *value);
+        }
+    }
+
+    /// One stats-hash field of the form `node:<node>:<what>`; other fields are not per node
+    /// and are skipped here.
+    fn record_node_stat(&self, q: &str, field: &str, value: i64) {
+        let Some((node, what)) = field
+            .strip_prefix("node:")
+            .and_then(|rest| rest.split_once(':'))
+        else {
+            return;
+        };
+        match what.strip_prefix("timeout:") {
+            Some(kind) => self
+                .node_timeouts
+                .with_label_values(&[q, node, kind])
+                .inc_by(count(value)),
+            None if what == "succeeded" || what == "failed" => self
+                .node_jobs
+                .with_label_values(&[q, node, what])
+                .inc_by(count(value)),
+            None => {}
+        }
+    }
+}
+
+/// The `fleetq_nodes` and `fleetq_node_*` families.
+struct FleetFamilies {
+    nodes: IntGaugeVec,
+    slots: GaugeVec,
+    busy: GaugeVec,
+    age: GaugeVec,
+}
+
+impl FleetFamilies {
+    fn register(reg: &Registry) -> Result<Self, prometheus::Error> {
+        let nodes = IntGaugeVec::new(
+            Opts::new("fleetq_nodes", "Live nodes by state."),
+            &["state"],
+        )?;
+        reg.register(Box::new(nodes.clone()))?;
+        let n = &["node"];
+        Ok(Self {
+            nodes,
+            slots: gauge(reg, "fleetq_node_slots", "A node's job slots.", n)?,
+            busy: gauge(
+                reg,
+                "fleetq_node_busy_slots",
+                "A node's slots running a job.",
+                n,
+            )?,
+            age: gauge(
+                reg,
+                "fleetq_node_heartbeat_age_seconds",
+                "Time since the node's last heartbeat.",
+                n,
+            )?,
+        })
+    }
+
+    fn record(&self, fleet: &[NodeRecord], now_ms: u64) {
+        let suspended = fleet
+            .iter()
+            .filter(|n| n.suspended_until() > now_ms)
+            .count();
+        self.nodes
+            .with_label_values(&["live"])
+            .set((fleet.len() - suspended) as i64);
+        self.nodes
+            .with_label_values(&["suspended"])
+            .set(suspended as i64);
+        for n in fleet {
+            self.slots
+                .with_label_values(&[&n.node])
+                .set(n.slots() as f64);
+            self.busy.with_label_values(&[&n.node]).set(n.busy() as f64);
+            self.age
+                .with_label_values(&[&n.node])
+                .set(now_ms.saturating_sub(n.last_seen_ms()) as f64 / 1000.0);
+        }
+    }
 }

@@ -63,75 +63,69 @@ impl std::fmt::Debug for WorkerMetrics {
 impl WorkerMetrics {
     /// Metrics for a worker of `queue` on `node`.
     pub fn new(queue: &str, node: &str) -> Result<Self, prometheus::Error> {
+        // `queue` and `node` are constant labels of the registry: every series carries them.
         let labels = HashMap::from([
             ("queue".to_owned(), queue.to_owned()),
             ("node".to_owned(), node.to_owned()),
         ]);
         let registry = Registry::new_custom(None, Some(labels))?;
-        let wait = Histogram::with_opts(
-            HistogramOpts::new(
+        let r = &registry;
+        let counter =
+            |name: &str, help: &str| IntCounter::new(name, help).and_then(|m| registered(r, m));
+        let gauge =
+            |name: &str, help: &str| IntGauge::new(name, help).and_then(|m| registered(r, m));
+        let by = |label: &str, name: &str, help: &str| {
+            IntCounterVec::new(Opts::new(name, help), &[label]).and_then(|m| registered(r, m))
+        };
+        let hist = |name: &str, help: &str, buckets: &[f64]| {
+            histogram(name, help, buckets).and_then(|m| registered(r, m))
+        };
+        let metrics = Self {
+            wait: hist(
                 "fleetq_job_wait_seconds",
                 "Time from enqueue to the start of a job's first attempt.",
-            )
-            .buckets(WAIT_BUCKETS.to_vec()),
-        )?;
-        let run = Histogram::with_opts(
-            HistogramOpts::new(
+                WAIT_BUCKETS,
+            )?,
+            run: hist(
                 "fleetq_job_run_seconds",
                 "Time from the start to the end of an attempt.",
-            )
-            .buckets(RUN_BUCKETS.to_vec()),
-        )?;
-        let jobs = IntCounterVec::new(
-            Opts::new("fleetq_jobs_total", "Ends of attempts by outcome."),
-            &["outcome"],
-        )?;
-        let timeouts = IntCounterVec::new(
-            Opts::new(
+                RUN_BUCKETS,
+            )?,
+            jobs: by(
+                "outcome",
+                "fleetq_jobs_total",
+                "Ends of attempts by outcome.",
+            )?,
+            timeouts: by(
+                "kind",
                 "fleetq_job_timeouts_total",
                 "Timeouts on this node by kind.",
-            ),
-            &["kind"],
-        )?;
-        let reclaimed = IntCounter::new(
-            "fleetq_jobs_reclaimed_total",
-            "Entries this worker took over after their lease ran out.",
-        )?;
-        let fenced = IntCounter::new(
-            "fleetq_commits_fenced_total",
-            "Commits refused because this worker had lost the lease.",
-        )?;
-        let slots = IntGauge::new("fleetq_worker_slots", "Job slots.")?;
-        let busy = IntGauge::new("fleetq_worker_busy_slots", "Slots running a job.")?;
-        let suspended = IntGauge::new("fleetq_node_suspended", "1 while this node is suspended.")?;
-        registry.register(Box::new(wait.clone()))?;
-        registry.register(Box::new(run.clone()))?;
-        registry.register(Box::new(jobs.clone()))?;
-        registry.register(Box::new(timeouts.clone()))?;
-        registry.register(Box::new(reclaimed.clone()))?;
-        registry.register(Box::new(fenced.clone()))?;
-        registry.register(Box::new(slots.clone()))?;
-        registry.register(Box::new(busy.clone()))?;
-        registry.register(Box::new(suspended.clone()))?;
-        // Every series exists from the start, at 0, so dashboards and rates see it.
+            )?,
+            reclaimed: counter(
+                "fleetq_jobs_reclaimed_total",
+                "Entries this worker took over after their lease ran out.",
+            )?,
+            fenced: counter(
+                "fleetq_commits_fenced_total",
+                "Commits refused because this worker had lost the lease.",
+            )?,
+            slots: gauge("fleetq_worker_slots", "Job slots.")?,
+            busy: gauge("fleetq_worker_busy_slots", "Slots running a job.")?,
+            suspended: gauge("fleetq_node_suspended", "1 while this node is suspended.")?,
+            registry,
+        };
+        metrics.create_labelled_series();
+        Ok(metrics)
+    }
+
+    /// Every series exists from the start, at 0, so dashboards and rates see it.
+    fn create_labelled_series(&self) {
         for o in OUTCOMES {
-            jobs.with_label_values(&[o]);
+            self.jobs.with_label_values(&[o]);
         }
         for k in TIMEOUT_KINDS {
-            timeouts.with_label_values(&[k]);
+            self.timeouts.with_label_values(&[k]);
         }
-        Ok(Self {
-            registry,
-            wait,
-            run,
-            jobs,
-            timeouts,
-            reclaimed,
-            fenced,
-            slots,
-            busy,
-            suspended,
-        })
     }
 
     pub(crate) fn outcome(&self, outcome: &str) {
@@ -174,4 +168,17 @@ where
     {
         tracing::warn!(error = %e, "metrics server stopped");
     }
+}
+
+fn histogram(name: &str, help: &str, buckets: &[f64]) -> Result<Histogram, prometheus::Error> {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+}
+
+/// Registers `metric` with `registry` and hands it back (a registry keeps its own clone).
+fn registered<M>(registry: &Registry, metric: M) -> Result<M, prometheus::Error>
+where
+    M: prometheus::core::Collector + Clone + 'static,
+{
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
 }

@@ -114,46 +114,12 @@ pub(crate) async fn heartbeat_loop(
 ) {
     let started_ms = epoch_ms();
     loop {
+        // Armed before the beat, so a health change during the call still wakes the next one.
         let changed = node.health.changed.notified();
         let busy = slots.saturating_sub(free.available_permits());
-        let mut cmd = redis::cmd("FCALL");
-        cmd.arg("fleetq_node_beat")
-            .arg(1)
-            .arg(keys::node(&node.node))
-            .arg((interval * 3).as_millis() as u64)
-            .arg("node")
-            .arg(&node.node)
-            .arg("queues")
-            .arg(node.keys.name())
-            .arg("slots")
-            .arg(slots)
-            .arg("busy")
-            .arg(busy)
-            .arg("version")
-            .arg(env!("CARGO_PKG_VERSION"))
-            .arg("consumer")
-            .arg(&node.consumer)
-            .arg("started_ms")
-            .arg(started_ms)
-            .arg("suspended_until")
-            .arg(node.health.suspended_until())
-            .arg("failure_streak")
-            .arg(node.health.streak())
-            .arg("metrics_addr")
-            .arg(
-                node.metrics_addr
-                    .map_or_else(String::new, |a| a.to_string()),
-            );
+        let cmd = beat_command(&node, slots, busy, interval, started_ms);
         match functions::call::<String, _>(&mut node.redis.conn(), &cmd, "node heartbeat").await {
-            Ok(command) if command == "resume" => node.resume("operator").await,
-            Ok(command) => {
-                if let Some(until) = command
-                    .strip_prefix("suspend:")
-                    .and_then(|u| u.parse::<u64>().ok())
-                {
-                    node.suspend(until, "operator").await;
-                }
-            }
+            Ok(command) => obey(&node, &command).await,
             Err(e) => tracing::warn!(error = %e, "node heartbeat failed; will retry"),
         }
         tokio::select! {
@@ -167,4 +133,57 @@ pub(crate) async fn heartbeat_loop(
         .arg(keys::node(&node.node))
         .query_async(&mut node.redis.conn())
         .await;
+}
+
+/// The `fleetq_node_beat` call: writes the node record, which lives three heartbeats, and
+/// returns the operator's pending command for this node.
+fn beat_command(
+    node: &NodeHandle,
+    slots: usize,
+    busy: usize,
+    interval: Duration,
+    started_ms: u64,
+) -> redis::Cmd {
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg("fleetq_node_beat")
+        .arg(1)
+        .arg(keys::node(&node.node))
+        .arg((interval * 3).as_millis() as u64)
+        .arg("node")
+        .arg(&node.node)
+        .arg("queues")
+        .arg(node.keys.name())
+        .arg("slots")
+        .arg(slots)
+        .arg("busy")
+        .arg(busy)
+        .arg("version")
+        .arg(env!("CARGO_PKG_VERSION"))
+        .arg("consumer")
+        .arg(&node.consumer)
+        .arg("started_ms")
+        .arg(started_ms)
+        .arg("suspended_until")
+        .arg(node.health.suspended_until())
+        .arg("failure_streak")
+        .arg(node.health.streak())
+        .arg("metrics_addr")
+        .arg(
+            node.metrics_addr
+                .map_or_else(String::new, |a| a.to_string()),
+        );
+    cmd
+}
+
+/// Carries out the operator command the heartbeat returned: `resume`, `suspend:<until ms>`,
+/// or nothing (any other reply).
+async fn obey(node: &NodeHandle, command: &str) {
+    if command == "resume" {
+        node.resume("operator").await;
+    } else if let Some(until) = command
+        .strip_prefix("suspend:")
+        .and_then(|u| u.parse::<u64>().ok())
+    {
+        node.suspend(until, "operator").await;
+    }
 }

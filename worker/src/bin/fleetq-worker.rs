@@ -12,13 +12,13 @@ use fleetq_worker::config::{
     DEFAULT_SUSPEND_AFTER, DEFAULT_SUSPEND_FOR,
 };
 use fleetq_worker::executor::{
-    Echo, HttpConfig, HttpExecutor, HttpMode, ProcessConfig, ProcessExecutor,
+    Echo, Executor, HttpConfig, HttpExecutor, HttpMode, ProcessConfig, ProcessExecutor,
 };
 use fleetq_worker::WorkerConfig;
 
-/// What runs the jobs.
+/// What runs the jobs (the `--executor` values).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Executor {
+enum ExecutorKind {
     /// Answer each job with its payload (smoke tests).
     Echo,
     /// Long-lived child processes speaking JSON lines (--command).
@@ -66,7 +66,7 @@ struct Args {
     metrics_addr: String,
     /// What runs the jobs.
     #[arg(long, env = "FLEETQ_EXECUTOR", value_enum, default_value = "echo")]
-    executor: Executor,
+    executor: ExecutorKind,
     /// Process executor: the child's command line, split like a shell would but never run by
     /// one (e.g. "python3 examples/python/sim_gpu.py --steps 20").
     #[arg(long, env = "FLEETQ_COMMAND")]
@@ -111,7 +111,19 @@ async fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     args.common.init_logging();
     let node = args.node.clone().unwrap_or_else(host_name);
-    let mut config = WorkerConfig::new(&args.queue, &node);
+    let config = worker_config(&args, &node)?;
+    // The executor is built before connecting, so a flag mistake is reported without Redis.
+    let executor = executor(&args, &node, config.slots)?;
+    let redis = Redis::connect_with(args.common.redis_config())
+        .await
+        .context("fleetq-worker cannot start")?;
+    fleetq_worker::run(redis, config, executor, fleetq_broker::shutdown::signal()).await?;
+    Ok(())
+}
+
+/// The worker's settings from the flags, validated.
+fn worker_config(args: &Args, node: &str) -> anyhow::Result<WorkerConfig> {
+    let mut config = WorkerConfig::new(&args.queue, node);
     config.slots = args.slots;
     config.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
     config.max_block = Duration::from_millis(args.max_block_ms);
@@ -125,64 +137,46 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })?),
     };
     config.validate()?;
-    let redis = Redis::connect_with(args.common.redis_config())
-        .await
-        .context("fleetq-worker cannot start")?;
-    match args.executor {
-        Executor::Echo => {
-            fleetq_worker::run(
-                redis,
-                config,
-                Echo { node },
-                fleetq_broker::service::shutdown_signal(),
-            )
-            .await?
+    Ok(config)
+}
+
+/// The executor `--executor` names, built from its flags.
+fn executor(args: &Args, node: &str, slots: usize) -> anyhow::Result<Executor> {
+    Ok(match args.executor {
+        ExecutorKind::Echo => Echo {
+            node: node.to_owned(),
         }
-        Executor::Process => {
-            let command = args.command.as_deref().context(
-                "--executor process needs --command, e.g. --command 'python3 model_server.py'",
-            )?;
-            let mut pc =
-                ProcessConfig::from_command(command, config.slots).map_err(anyhow::Error::msg)?;
-            pc.max_jobs_per_child = args.max_jobs_per_child;
-            pc.max_child_life = args.max_child_life_secs.map(Duration::from_secs);
-            pc.kill_grace = Duration::from_secs(args.kill_grace_secs);
-            if !args.child_env.is_empty() {
-                pc.env_allow = args.child_env.clone();
-            }
-            let exec = ProcessExecutor::new(pc, &node);
-            fleetq_worker::run(
-                redis,
-                config,
-                exec,
-                fleetq_broker::service::shutdown_signal(),
-            )
-            .await?;
-        }
-        Executor::Comfyui | Executor::Http => {
-            let url = args
-                .url
-                .clone()
-                .context("--executor comfyui|http needs --url, e.g. --url http://127.0.0.1:8188")?;
-            let mode = if args.executor == Executor::Comfyui {
-                HttpMode::ComfyUi
-            } else {
-                HttpMode::Json
-            };
-            let exec = HttpExecutor::new(HttpConfig {
-                url,
-                mode,
-                request_timeout: Duration::from_secs(args.request_timeout_secs),
-            })
-            .map_err(anyhow::Error::msg)?;
-            fleetq_worker::run(
-                redis,
-                config,
-                exec,
-                fleetq_broker::service::shutdown_signal(),
-            )
-            .await?;
-        }
+        .into(),
+        ExecutorKind::Process => process_executor(args, node, slots)?.into(),
+        ExecutorKind::Comfyui => http_executor(args, HttpMode::ComfyUi)?.into(),
+        ExecutorKind::Http => http_executor(args, HttpMode::Json)?.into(),
+    })
+}
+
+fn process_executor(args: &Args, node: &str, slots: usize) -> anyhow::Result<ProcessExecutor> {
+    let command = args
+        .command
+        .as_deref()
+        .context("--executor process needs --command, e.g. --command 'python3 model_server.py'")?;
+    let mut pc = ProcessConfig::from_command(command, slots).map_err(anyhow::Error::msg)?;
+    pc.max_jobs_per_child = args.max_jobs_per_child;
+    pc.max_child_life = args.max_child_life_secs.map(Duration::from_secs);
+    pc.kill_grace = Duration::from_secs(args.kill_grace_secs);
+    if !args.child_env.is_empty() {
+        pc.env_allow = args.child_env.clone();
     }
-    Ok(())
+    Ok(ProcessExecutor::new(pc, node))
+}
+
+fn http_executor(args: &Args, mode: HttpMode) -> anyhow::Result<HttpExecutor> {
+    let url = args
+        .url
+        .clone()
+        .context("--executor comfyui|http needs --url, e.g. --url http://127.0.0.1:8188")?;
+    HttpExecutor::new(HttpConfig {
+        url,
+        mode,
+        request_timeout: Duration::from_secs(args.request_timeout_secs),
+    })
+    .map_err(anyhow::Error::msg)
 }

@@ -96,6 +96,32 @@ impl HttpExecutor {
 
     async fn run_comfy(&self, job: Job, ctx: JobContext) -> Outcome {
         let client_id = format!("fleetq-{:016x}", rand::random::<u64>());
+        // Each step's error is already the attempt's outcome; `?`-style early returns keep
+        // the happy path readable.
+        let mut ws = match self.open_socket(&client_id).await {
+            Ok(ws) => ws,
+            Err(outcome) => return outcome,
+        };
+        let prompt_id = match self.submit(&job.payload, &client_id).await {
+            Ok(id) => id,
+            Err(outcome) => return outcome,
+        };
+        // From here on, a stopped job interrupts the server's work: every early return below
+        // drops the guard armed.
+        let guard = Interrupt {
+            client: self.client.clone(),
+            base: self.base.clone(),
+            armed: Arc::new(AtomicBool::new(true)),
+        };
+        if let Err(outcome) = follow(&mut ws, &prompt_id, &ctx, &guard).await {
+            return outcome;
+        }
+        guard.disarm();
+        self.outputs(&prompt_id).await
+    }
+
+    /// Opens the websocket ComfyUI reports progress on, registered as `client_id`.
+    async fn open_socket(&self, client_id: &str) -> Result<Socket, Outcome> {
         let ws_url = format!(
             "{}/ws?clientId={client_id}",
             self.base.replacen("http", "ws", 1)
@@ -108,33 +134,39 @@ impl HttpExecutor {
         {
             Ok(Ok((ws, _))) => ws,
             Ok(Err(e)) => {
-                return Outcome::Retry(format!("cannot open the ComfyUI websocket {ws_url}: {e}"))
+                return Err(Outcome::Retry(format!(
+                    "cannot open the ComfyUI websocket {ws_url}: {e}"
+                )))
             }
             Err(_) => {
-                return Outcome::Retry(format!(
+                return Err(Outcome::Retry(format!(
                     "the ComfyUI websocket {ws_url} did not open in time"
-                ))
+                )))
             }
         };
         // ComfyUI greets a new socket with a `status` message once it is registered; waiting
         // for it keeps the first events of the prompt from being sent before the socket is known.
         let _ = tokio::time::timeout(Duration::from_secs(2), ws.next()).await;
-        let graph = match job.payload.get("prompt") {
-            Some(p) if p.is_object() => p.clone(),
-            _ => job.payload.clone(),
+        Ok(ws)
+    }
+
+    /// Submits the workflow (the payload's `prompt` object, or the payload itself) and returns
+    /// ComfyUI's prompt id. A 4xx fails the job for good (the workflow is wrong); anything
+    /// else that goes wrong retries it.
+    async fn submit(&self, payload: &Value, client_id: &str) -> Result<String, Outcome> {
+        let graph = match payload.get("prompt") {
+            Some(p) if p.is_object() => p,
+            _ => payload,
         };
         let resp = self
             .client
             .post(format!("{}/prompt", self.base))
             .json(&json!({ "prompt": graph, "client_id": client_id }))
             .send()
-            .await;
-        let resp = match resp {
-            Ok(r) => r,
-            Err(e) => {
-                return Outcome::Retry(format!("cannot submit to ComfyUI at {}: {e}", self.base))
-            }
-        };
+            .await
+            .map_err(|e| {
+                Outcome::Retry(format!("cannot submit to ComfyUI at {}: {e}", self.base))
+            })?;
         let status = resp.status();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
@@ -142,85 +174,25 @@ impl HttpExecutor {
                 "ComfyUI refused the workflow ({status}): {}",
                 snippet(&body.to_string())
             );
-            return if status.is_client_error() {
+            return Err(if status.is_client_error() {
                 Outcome::Fail(msg)
             } else {
                 Outcome::Retry(msg)
-            };
+            });
         }
-        let Some(prompt_id) = body
-            .get("prompt_id")
+        body.get("prompt_id")
             .and_then(Value::as_str)
             .map(str::to_owned)
-        else {
-            return Outcome::Retry(format!(
-                "ComfyUI answered /prompt without a prompt_id: {}",
-                snippet(&body.to_string())
-            ));
-        };
-        // From here on, a stopped job interrupts the server's work.
-        let guard = Interrupt {
-            client: self.client.clone(),
-            base: self.base.clone(),
-            armed: Arc::new(AtomicBool::new(true)),
-        };
-        loop {
-            let msg = tokio::select! {
-                m = ws.next() => m,
-                _ = ctx.cancelled() => return Outcome::Retry("stopped".into()),
-            };
-            let text = match msg {
-                Some(Ok(Message::Text(t))) => t.to_string(),
-                Some(Ok(Message::Close(_))) | None => {
-                    return Outcome::Retry("the ComfyUI websocket closed during the job".into())
-                }
-                Some(Ok(_)) => continue, // previews (binary), pings
-                Some(Err(e)) => {
-                    return Outcome::Retry(format!("the ComfyUI websocket failed: {e}"))
-                }
-            };
-            let Ok(event) = serde_json::from_str::<Value>(&text) else {
-                continue;
-            };
-            let data = &event["data"];
-            if data.get("prompt_id").and_then(Value::as_str) != Some(prompt_id.as_str()) {
-                continue;
-            }
-            let node = data.get("node").and_then(Value::as_str).map(str::to_owned);
-            match event["type"].as_str().unwrap_or("") {
-                "execution_start" => ctx.started().await,
-                "executing" => match node {
-                    Some(n) => ctx.progress(Progress::stage(n)).await,
-                    None => break,
-                },
-                "progress" => {
-                    let mut p = Progress {
-                        step: data["value"].as_u64(),
-                        total: data["max"].as_u64(),
-                        ..Progress::default()
-                    };
-                    p.stage = node;
-                    ctx.progress(p).await;
-                }
-                "execution_success" => break,
-                "execution_error" => {
-                    guard.disarm();
-                    return Outcome::Retry(format!(
-                        "ComfyUI error in node {} ({}): {}: {}",
-                        data["node_id"].as_str().unwrap_or("?"),
-                        data["node_type"].as_str().unwrap_or("?"),
-                        data["exception_type"].as_str().unwrap_or("error"),
-                        data["exception_message"].as_str().unwrap_or("")
-                    ));
-                }
-                "execution_interrupted" => {
-                    guard.disarm();
-                    return Outcome::Retry("ComfyUI interrupted the prompt".into());
-                }
-                _ => {}
-            }
-        }
-        guard.disarm();
+            .ok_or_else(|| {
+                Outcome::Retry(format!(
+                    "ComfyUI answered /prompt without a prompt_id: {}",
+                    snippet(&body.to_string())
+                ))
+            })
+    }
+
+    /// The finished prompt's outputs from `/history/{id}`: the job's result.
+    async fn outputs(&self, prompt_id: &str) -> Outcome {
         let history = self
             .client
             .get(format!("{}/history/{prompt_id}", self.base))
@@ -230,7 +202,7 @@ impl HttpExecutor {
             Ok(r) if r.status().is_success() => {
                 let h: Value = r.json().await.unwrap_or(Value::Null);
                 Outcome::Succeeded(
-                    json!({ "prompt_id": prompt_id, "outputs": h[&prompt_id]["outputs"] }),
+                    json!({ "prompt_id": prompt_id, "outputs": h[prompt_id]["outputs"] }),
                 )
             }
             Ok(r) => Outcome::Retry(format!("ComfyUI /history answered {}", r.status())),
@@ -239,6 +211,99 @@ impl HttpExecutor {
             )),
         }
     }
+}
+
+/// The ComfyUI websocket.
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// What one websocket event means for the job.
+enum Step {
+    /// Not the end: keep reading.
+    Continue,
+    /// The prompt finished; its outputs can be read.
+    Done,
+    /// ComfyUI reported the prompt failed or was interrupted: retry with this reason.
+    Failed(String),
+}
+
+/// Follows the events of `prompt_id` until it finishes (`Ok`) or the attempt ends otherwise
+/// (`Err` with its outcome). A ComfyUI-side failure disarms `guard`: there is nothing left
+/// to interrupt.
+async fn follow(
+    ws: &mut Socket,
+    prompt_id: &str,
+    ctx: &JobContext,
+    guard: &Interrupt,
+) -> Result<(), Outcome> {
+    loop {
+        let msg = tokio::select! {
+            m = ws.next() => m,
+            _ = ctx.cancelled() => return Err(Outcome::Retry("stopped".into())),
+        };
+        let text = match msg {
+            Some(Ok(Message::Text(t))) => t.to_string(),
+            Some(Ok(Message::Close(_))) | None => {
+                return Err(Outcome::Retry(
+                    "the ComfyUI websocket closed during the job".into(),
+                ))
+            }
+            Some(Ok(_)) => continue, // previews (binary), pings
+            Some(Err(e)) => {
+                return Err(Outcome::Retry(format!("the ComfyUI websocket failed: {e}")))
+            }
+        };
+        match on_event(&text, prompt_id, ctx).await {
+            Step::Continue => {}
+            Step::Done => return Ok(()),
+            Step::Failed(reason) => {
+                guard.disarm();
+                return Err(Outcome::Retry(reason));
+            }
+        }
+    }
+}
+
+/// Reads one websocket text message; events of other prompts (and non-JSON text) are skipped.
+async fn on_event(text: &str, prompt_id: &str, ctx: &JobContext) -> Step {
+    let Ok(event) = serde_json::from_str::<Value>(text) else {
+        return Step::Continue;
+    };
+    let data = &event["data"];
+    if data.get("prompt_id").and_then(Value::as_str) != Some(prompt_id) {
+        return Step::Continue;
+    }
+    let node = data.get("node").and_then(Value::as_str).map(str::to_owned);
+    match event["type"].as_str().unwrap_or("") {
+        "execution_start" => ctx.started().await,
+        // `executing` with no node also ends a prompt (servers without `execution_success`).
+        "executing" => match node {
+            Some(n) => ctx.progress(Progress::stage(n)).await,
+            None => return Step::Done,
+        },
+        "progress" => {
+            let mut p = Progress {
+                step: data["value"].as_u64(),
+                total: data["max"].as_u64(),
+                ..Progress::default()
+            };
+            p.stage = node;
+            ctx.progress(p).await;
+        }
+        "execution_success" => return Step::Done,
+        "execution_error" => {
+            return Step::Failed(format!(
+                "ComfyUI error in node {} ({}): {}: {}",
+                data["node_id"].as_str().unwrap_or("?"),
+                data["node_type"].as_str().unwrap_or("?"),
+                data["exception_type"].as_str().unwrap_or("error"),
+                data["exception_message"].as_str().unwrap_or("")
+            ))
+        }
+        "execution_interrupted" => return Step::Failed("ComfyUI interrupted the prompt".into()),
+        _ => {}
+    }
+    Step::Continue
 }
 
 /// Calls `POST /interrupt` when dropped while armed: the job was stopped mid-run.

@@ -22,7 +22,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::{FramedRead, LinesCodec};
 
@@ -289,9 +289,46 @@ impl Pool {
     }
 
     fn spawn(&self, seat: OwnedSemaphorePermit) -> Result<ChildProc, String> {
+        let program = self.config.resolve_program()?;
+        let mut child = self
+            .command(&program)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+        let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+        let stdin = child.stdin.take();
+        let stdout = child
+            .stdout
+            .take()
+            .map(|s| FramedRead::new(s, LinesCodec::new_with_max_length(MAX_LINE_BYTES)))
+            .ok_or("the child has no stdout")?;
+        let current_job = Arc::new(Mutex::new(None::<String>));
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(log_stderr(
+                stderr,
+                current_job.clone(),
+                self.node.clone(),
+                pid,
+            ));
+        }
+        tracing::info!(pid, program = %program.display(), "started child process");
+        Ok(ChildProc {
+            child,
+            pid,
+            stdin,
+            stdout,
+            born: Instant::now(),
+            jobs: 0,
+            current_job,
+            _seat: seat,
+        })
+    }
+
+    /// The child's command: a clean environment (only the allowed variables pass, so secrets
+    /// of the worker's environment do not leak), pipes for the protocol and logs, and its own
+    /// process group so stopping it reaches what it spawned.
+    fn command(&self, program: &Path) -> Command {
         let c = &self.config;
-        let program = c.resolve_program()?;
-        let mut cmd = Command::new(&program);
+        let mut cmd = Command::new(program);
         cmd.args(&c.args)
             .env_clear()
             .env("PYTHONUNBUFFERED", "1")
@@ -310,41 +347,18 @@ impl Pool {
             cmd.current_dir(dir);
         }
         die_with_parent(&mut cmd);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
-        let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
-        let stdin = child.stdin.take();
-        let stdout = child
-            .stdout
-            .take()
-            .map(|s| FramedRead::new(s, LinesCodec::new_with_max_length(MAX_LINE_BYTES)))
-            .ok_or("the child has no stdout")?;
-        let current_job = Arc::new(Mutex::new(None::<String>));
-        if let Some(stderr) = child.stderr.take() {
-            let job = current_job.clone();
-            let node = self.node.clone();
-            tokio::spawn(async move {
-                let mut lines =
-                    FramedRead::new(stderr, LinesCodec::new_with_max_length(MAX_LOG_LINE_BYTES));
-                while let Some(line) = lines.next().await {
-                    let Ok(line) = line else { continue };
-                    let job = job.lock().unwrap_or_else(PoisonError::into_inner).clone();
-                    tracing::info!(target: "fleetq::child", %node, pid, job = job.as_deref().unwrap_or("-"), "{line}");
-                }
-            });
-        }
-        tracing::info!(pid, program = %program.display(), "started child process");
-        Ok(ChildProc {
-            child,
-            pid,
-            stdin,
-            stdout,
-            born: Instant::now(),
-            jobs: 0,
-            current_job,
-            _seat: seat,
-        })
+        cmd
+    }
+}
+
+/// Logs each line the child writes on stderr, tagged with the node, the child and the job it
+/// runs at the time; ends when the child closes stderr.
+async fn log_stderr(stderr: ChildStderr, job: Arc<Mutex<Option<String>>>, node: String, pid: i32) {
+    let mut lines = FramedRead::new(stderr, LinesCodec::new_with_max_length(MAX_LOG_LINE_BYTES));
+    while let Some(line) = lines.next().await {
+        let Ok(line) = line else { continue };
+        let job = job.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        tracing::info!(target: "fleetq::child", %node, pid, job = job.as_deref().unwrap_or("-"), "{line}");
     }
 }
 
@@ -395,105 +409,127 @@ impl ProcessExecutor {
     }
 
     async fn run(&self, job: Job, ctx: JobContext) -> Outcome {
-        let mut co = match self.pool.checkout().await {
+        let co = match self.pool.checkout().await {
             Ok(c) => c,
             Err(e) => return Outcome::Retry(e),
         };
+        match send_job(co, &job).await {
+            Ok(co) => follow(co, &ctx).await,
+            Err(outcome) => outcome,
+        }
+    }
+}
+
+/// Hands `job` to the checked-out child as one JSON line. A child that cannot take it is
+/// discarded and the job retried.
+async fn send_job(mut co: Checkout, job: &Job) -> Result<Checkout, Outcome> {
+    let Some(proc_) = co.proc() else {
+        return Err(Outcome::Retry("no child process".into()));
+    };
+    *proc_
+        .current_job
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = Some(job.id.clone());
+    let line = serde_json::json!({
+        "type": "job",
+        "id": job.id,
+        "queue": job.queue,
+        "payload": job.payload,
+        "attempt": job.attempt,
+        "max_attempts": job.max_attempts,
+        "deadline_ms": serde_json::Value::Null,
+    });
+    let mut bytes = line.to_string().into_bytes();
+    bytes.push(b'\n');
+    let written = match proc_.stdin.as_mut() {
+        Some(stdin) => stdin.write_all(&bytes).await.and(stdin.flush().await),
+        None => Err(std::io::Error::other("stdin closed")),
+    };
+    if let Err(e) = written {
+        let how = co.discard().await;
+        return Err(Outcome::Retry(format!(
+            "{how} before it took the job ({e})"
+        )));
+    }
+    Ok(co)
+}
+
+/// Reads the child's messages until it answers the job. A cancel returns at once (dropping
+/// the checkout stops the child); a broken stream or a line that is not a message discards
+/// the child, since its state is unknown.
+async fn follow(mut co: Checkout, ctx: &JobContext) -> Outcome {
+    loop {
         let Some(proc_) = co.proc() else {
             return Outcome::Retry("no child process".into());
         };
-        *proc_
-            .current_job
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(job.id.clone());
-        let line = serde_json::json!({
-            "type": "job",
-            "id": job.id,
-            "queue": job.queue,
-            "payload": job.payload,
-            "attempt": job.attempt,
-            "max_attempts": job.max_attempts,
-            "deadline_ms": serde_json::Value::Null,
-        });
-        let mut bytes = line.to_string().into_bytes();
-        bytes.push(b'\n');
-        let written = match proc_.stdin.as_mut() {
-            Some(stdin) => stdin.write_all(&bytes).await.and(stdin.flush().await),
-            None => Err(std::io::Error::other("stdin closed")),
+        let next = tokio::select! {
+            l = proc_.stdout.next() => l,
+            _ = ctx.cancelled() => return Outcome::Retry("stopped".into()),
         };
-        if let Err(e) = written {
-            let how = co.discard().await;
-            return Outcome::Retry(format!("{how} before it took the job ({e})"));
-        }
-        loop {
-            let Some(proc_) = co.proc() else {
-                return Outcome::Retry("no child process".into());
-            };
-            let next = tokio::select! {
-                l = proc_.stdout.next() => l,
-                _ = ctx.cancelled() => return Outcome::Retry("stopped".into()),
-            };
-            let line = match next {
-                Some(Ok(line)) => line,
-                Some(Err(e)) => {
-                    let how = co.discard().await;
-                    return Outcome::Retry(format!("{how}: its stdout broke the protocol ({e})"));
-                }
-                None => {
-                    let how = co.discard().await;
-                    return Outcome::Retry(format!("{how} during the job"));
-                }
-            };
-            if line.trim().is_empty() {
-                continue;
+        let line = match next {
+            Some(Ok(line)) => line,
+            Some(Err(e)) => {
+                let how = co.discard().await;
+                return Outcome::Retry(format!("{how}: its stdout broke the protocol ({e})"));
             }
-            match serde_json::from_str::<ChildMessage>(&line) {
-                Ok(ChildMessage::Started) => ctx.started().await,
-                Ok(ChildMessage::Progress {
+            None => {
+                let how = co.discard().await;
+                return Outcome::Retry(format!("{how} during the job"));
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<ChildMessage>(&line) {
+            Ok(ChildMessage::Started) => ctx.started().await,
+            Ok(ChildMessage::Progress {
+                step,
+                total,
+                stage,
+                message,
+            }) => {
+                let p = Progress {
                     step,
                     total,
                     stage,
                     message,
-                }) => {
-                    ctx.progress(Progress {
-                        step,
-                        total,
-                        stage,
-                        message,
-                    })
-                    .await;
-                }
-                Ok(ChildMessage::Result { result }) => {
-                    co.give_back();
-                    return Outcome::Succeeded(result);
-                }
-                Ok(ChildMessage::Error { message, retryable }) => {
-                    co.give_back();
-                    return if retryable {
-                        Outcome::Retry(message)
-                    } else {
-                        Outcome::Fail(message)
-                    };
-                }
-                Err(e) => {
-                    let mut shown = line.clone();
-                    if shown.len() > 200 {
-                        let mut cut = 200;
-                        while !shown.is_char_boundary(cut) {
-                            cut -= 1;
-                        }
-                        shown.truncate(cut);
-                        shown.push('…');
-                    }
-                    let how = co.discard().await;
-                    return Outcome::Retry(format!(
-                        "protocol error: the child wrote {shown:?} on stdout, which is not a fleetq message ({e}); \
-                         children must write only protocol JSON lines on stdout and logs on stderr ({how})"
-                    ));
-                }
+                };
+                ctx.progress(p).await;
             }
+            Ok(ChildMessage::Result { result }) => {
+                co.give_back();
+                return Outcome::Succeeded(result);
+            }
+            Ok(ChildMessage::Error { message, retryable }) => {
+                co.give_back();
+                return if retryable {
+                    Outcome::Retry(message)
+                } else {
+                    Outcome::Fail(message)
+                };
+            }
+            Err(e) => return protocol_error(co, &line, &e).await,
         }
     }
+}
+
+/// Discards a child that wrote something other than a protocol message on stdout; the reason
+/// quotes the line (cut to 200 bytes) so the child's author sees what went wrong.
+async fn protocol_error(co: Checkout, line: &str, e: &serde_json::Error) -> Outcome {
+    let mut shown = line.to_owned();
+    if shown.len() > 200 {
+        let mut cut = 200;
+        while !shown.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        shown.truncate(cut);
+        shown.push('…');
+    }
+    let how = co.discard().await;
+    Outcome::Retry(format!(
+        "protocol error: the child wrote {shown:?} on stdout, which is not a fleetq message ({e}); \
+         children must write only protocol JSON lines on stdout and logs on stderr ({how})"
+    ))
 }
 
 impl Handler for ProcessExecutor {
