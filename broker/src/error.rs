@@ -54,6 +54,9 @@ pub enum Error {
         /// What Redis said.
         source: redis::RedisError,
     },
+    /// The HTTP server stopped with an error.
+    #[error("the HTTP server failed: {0}; check the listen address and the system's limits")]
+    Serve(std::io::Error),
     /// A local redis-server (demo, tests) could not be started.
     #[error("local redis-server: {0}")]
     LocalRedis(String),

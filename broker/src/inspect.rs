@@ -5,9 +5,9 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
+use crate::connection::SharedConn as ConnectionManager;
 use crate::functions::{self, fcall};
 use crate::keys::{QueueKeys, GROUP};
-use redis::aio::ConnectionManager;
 
 use crate::{Error, Redis, Result};
 

@@ -7,10 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::http::{self, ApiState};
-use crate::{maintenance, Error, Redis, Result};
+use crate::{liveness, maintenance, Error, Redis, Result};
 
 /// Default HTTP listen address: loopback only; set `FLEETQ_LISTEN` to expose it.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -71,14 +70,9 @@ where
     S: Future<Output = ()> + Send + 'static,
 {
     config.validate()?;
-    let stop = CancellationToken::new();
-    {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            stop.cancel();
-        });
-    }
+    // Dropped when `run` returns (early `?` included), which ends the waiter task.
+    let shutdown = crate::shutdown::Shutdown::new(shutdown);
+    let stop = shutdown.token();
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(listen = ?addr, queues = ?config.queues, auth = config.api_token.is_some(), "broker started");
     let maint = tokio::spawn(maintenance::run(
@@ -86,6 +80,12 @@ where
         config.queues.clone(),
         config.maintenance_interval,
         stop.clone().cancelled_owned(),
+    ));
+    let watch = tokio::spawn(liveness::run(
+        redis.clone(),
+        config.queues.clone(),
+        liveness::DEFAULT_INTERVAL,
+        stop.clone(),
     ));
     let state = Arc::new(ApiState::new(
         redis,
@@ -97,22 +97,10 @@ where
         .with_graceful_shutdown(stop.cancelled_owned())
         .await;
     let _ = maint.await;
+    let _ = watch.await;
     tracing::info!("broker stopped");
-    served.map_err(|e| Error::Config(format!("HTTP server failed: {e}")))
+    served.map_err(Error::Serve)
 }
 
-/// Resolves on SIGTERM or Ctrl-C: the shutdown future every fleetq binary passes to its `run`.
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = term => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
+/// Resolves on SIGTERM or Ctrl-C (see [`crate::shutdown::signal`]).
+pub use crate::shutdown::signal as shutdown_signal;

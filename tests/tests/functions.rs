@@ -10,10 +10,10 @@ use fleetq_broker::calls::{
     self, Caller, Commit, Committed, Ending, HoldReply, Holding, ProgressKind, ReclaimReply,
     TakeDecision, TakeEntry, TakeReply, Token,
 };
+use fleetq_broker::connection::SharedConn as ConnectionManager;
 use fleetq_broker::functions;
 use fleetq_broker::QueueKeys;
 use fleetq_tests::Stack;
-use fleetq_broker::connection::SharedConn as ConnectionManager;
 
 fn fcall(name: &str, keys: &QueueKeys) -> redis::Cmd {
     functions::fcall(name, keys)

@@ -140,7 +140,14 @@ async fn redis_killed_and_restarted_keeps_every_computed_result() {
     s.server.kill();
     tokio::time::sleep(Duration::from_secs(8)).await; // the outage itself
     s.server.restart().unwrap();
-    let ready_ms = fleetq_broker::nodes::server_ms(&s.redis).await.unwrap();
+    // Ready: the first answer from the restarted server (the test's own idle connection may
+    // fail once on its way back).
+    let ready_ms = loop {
+        match fleetq_broker::nodes::server_ms(&s.redis).await {
+            Ok(ms) => break ms,
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    };
     let states = all_ended(&p, &ids, Duration::from_secs(60)).await;
     let log = s.server.log();
     assert!(

@@ -55,15 +55,9 @@ where
     S: Future<Output = ()> + Send + 'static,
 {
     config.validate()?;
-    let stop = CancellationToken::new();
     // Dropped with this future (early return or abort): no task is left behind.
-    let _waiter = AbortOnDrop(tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            shutdown.await;
-            stop.cancel();
-        }
-    }));
+    let shutdown = fleetq_broker::shutdown::Shutdown::new(shutdown);
+    let stop = shutdown.token();
     let keys = QueueKeys::new(&config.queue)?;
     let consumer = consumer_name(&config.node);
     let Some((redis, queue)) = start(&redis, &keys, &consumer, &stop).await? else {
@@ -248,14 +242,5 @@ impl Background {
         for t in self.tasks {
             let _ = t.await;
         }
-    }
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

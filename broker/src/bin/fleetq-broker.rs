@@ -11,7 +11,6 @@ use fleetq_broker::http::DEFAULT_MAX_BODY_BYTES;
 use fleetq_broker::maintenance::DEFAULT_INTERVAL;
 use fleetq_broker::service::{BrokerConfig, DEFAULT_LISTEN};
 use fleetq_broker::Redis;
-use tokio_util::sync::CancellationToken;
 
 /// Run the fleetq broker: promotes retries, expires old jobs, serves /metrics and the HTTP API.
 ///
@@ -62,14 +61,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 args.listen
             )
         })?;
-    let stop = CancellationToken::new();
-    {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            fleetq_broker::service::shutdown_signal().await;
-            stop.cancel();
-        });
-    }
+    let shutdown = fleetq_broker::shutdown::Shutdown::new(fleetq_broker::shutdown::signal());
+    let stop = shutdown.token();
     // Redis down or still loading at start is an outage to wait out, not a reason to exit.
     let Some(redis) = Redis::connect_patiently(args.common.redis_config(), &stop)
         .await

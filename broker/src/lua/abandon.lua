@@ -27,7 +27,8 @@ local function abandon_entry(K, consumer, entry_id, now)
   if h[1] == entry_id then used = tonumber(h[2]) or used end
   local max = tonumber(h[3]) or tonumber(m['max_attempts']) or config_num(K, 'max_attempts', 3)
   if TERMINAL[h[5]] or (h[1] and h[1] ~= entry_id) then
-    drop_entry(K, entry_id)
+    local jk = job_key(K, job_id)
+    drop_duplicate(K, jk, entry_id, redis.call('HMGET', jk, 'state', 'entry', 'cancel', 'nodes', 'started_ms', 'tombstone'))
     return 0, 0
   end
   if used >= max then

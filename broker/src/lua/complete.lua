@@ -54,6 +54,14 @@ local function complete(keys, args)
     stat(K, 'fenced')
     return 'fenced'
   end
+  if token == '' then
+    -- A release of an entry never taken: an entry of an ended or replaced job only leaves.
+    local d = redis.call('HMGET', jk, 'state', 'entry', 'cancel', 'nodes', 'started_ms', 'tombstone')
+    if TERMINAL[d[1]] or (d[2] and d[2] ~= entry_id) then
+      drop_duplicate(K, jk, entry_id, d)
+      return 'ok'
+    end
+  end
   local now = now_ms()
   local h = redis.call('HMGET', jk, 'attempt', 'nodes', 'node', 'failed_nodes', 'entry', 'attempt_started_ms')
   local attempts, nodes, node = h[1] or '0', h[2] or '', h[3] or ''
@@ -128,7 +136,10 @@ local function complete(keys, args)
     -- Attempts made so far: this one counts unless it is released; an entry released before
     -- it was taken still carries its own count.
     local done
-    if h[5] == entry_id then
+    if h[5] == entry_id and token == '' then
+      -- Released without a token (never taken by the caller): the attempts counted stay.
+      done = tonumber(redis.call('HGET', jk, 'attempts')) or 0
+    elseif h[5] == entry_id then
       done = tonumber(attempts) or 0
       if outcome == 'release' then done = math.max(done - 1, 0) end
     else

@@ -109,6 +109,22 @@ local function requeue(K, job_id, entry_id, set, delay, now)
   drop_entry(K, entry_id)
 end
 
+-- The job ended or was replaced, but its entry was still delivered: drop it. `h` is the job
+-- record's HMGET of state, entry, cancel, nodes, started_ms, tombstone.
+local function drop_duplicate(K, jk, entry_id, h)
+  drop_entry(K, entry_id)
+  if h[6] == '1' and h[2] == entry_id then
+    -- A cancelled or expired waiting entry, reached at last: its hash may expire now.
+    stat(K, 'tombstones', -1)
+    redis.call('HDEL', jk, 'tombstone')
+    local retention = config_num(K, 'retention_ms', DEFAULT_RETENTION_MS)
+    if retention <= 0 then retention = DEFAULT_RETENTION_MS end
+    redis.call('PEXPIRE', jk, retention)
+  else
+    stat(K, 'duplicates')
+  end
+end
+
 -- End a job whose queue timeout passed before it started (`timeout_ms` after `enqueued`).
 local function end_expired(K, job_id, enqueued, timeout_ms)
   local waited = now_ms() - enqueued

@@ -33,21 +33,7 @@ local PASS_DELAY_MAX_MS = 5000
 -- kills every worker that reads it, say).
 local DELIVERIES_MAX = 20
 local TAKE_STRIDE = 11
-
--- The job ended or was replaced, but its entry was still delivered: drop it.
-local function take_duplicate(K, jk, entry_id, h)
-  drop_entry(K, entry_id)
-  if h[6] == '1' and h[2] == entry_id then
-    -- A cancelled or expired waiting entry, reached at last: its hash may expire now.
-    stat(K, 'tombstones', -1)
-    redis.call('HDEL', jk, 'tombstone')
-    local retention = config_num(K, 'retention_ms', DEFAULT_RETENTION_MS)
-    if retention <= 0 then retention = DEFAULT_RETENTION_MS end
-    redis.call('PEXPIRE', jk, retention)
-  else
-    stat(K, 'duplicates')
-  end
-end
+local TOKEN_PATTERN = '^%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x$'
 
 local function take_dead(K, job_id, entry_id, reason, used, nodes)
   local fields = entry_fields(K, entry_id)
@@ -107,7 +93,7 @@ local function take_owned(K, T, e, deliveries)
   local used = e.prior
   if known_entry == e.entry_id then used = tonumber(h[7]) or e.prior end
   if (known_entry and known_entry ~= e.entry_id) or TERMINAL[state] then
-    take_duplicate(K, jk, e.entry_id, h)
+    drop_duplicate(K, jk, e.entry_id, h)
     return 'duplicate', used
   elseif h[3] == '1' then
     drop_entry(K, e.entry_id)
@@ -159,6 +145,10 @@ local function take(keys, args)
   local out = {}
   for i = 5, #args, TAKE_STRIDE do
     local e = take_entry(args, i)
+    if e.token ~= '' and not string.match(e.token, TOKEN_PATTERN) then
+      return redis.error_reply('fleetq: fleetq_take: "' .. tostring(e.token) .. '" is not a token of 16 hex digits ' ..
+        '(a worker of another protocol version?); upgrade the worker with the library')
+    end
     local owner, deliveries = pending_owner(K, e.entry_id)
     if owner ~= T.consumer or e.token == '' then
       out[#out + 1] = { e.entry_id, 'lost', deliveries, 0 }

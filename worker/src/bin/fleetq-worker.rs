@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use fleetq_broker::flags::CommonFlags;
+use fleetq_broker::shutdown::Shutdown;
 use fleetq_broker::Redis;
 use fleetq_worker::config::{
     DEFAULT_HEARTBEAT, DEFAULT_MAX_BLOCK, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SLOTS,
@@ -114,10 +115,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let config = worker_config(&args, &node)?;
     // The executor is built before connecting, so a flag mistake is reported without Redis.
     let executor = executor(&args, &node, config.slots)?;
-    let redis = Redis::connect_with(args.common.redis_config())
+    let shutdown = Shutdown::new(fleetq_broker::shutdown::signal());
+    let stop = shutdown.token();
+    // Redis down or still loading at start is an outage to wait out, not a reason to exit.
+    let Some(redis) = Redis::connect_patiently(args.common.redis_config(), &stop)
         .await
-        .context("fleetq-worker cannot start")?;
-    fleetq_worker::run(redis, config, executor, fleetq_broker::shutdown::signal()).await?;
+        .context("fleetq-worker cannot start")?
+    else {
+        tracing::info!("stopped while waiting for Redis");
+        return Ok(());
+    };
+    if let Err(e) = redis.check_eviction_policy().await {
+        tracing::warn!(error = %e, "cannot read the Redis eviction policy");
+    }
+    fleetq_worker::run(redis, config, executor, stop.cancelled_owned()).await?;
     Ok(())
 }
 
