@@ -316,3 +316,54 @@ async fn named_connections_keep_their_name_across_restarts() {
     ping(&s.redis).await.ok();
     assert_eq!(named_clients(&s.redis, "").await, 1);
 }
+
+/// A `fleetq-worker` started before its Redis waits (no exit) and takes work as soon as
+/// Redis is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_before_redis_waits_and_then_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut worker = Command::new(bin_path("fleetq-worker"))
+        .args(["--queue", "q", "--node", "early", "--executor", "echo"])
+        .args(["--metrics-addr", "off"])
+        .env("REDIS_URL", &url)
+        .env("RUST_LOG", "info")
+        .stdout(log.reopen().unwrap())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(log.path()).unwrap_or_default();
+    eventually(Duration::from_secs(20), "the worker says it waits", || {
+        let l = read_log();
+        async move { waits(&l) > 0 }
+    })
+    .await;
+    assert!(worker.try_wait().unwrap().is_none(), "exited:\n{}", read_log());
+    let _server = Server::start(port, dir.path(), &[]);
+    let redis = loop {
+        if let Ok(r) = Redis::connect(&url).await {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let p = fleetq_broker::Producer::new(&redis, "q").await.unwrap();
+    let e = p
+        .enqueue(&serde_json::json!({"x": 1}), &Default::default())
+        .await
+        .unwrap();
+    let st = p.wait(&e.id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(st.state, fleetq_broker::JobState::Succeeded, "{}", read_log());
+    assert_eq!(st.result.unwrap()["node"], "early");
+    send_signal(worker.id(), libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = worker.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no exit:\n{}", read_log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0), "{}", read_log());
+}
