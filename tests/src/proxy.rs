@@ -39,11 +39,7 @@ impl Proxy {
         });
         let stop = CancellationToken::new();
         tokio::spawn(accept_loop(listener, upstream, rx, stop.clone()));
-        Ok(Self {
-            addr,
-            mode,
-            stop,
-        })
+        Ok(Self { addr, mode, stop })
     }
 
     /// `redis://127.0.0.1:<port>` of the proxy's listening side.

@@ -13,16 +13,24 @@ async fn ping(url: &str) -> bool {
     let cfg = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_millis(500)))
         .set_response_timeout(Some(Duration::from_millis(500)));
-    let Ok(mut conn) = client.get_multiplexed_async_connection_with_config(&cfg).await else {
+    let Ok(mut conn) = client
+        .get_multiplexed_async_connection_with_config(&cfg)
+        .await
+    else {
         return false;
     };
-    redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
+    redis::cmd("PING")
+        .query_async::<String>(&mut conn)
+        .await
+        .is_ok()
 }
 
 #[tokio::test]
 async fn proxy_forwards_cuts_and_restores() {
     let stack = Stack::start().await;
-    let upstream = format!("127.0.0.1:{}", stack.server.port()).parse().unwrap();
+    let upstream = format!("127.0.0.1:{}", stack.server.port())
+        .parse()
+        .unwrap();
     let proxy = Proxy::start(upstream).await.unwrap();
     assert!(ping(&proxy.url()).await, "PING through the proxy");
 
@@ -44,10 +52,14 @@ async fn proxy_forwards_cuts_and_restores() {
     let started = std::time::Instant::now();
     let pong: String = redis::cmd("PING").query_async(&mut conn).await.unwrap();
     assert_eq!(pong, "PONG");
-    assert!(started.elapsed() >= Duration::from_millis(200), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
-/// 400 jobs over 30 s on 4 workers × 2 slots, lease 2 s, every fault kind: nothing lost,
+/// 300 jobs over 20 s on 4 workers × 2 slots, lease 2 s, every fault kind: nothing lost,
 /// nothing doubled, queue empty, no process died on its own. Executions per job are
 /// reported, not asserted (a job may run more than once after an outage).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,7 @@ use fleetq_tests::chaos::{self, ChaosConfig, FaultKind};
 #[derive(Debug, Parser)]
 struct Args {
     /// Jobs enqueued over the run.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 300)]
     jobs: usize,
     /// Worker processes.
     #[arg(long, default_value_t = 4)]
@@ -25,13 +25,17 @@ struct Args {
     #[arg(long, default_value_t = 2000)]
     lease_ms: u64,
     /// Seconds of enqueueing and faults (the drain comes after).
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 20)]
     duration_secs: u64,
     /// Seed of job lengths and the fault schedule.
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Fault kinds: worker-kill, worker-pause, redis-kill, redis-pause; "none" for none.
-    #[arg(long, value_delimiter = ',', default_value = "worker-kill,worker-pause,redis-kill,redis-pause")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "worker-kill,worker-pause,redis-kill,redis-pause"
+    )]
     faults: Vec<String>,
     /// The queue's max attempts.
     #[arg(long, default_value_t = 10)]

@@ -70,7 +70,10 @@ impl Report {
             "seed {}  enqueues {} acked / {} tried  fenced (late results refused) {}\n",
             self.seed, self.acked, self.attempted, self.fenced
         );
-        out += &format!("faults      {:?}\nstates      {:?}\n", self.faults, self.states);
+        out += &format!(
+            "faults      {:?}\nstates      {:?}\n",
+            self.faults, self.states
+        );
         out += &format!("executions  {:?} (runs -> jobs)\n", self.executions);
         for c in &self.checks {
             let mark = if c.ok { "ok  " } else { "FAIL" };
@@ -119,18 +122,27 @@ async fn read_counters(redis: &Redis, keys: &QueueKeys, obs: &mut Observed) -> a
         .query_async(&mut conn)
         .await?;
     obs.fenced = fenced.unwrap_or(0);
-    obs.stream_len = redis::cmd("XLEN").arg(keys.stream()).query_async(&mut conn).await?;
+    obs.stream_len = redis::cmd("XLEN")
+        .arg(keys.stream())
+        .query_async(&mut conn)
+        .await?;
     let summary: redis::Value = redis::cmd("XPENDING")
         .arg(keys.stream())
         .arg("workers")
         .query_async(&mut conn)
         .await?;
     obs.pending = match summary {
-        redis::Value::Array(v) => v.into_iter().next().and_then(|c| redis::from_redis_value(c).ok()),
+        redis::Value::Array(v) => v
+            .into_iter()
+            .next()
+            .and_then(|c| redis::from_redis_value(c).ok()),
         _ => None,
     }
     .unwrap_or(0);
-    obs.delayed = redis::cmd("ZCARD").arg(keys.delayed()).query_async(&mut conn).await?;
+    obs.delayed = redis::cmd("ZCARD")
+        .arg(keys.delayed())
+        .query_async(&mut conn)
+        .await?;
     Ok(())
 }
 
@@ -143,7 +155,9 @@ pub fn check(history: &History, obs: &Observed, seed: u64) -> Report {
     }
     let mut executions = BTreeMap::new();
     for e in &enqueues {
-        *executions.entry(obs.executions.get(&e.id).copied().unwrap_or(0)).or_default() += 1;
+        *executions
+            .entry(obs.executions.get(&e.id).copied().unwrap_or(0))
+            .or_default() += 1;
     }
     let mut faults = BTreeMap::new();
     for f in history.faults() {
@@ -177,10 +191,19 @@ fn checks(history: &History, obs: &Observed) -> Vec<Check> {
     // A failed enqueue may or may not have happened: absent or terminal, never stuck.
     let stuck: Vec<&str> = enqueues
         .iter()
-        .filter(|e| !e.acked && !terminal(&e.id) && obs.states.get(&e.id).map(String::as_str) != Some("not_found"))
+        .filter(|e| {
+            !e.acked
+                && !terminal(&e.id)
+                && obs.states.get(&e.id).map(String::as_str) != Some("not_found")
+        })
         .map(|e| e.id.as_str())
         .collect();
-    let doubled: Vec<&String> = obs.successes.iter().filter(|(_, n)| **n > 1).map(|(id, _)| id).collect();
+    let doubled: Vec<&String> = obs
+        .successes
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| id)
+        .collect();
     let succeeded_no_run: Vec<&String> = obs
         .states
         .iter()
@@ -201,7 +224,10 @@ fn checks(history: &History, obs: &Observed) -> Vec<Check> {
         Check {
             name: "stream, PEL and delayed set empty",
             ok: obs.stream_len == 0 && obs.pending == 0 && obs.delayed == 0,
-            detail: format!("xlen {} pending {} delayed {}", obs.stream_len, obs.pending, obs.delayed),
+            detail: format!(
+                "xlen {} pending {} delayed {}",
+                obs.stream_len, obs.pending, obs.delayed
+            ),
         },
         verdict("no process died on its own", &died),
     ]

@@ -70,15 +70,15 @@ pub struct ChaosConfig {
 }
 
 impl ChaosConfig {
-    /// Defaults of the short run: 400 jobs, 4 workers × 2 slots, lease 2 s, 30 s of every
+    /// Defaults of the short run: 300 jobs, 4 workers × 2 slots, lease 2 s, 20 s of every
     /// fault, 10 attempts, jobs of 50–300 ms, 60 s drain.
     pub fn short(child: PathBuf) -> Self {
         Self {
-            jobs: 400,
+            jobs: 300,
             workers: 4,
             slots: 2,
             lease: Duration::from_secs(2),
-            duration: Duration::from_secs(30),
+            duration: Duration::from_secs(20),
             seed: 1,
             faults: FaultKind::ALL.to_vec(),
             max_attempts: 10,

@@ -139,7 +139,11 @@ impl Fleet {
 
     /// Records in `history` every process that has exited while nobody asked it to.
     pub fn note_unexpected_exits(&mut self, history: &History) {
-        for p in self.workers.iter_mut().chain(std::iter::once(&mut self.broker)) {
+        for p in self
+            .workers
+            .iter_mut()
+            .chain(std::iter::once(&mut self.broker))
+        {
             if p.recorded {
                 continue;
             }
@@ -151,14 +155,22 @@ impl Fleet {
                     code,
                     expected: false,
                 });
-                eprintln!("{} exited on its own ({code:?}):\n{}", p.name, p.log_tail(40));
+                eprintln!(
+                    "{} exited on its own ({code:?}):\n{}",
+                    p.name,
+                    p.log_tail(40)
+                );
             }
         }
     }
 
     /// SIGTERM to every worker, then the broker; each must exit 0 within `grace`.
     pub async fn stop(&mut self, history: &History, grace: Duration) {
-        for p in self.workers.iter_mut().chain(std::iter::once(&mut self.broker)) {
+        for p in self
+            .workers
+            .iter_mut()
+            .chain(std::iter::once(&mut self.broker))
+        {
             if p.recorded || p.exited().is_some() {
                 continue; // recorded by note_unexpected_exits
             }
@@ -166,7 +178,11 @@ impl Fleet {
             let code = p.wait(grace).await;
             let expected = code == Some(Some(0));
             if !expected {
-                eprintln!("{} did not stop cleanly ({code:?}):\n{}", p.name, p.log_tail(40));
+                eprintln!(
+                    "{} did not stop cleanly ({code:?}):\n{}",
+                    p.name,
+                    p.log_tail(40)
+                );
             }
             history.exit(Exit {
                 process: p.name.clone(),

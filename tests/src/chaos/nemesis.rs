@@ -14,7 +14,11 @@ use super::history::{Fault, History};
 use crate::send_signal;
 
 /// Injects faults from `cfg.faults` until `cfg.duration` has passed.
-pub async fn unleash(fleet: &mut Fleet, cfg: &ChaosConfig, history: &History) -> anyhow::Result<()> {
+pub async fn unleash(
+    fleet: &mut Fleet,
+    cfg: &ChaosConfig,
+    history: &History,
+) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let end = Instant::now() + cfg.duration;
     let pause = cfg.lease * 3 / 2;
@@ -71,7 +75,10 @@ async fn inject(
             return Ok("redis".into());
         }
         FaultKind::RedisPause => {
-            let pid = fleet.redis.pid().ok_or_else(|| anyhow::anyhow!("redis is not running"))?;
+            let pid = fleet
+                .redis
+                .pid()
+                .ok_or_else(|| anyhow::anyhow!("redis is not running"))?;
             send_signal(pid, libc::SIGSTOP);
             tokio::time::sleep(pause).await;
             send_signal(pid, libc::SIGCONT);

@@ -27,12 +27,19 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
         fleet.spawn_worker(i)?;
     }
     let history = History::new();
-    let gen = tokio::spawn(generator::generate(producer.clone(), cfg.clone(), history.clone()));
+    let gen = tokio::spawn(generator::generate(
+        producer.clone(),
+        cfg.clone(),
+        history.clone(),
+    ));
     let faults = nemesis::unleash(&mut fleet, &cfg, &history).await;
     gen.await?;
     faults?;
+    eprintln!("chaos: faults over at {} ms", history.now_ms());
     drain(&producer, &history, cfg.drain_timeout, &mut fleet).await;
+    eprintln!("chaos: drained at {} ms", history.now_ms());
     fleet.stop(&history, STOP_GRACE).await;
+    eprintln!("chaos: stopped at {} ms", history.now_ms());
     let obs = checker::observe(&redis, &producer, &history, &fleet.exec_log()).await?;
     let report = checker::check(&history, &obs, cfg.seed);
     if !report.passed() {
