@@ -30,11 +30,12 @@ struct Args {
     /// Seed of job lengths and the fault schedule.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Fault kinds: worker-kill, worker-pause, redis-kill, redis-pause; "none" for none.
+    /// Fault kinds: worker-kill, worker-pause, redis-kill, redis-pause, worker-partition;
+    /// "none" for none.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "worker-kill,worker-pause,redis-kill,redis-pause"
+        default_value = "worker-kill,worker-pause,redis-kill,redis-pause,worker-partition"
     )]
     faults: Vec<String>,
     /// The queue's max attempts.

@@ -15,18 +15,21 @@ pub enum FaultKind {
     RedisKill,
     /// SIGSTOP redis-server for longer than the lease, then SIGCONT.
     RedisPause,
+    /// Cut one worker's connections to Redis (its own TCP proxy) for longer than the lease.
+    WorkerPartition,
 }
 
 impl FaultKind {
     /// Every kind.
-    pub const ALL: [FaultKind; 4] = [
+    pub const ALL: [FaultKind; 5] = [
         Self::WorkerKill,
         Self::WorkerPause,
         Self::RedisKill,
         Self::RedisPause,
+        Self::WorkerPartition,
     ];
 
-    /// Parses `worker-kill`, `worker-pause`, `redis-kill`, `redis-pause`.
+    /// Parses `worker-kill`, `worker-pause`, `redis-kill`, `redis-pause`, `worker-partition`.
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.name() == name)
     }
@@ -38,6 +41,7 @@ impl FaultKind {
             Self::WorkerPause => "worker-pause",
             Self::RedisKill => "redis-kill",
             Self::RedisPause => "redis-pause",
+            Self::WorkerPartition => "worker-partition",
         }
     }
 }

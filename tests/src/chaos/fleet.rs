@@ -11,6 +11,7 @@ use fleetq_broker::LocalRedis;
 
 use super::history::{Exit, History};
 use super::EXEC_LOG_ENV;
+use crate::proxy::Proxy;
 use crate::{bin_path, free_port, send_signal};
 
 /// A child process with its log file.
@@ -76,6 +77,8 @@ pub struct Fleet {
     pub broker: Proc,
     /// Worker processes, index = node number.
     pub workers: Vec<Proc>,
+    /// One proxy per worker between it and Redis, to cut it off alone.
+    pub proxies: Vec<Proxy>,
     /// Logs and the executions log live here.
     pub dir: tempfile::TempDir,
     queue: String,
@@ -84,7 +87,8 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Starts redis-server with AOF and the broker; workers come with [`Fleet::spawn_worker`].
+    /// Starts redis-server with AOF and the broker; workers come with [`Fleet::spawn_worker`]
+    /// (each behind its own [`Proxy`]).
     pub fn start(queue: &str, slots: usize, child: &Path) -> anyhow::Result<Self> {
         let redis = LocalRedis::start_with(LocalRedisOptions {
             appendonly: true,
@@ -104,6 +108,7 @@ impl Fleet {
             redis,
             broker,
             workers: Vec::new(),
+            proxies: Vec::new(),
             dir,
             queue: queue.to_owned(),
             slots,
@@ -117,17 +122,26 @@ impl Fleet {
     }
 
     /// Starts (or restarts, same node name) worker `i`.
-    pub fn spawn_worker(&mut self, i: usize) -> anyhow::Result<()> {
+    pub async fn spawn_worker(&mut self, i: usize) -> anyhow::Result<()> {
         let name = format!("w{i}");
+        if i >= self.proxies.len() {
+            let upstream = format!("127.0.0.1:{}", self.redis.port()).parse()?;
+            self.proxies.push(Proxy::start(upstream).await?);
+        }
         let mut cmd = Command::new(bin_path("fleetq-worker"));
-        cmd.args(["--redis-url", &self.redis.url(), "--queue", &self.queue])
-            .args(["--node", &name, "--slots", &self.slots.to_string()])
-            .args(["--metrics-addr", "off", "--executor", "process"])
-            .args(["--shutdown-grace-secs", "5", "--suspend-after", "0"])
-            .arg("--command")
-            .arg(self.child.as_os_str())
-            .args(["--child-env", &format!("PATH,{EXEC_LOG_ENV}")])
-            .env(EXEC_LOG_ENV, self.exec_log());
+        cmd.args([
+            "--redis-url",
+            &self.proxies[i].url(),
+            "--queue",
+            &self.queue,
+        ])
+        .args(["--node", &name, "--slots", &self.slots.to_string()])
+        .args(["--metrics-addr", "off", "--executor", "process"])
+        .args(["--shutdown-grace-secs", "5", "--suspend-after", "0"])
+        .arg("--command")
+        .arg(self.child.as_os_str())
+        .args(["--child-env", &format!("PATH,{EXEC_LOG_ENV}")])
+        .env(EXEC_LOG_ENV, self.exec_log());
         let proc = spawn(&name, &mut cmd, self.dir.path())?;
         if i < self.workers.len() {
             self.workers[i] = proc;

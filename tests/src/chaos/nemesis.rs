@@ -61,13 +61,18 @@ async fn inject(
             let w = &mut fleet.workers[worker];
             w.signal(libc::SIGKILL);
             w.wait(Duration::from_secs(5)).await;
-            fleet.spawn_worker(worker)?;
+            fleet.spawn_worker(worker).await?;
         }
         FaultKind::WorkerPause => {
             let w = &mut fleet.workers[worker];
             w.signal(libc::SIGSTOP);
             tokio::time::sleep(pause).await;
             w.signal(libc::SIGCONT);
+        }
+        FaultKind::WorkerPartition => {
+            fleet.proxies[worker].cut();
+            tokio::time::sleep(pause).await;
+            fleet.proxies[worker].restore();
         }
         FaultKind::RedisKill => {
             fleet.redis.kill();

@@ -24,7 +24,7 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
     configure(&redis, &cfg).await?;
     let producer = Producer::new(&redis, QUEUE).await?;
     for i in 0..cfg.workers {
-        fleet.spawn_worker(i)?;
+        fleet.spawn_worker(i).await?;
     }
     let history = History::new();
     let gen = tokio::spawn(generator::generate(
