@@ -195,6 +195,13 @@ impl LocalRedis {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// The last `lines` lines of the server's log (for failure messages).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     /// Kills the server (SIGKILL); [`LocalRedis::restart`] brings it back on the same port.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -17,7 +17,12 @@ use tokio_util::sync::CancellationToken;
 pub use fleetq_broker;
 pub use fleetq_worker;
 
+pub mod chaos;
 pub mod fake_comfy;
+pub mod proxy;
+
+/// Lines of a server's or worker's log put into a failing test's output.
+pub const LOG_TAIL_LINES: usize = 40;
 
 /// A private Redis for one test plus handles on it.
 pub struct Stack {
@@ -120,6 +125,18 @@ impl Stack {
             .await
             .unwrap();
         v.unwrap_or(0)
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- last {LOG_TAIL_LINES} lines of redis-server's log (port {}) ---\n{}",
+                self.server.port(),
+                self.server.log_tail(LOG_TAIL_LINES)
+            );
+        }
     }
 }
 
@@ -379,6 +396,15 @@ impl WorkerProcess {
 
 impl Drop for WorkerProcess {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "--- last {LOG_TAIL_LINES} lines of worker {}'s log ---\n{}",
+                self.node,
+                lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+            );
+        }
         let _ = kill(self.child.id(), libc::SIGCONT);
         let _ = self.child.kill();
         let _ = self.child.wait();
