@@ -417,3 +417,88 @@ async fn at_maxmemory_new_jobs_are_refused_and_the_backlog_drains() {
     );
     w.stop().await;
 }
+
+/// Notes `.1` in `.0` when dropped.
+struct OnDrop(Arc<Mutex<Vec<&'static str>>>, &'static str);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().push(self.1);
+    }
+}
+
+/// A worker cut off from Redis (a proxy between them drops every connection) stops its running
+/// job once it could not renew for lease − margin, before another worker can take it; the
+/// other worker runs it, and one success is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_from_redis_stops_its_run_before_another_takes_it() {
+    let s = Stack::start().await;
+    let lease = Duration::from_secs(2);
+    s.configure("q", &lease_config(lease, 3)).await;
+    let p = s.producer("q").await;
+    let upstream = format!("127.0.0.1:{}", s.server.port()).parse().unwrap();
+    let proxy = fleetq_tests::proxy::Proxy::start(upstream).await.unwrap();
+    let through_proxy = Redis::connect(&proxy.url()).await.unwrap();
+    // What happened, in order: "a stopped" when A's run saw its stop, "b started" when B ran it.
+    let seen: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+    let a_seen = seen.clone();
+    let mut a_cfg = worker_config("q", "cut-off", 1);
+    a_cfg.shutdown_grace = Duration::from_millis(100);
+    let a_handler = FnHandler::new(move |_, ctx: JobContext| {
+        // The runtime drops a stopped handler's future: the guard notes when.
+        let stopped = OnDrop(a_seen.clone(), "a stopped");
+        async move {
+            let _stopped = stopped;
+            ctx.cancelled().await;
+            Outcome::Retry("stopped".into())
+        }
+    });
+    let a_stop = tokio_util::sync::CancellationToken::new();
+    let a_task = {
+        let stop = a_stop.clone();
+        tokio::spawn(fleetq_worker::run(
+            through_proxy,
+            a_cfg,
+            a_handler,
+            async move { stop.cancelled().await },
+        ))
+    };
+    let e = p
+        .enqueue(&json!({}), &EnqueueOptions::default())
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the job running on the cut-off node",
+        || async {
+            let st = p.status(&e.id).await.unwrap();
+            st.state == JobState::Running && st.node.as_deref() == Some("cut-off")
+        },
+    )
+    .await;
+    let b_seen = seen.clone();
+    let b = s.worker(
+        worker_config("q", "connected", 1),
+        FnHandler::new(move |_, _| {
+            let seen = b_seen.clone();
+            async move {
+                seen.lock().unwrap().push("b started");
+                Outcome::Succeeded(json!("b"))
+            }
+        }),
+    );
+    proxy.cut();
+    let st = p.wait(&e.id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(st.state, JobState::Succeeded, "{st:?}");
+    assert_eq!(st.node.as_deref(), Some("connected"));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec!["a stopped", "b started"],
+        "the cut-off run stopped before the other host started the job"
+    );
+    assert_eq!(s.stat("q", "succeeded").await, 1);
+    proxy.restore();
+    a_stop.cancel();
+    a_task.await.unwrap().unwrap();
+    b.stop().await;
+}

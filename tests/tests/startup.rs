@@ -340,7 +340,11 @@ async fn a_worker_started_before_redis_waits_and_then_works() {
         async move { waits(&l) > 0 }
     })
     .await;
-    assert!(worker.try_wait().unwrap().is_none(), "exited:\n{}", read_log());
+    assert!(
+        worker.try_wait().unwrap().is_none(),
+        "exited:\n{}",
+        read_log()
+    );
     let _server = Server::start(port, dir.path(), &[]);
     let redis = loop {
         if let Ok(r) = Redis::connect(&url).await {
@@ -354,7 +358,12 @@ async fn a_worker_started_before_redis_waits_and_then_works() {
         .await
         .unwrap();
     let st = p.wait(&e.id, Duration::from_secs(10)).await.unwrap();
-    assert_eq!(st.state, fleetq_broker::JobState::Succeeded, "{}", read_log());
+    assert_eq!(
+        st.state,
+        fleetq_broker::JobState::Succeeded,
+        "{}",
+        read_log()
+    );
     assert_eq!(st.result.unwrap()["node"], "early");
     send_signal(worker.id(), libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(10);
