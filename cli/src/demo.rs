@@ -3,7 +3,8 @@
 //! A local `redis-server` (unless REDIS_URL is set), a broker, and five simulated GPU nodes
 //! running `sim_gpu.py` children through the process executor: two healthy, one that hangs
 //! mid-job (progress timeout → suspended), one whose child crashes (retried elsewhere →
-//! suspended), and one that dies with jobs in hand (its leases run out → reclaimed). A burst of
+//! suspended), and one that dies with jobs in hand (its connections close → the broker puts its jobs back in
+//! line; a frozen one would lose its lease → reclaimed). A burst of
 //! jobs goes in; live bars show each node; the summary proves every job ended exactly once.
 
 use std::collections::{BTreeMap, HashMap};
@@ -85,7 +86,8 @@ pub struct Summary {
     pub per_node: BTreeMap<String, usize>,
     /// Timeouts by kind.
     pub timeouts: BTreeMap<String, i64>,
-    /// Entries reclaimed after a lost lease.
+    /// Entries taken over from dead hosts: reclaimed after a lost lease, or put back in line by
+    /// the broker when the host's connections closed.
     pub reclaims: i64,
     /// Attempts retried.
     pub retries: i64,
@@ -380,7 +382,7 @@ async fn summarize(
         },
         per_node,
         timeouts,
-        reclaims: state.stat("reclaimed"),
+        reclaims: state.stat("reclaimed") + state.stat("abandoned"),
         retries: state.stat("retried"),
         suspended_nodes: suspended,
         exactly_once,
@@ -428,7 +430,7 @@ fn print_summary(s: &Summary) {
         t.add_row(vec![format!("{k} timeouts"), v.to_string()]);
     }
     t.add_row(vec![
-        "reclaims (lost leases)".to_owned(),
+        "taken over from dead hosts".to_owned(),
         s.reclaims.to_string(),
     ]);
     t.add_row(vec!["retries".to_owned(), s.retries.to_string()]);
