@@ -36,6 +36,28 @@ impl CommonFlags {
         c
     }
 
+    /// Connects for a service binary (`who`, e.g. "fleetq-worker"): waits while Redis is down,
+    /// loading or read-only (an outage, not a reason to exit), then warns when the eviction
+    /// policy could delete fleetq keys. `None` when `stop` fired first.
+    pub async fn connect_patiently(
+        &self,
+        who: &str,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<Option<crate::Redis>> {
+        use anyhow::Context as _;
+        let Some(redis) = crate::Redis::connect_patiently(self.redis_config(), stop)
+            .await
+            .with_context(|| format!("{who} cannot start"))?
+        else {
+            tracing::info!("stopped while waiting for Redis");
+            return Ok(None);
+        };
+        if let Err(e) = redis.check_eviction_policy().await {
+            tracing::warn!(error = %e, "cannot read the Redis eviction policy");
+        }
+        Ok(Some(redis))
+    }
+
     /// Sets up logging as asked (`RUST_LOG` filters; default `info`).
     pub fn init_logging(&self) {
         let filter =

@@ -115,6 +115,20 @@ impl Stack {
         format!("http://{}/metrics", record.fields["metrics_addr"])
     }
 
+    /// The queue's pending list (in-flight entries): (entry id, consumer, idle ms, deliveries).
+    pub async fn pending(&self, queue: &str) -> Vec<(String, String, u64, u64)> {
+        let keys = QueueKeys::new(queue).unwrap();
+        redis::cmd("XPENDING")
+            .arg(keys.stream())
+            .arg("workers")
+            .arg("-")
+            .arg("+")
+            .arg(1000)
+            .query_async(&mut self.conn())
+            .await
+            .unwrap()
+    }
+
     /// A field of the queue's stats hash, 0 when absent.
     pub async fn stat(&self, queue: &str, field: &str) -> i64 {
         let keys = QueueKeys::new(queue).unwrap();

@@ -142,15 +142,7 @@ async fn frozen_worker_cannot_record_its_result() {
     );
     assert_eq!(s.stat("q", "succeeded").await, 1);
     assert_eq!(events_of(&s, "q", "succeeded", &e.id).await, 1);
-    let pending: Vec<redis::Value> = redis::cmd("XPENDING")
-        .arg(p.keys().stream())
-        .arg("workers")
-        .arg("-")
-        .arg("+")
-        .arg(10)
-        .query_async(&mut s.conn())
-        .await
-        .unwrap();
+    let pending = s.pending("q").await;
     assert!(
         pending.is_empty(),
         "nothing left pending: {pending:?}\nA log:\n{}",

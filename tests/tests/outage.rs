@@ -208,15 +208,7 @@ async fn a_worker_never_reclaims_its_own_running_jobs() {
     })
     .await;
     let keys = p.keys().clone();
-    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-        .arg(keys.stream())
-        .arg("workers")
-        .arg("-")
-        .arg("+")
-        .arg(10)
-        .query_async(&mut s.conn())
-        .await
-        .unwrap();
+    let pending = s.pending("q").await;
     for (entry, owner, _, _) in &pending {
         let _: redis::Value = redis::cmd("XCLAIM")
             .arg(keys.stream())

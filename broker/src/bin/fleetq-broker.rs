@@ -10,7 +10,6 @@ use fleetq_broker::flags::CommonFlags;
 use fleetq_broker::http::DEFAULT_MAX_BODY_BYTES;
 use fleetq_broker::maintenance::DEFAULT_INTERVAL;
 use fleetq_broker::service::{BrokerConfig, DEFAULT_LISTEN};
-use fleetq_broker::Redis;
 
 /// Run the fleetq broker: promotes retries, expires old jobs, serves /metrics and the HTTP API.
 ///
@@ -63,17 +62,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })?;
     let shutdown = fleetq_broker::shutdown::Shutdown::new(fleetq_broker::shutdown::signal());
     let stop = shutdown.token();
-    // Redis down or still loading at start is an outage to wait out, not a reason to exit.
-    let Some(redis) = Redis::connect_patiently(args.common.redis_config(), &stop)
-        .await
-        .context("fleetq-broker cannot start")?
+    let Some(redis) = args
+        .common
+        .connect_patiently("fleetq-broker", &stop)
+        .await?
     else {
-        tracing::info!("stopped while waiting for Redis");
         return Ok(());
     };
-    if let Err(e) = redis.check_eviction_policy().await {
-        tracing::warn!(error = %e, "cannot read the Redis eviction policy");
-    }
     fleetq_broker::service::run(redis, listener, config, stop.cancelled_owned()).await?;
     Ok(())
 }

@@ -7,7 +7,6 @@ use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use fleetq_broker::flags::CommonFlags;
 use fleetq_broker::shutdown::Shutdown;
-use fleetq_broker::Redis;
 use fleetq_worker::config::{
     DEFAULT_HEARTBEAT, DEFAULT_MAX_BLOCK, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SLOTS,
     DEFAULT_SUSPEND_AFTER, DEFAULT_SUSPEND_FOR,
@@ -117,17 +116,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let executor = executor(&args, &node, config.slots)?;
     let shutdown = Shutdown::new(fleetq_broker::shutdown::signal());
     let stop = shutdown.token();
-    // Redis down or still loading at start is an outage to wait out, not a reason to exit.
-    let Some(redis) = Redis::connect_patiently(args.common.redis_config(), &stop)
-        .await
-        .context("fleetq-worker cannot start")?
+    let Some(redis) = args
+        .common
+        .connect_patiently("fleetq-worker", &stop)
+        .await?
     else {
-        tracing::info!("stopped while waiting for Redis");
         return Ok(());
     };
-    if let Err(e) = redis.check_eviction_policy().await {
-        tracing::warn!(error = %e, "cannot read the Redis eviction policy");
-    }
     fleetq_worker::run(redis, config, executor, stop.cancelled_owned()).await?;
     Ok(())
 }
