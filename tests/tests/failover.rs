@@ -218,3 +218,38 @@ async fn graceful_shutdown_finishes_short_jobs_and_releases_long_ones() {
         .unwrap();
     assert_eq!(consumers.len(), 1);
 }
+
+/// A killed worker's connections close: the broker sees it gone and puts its job back in line
+/// long before the (default, 10 s) lease would run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_job_moves_on_before_its_lease_runs_out() {
+    let s = Stack::start().await;
+    let broker = s
+        .broker(fleetq_broker::service::BrokerConfig::default())
+        .await;
+    let p = s.producer("q").await;
+    let url = s.server.url();
+    let a = WorkerProcess::spawn(&url, "q", "node-a", 1, &[]);
+    let e = p
+        .enqueue(&json!({"sleep_ms": 60_000}), &EnqueueOptions::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(15), "job running on node-a", || {
+        running_on(&p, &e.id, "node-a")
+    })
+    .await;
+    let b = WorkerProcess::spawn(&url, "q", "node-b", 1, &[]);
+    eventually(Duration::from_secs(15), "node-b registered", || async {
+        fleetq_broker::nodes::list(&s.redis).await.unwrap().len() == 2
+    })
+    .await;
+    a.signal(libc::SIGKILL);
+    // Well under the 10 s lease: the job can only have moved because A's connections closed.
+    eventually(Duration::from_secs(5), "job running on node-b", || {
+        running_on(&p, &e.id, "node-b")
+    })
+    .await;
+    assert_eq!(s.stat("q", "abandoned").await, 1, "B log:\n{}", b.log());
+    assert_eq!(s.stat("q", "reclaimed").await, 0);
+    broker.stop().await;
+}

@@ -119,6 +119,9 @@ pub async fn one(exe: &Path, fault: Fault) -> anyhow::Result<Duration> {
     )
     .await?;
 
+    // A broker judges only processes it saw connected; here everything so far took a few
+    // milliseconds, so let it look twice first (a real broker has been watching for long).
+    tokio::time::sleep(fleetq_broker::liveness::DEFAULT_INTERVAL * 2).await;
     let signalled = Instant::now();
     match fault {
         Fault::Kill => a.signal(libc::SIGKILL)?,
