@@ -158,8 +158,9 @@ pub async fn tick(redis: &Redis, queues: &[QueueKeys], seen: &mut Liveness) -> R
     Ok(moved)
 }
 
-/// How often the queue list is read again when the broker tends every queue.
-const REDISCOVER_EVERY: Duration = Duration::from_secs(5);
+/// How often the queue list is read again when the broker tends every queue (as often as the
+/// maintenance loop does: a new queue is watched within a second).
+const REDISCOVER_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs [`tick`] every `interval` on `queues` (every queue found, when empty) until `stop`.
 pub async fn run(

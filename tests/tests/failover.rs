@@ -243,6 +243,26 @@ async fn a_killed_workers_job_moves_on_before_its_lease_runs_out() {
         fleetq_broker::nodes::list(&s.redis).await.unwrap().len() == 2
     })
     .await;
+    // The broker judges only processes it saw connected (it looks every 250 ms): A's
+    // connections must have been there a while.
+    eventually(
+        Duration::from_secs(10),
+        "node-a connected for a second",
+        || async {
+            let list: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query_async(&mut s.conn())
+                .await
+                .unwrap();
+            list.lines().any(|l| {
+                l.contains("name=node-a:")
+                    && l.split(' ').any(|f| {
+                        f.strip_prefix("age=").and_then(|a| a.parse::<u64>().ok()) >= Some(1)
+                    })
+            })
+        },
+    )
+    .await;
     a.signal(libc::SIGKILL);
     // Well under the 10 s lease: the job can only have moved because A's connections closed.
     eventually(Duration::from_secs(5), "job running on node-b", || {
