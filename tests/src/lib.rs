@@ -129,6 +129,19 @@ impl Stack {
             .unwrap()
     }
 
+    /// The server's `used_memory` (bytes).
+    pub async fn used_memory(&self) -> i64 {
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut self.conn())
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    }
+
     /// A field of the queue's stats hash, 0 when absent.
     pub async fn stat(&self, queue: &str, field: &str) -> i64 {
         let keys = QueueKeys::new(queue).unwrap();

@@ -9,20 +9,6 @@ use fleetq_broker::{QueueConfig, QueueKeys};
 use fleetq_tests::{eventually, worker_config, FnHandler, Stack};
 use fleetq_worker::Outcome;
 
-async fn used_memory(s: &Stack) -> i64 {
-    let info: String = redis::cmd("INFO")
-        .arg("memory")
-        .query_async(&mut s.conn())
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_jobs_leave_nothing_behind() {
     const JOBS: usize = 10_000;
@@ -76,7 +62,7 @@ async fn ten_thousand_jobs_leave_nothing_behind() {
     )
     .await;
     let keys_before = dbsize(&s).await;
-    let before = used_memory(&s).await;
+    let before = s.used_memory().await;
 
     let payload = format!(r#"{{"prompt":"{}"}}"#, "a".repeat(180));
     for chunk in (0..JOBS).collect::<Vec<_>>().chunks(500) {
@@ -97,7 +83,7 @@ async fn ten_thousand_jobs_leave_nothing_behind() {
         dbsize(&s).await <= keys_before
     })
     .await;
-    let after = used_memory(&s).await;
+    let after = s.used_memory().await;
     assert!(
         after - before < 256 * 1024,
         "used_memory grew by {} bytes over {JOBS} jobs (before {before}, after {after})",

@@ -319,18 +319,6 @@ async fn a_failed_release_at_shutdown_leaves_the_job_for_another_host() {
     b.stop().await;
 }
 
-async fn used_memory(s: &Stack) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("memory")
-        .query_async(&mut s.conn())
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap()
-}
-
 async fn set_maxmemory(s: &Stack, bytes: u64) {
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
@@ -384,7 +372,7 @@ async fn at_maxmemory_new_jobs_are_refused_and_the_backlog_drains() {
     })
     .await;
     // Full: the limit is what is used now, minus a little.
-    set_maxmemory(&s, used_memory(&s).await - 10_000).await;
+    set_maxmemory(&s, (s.used_memory().await - 10_000) as u64).await;
     let err = p
         .enqueue(&payload, &EnqueueOptions::default())
         .await
