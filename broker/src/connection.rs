@@ -290,6 +290,18 @@ impl SharedConn {
         named
     }
 
+    /// Whether a try that ended in `res` is worth one more: only a refused command (it never
+    /// reached the server), once. Notes a possible reconnect either way.
+    fn again<T>(&self, res: &redis::RedisResult<T>, tries: u32) -> bool {
+        match res {
+            Ok(_) => false,
+            Err(e) => {
+                self.note(e);
+                e.is_connection_refusal() && tries < 2
+            }
+        }
+    }
+
     /// Remembers that an error may have made redis-rs reconnect (without the name).
     fn note(&self, e: &redis::RedisError) {
         if self.name.is_some() && (e.is_io_error() || e.is_unrecoverable_error()) {
@@ -308,13 +320,8 @@ impl ConnectionLike for SharedConn {
                     Ok(()) => self.inner.req_packed_command(cmd).await,
                     Err(e) => Err(e),
                 };
-                match res {
-                    Err(e) if e.is_connection_refusal() && tries < 2 => self.note(&e),
-                    Err(e) => {
-                        self.note(&e);
-                        return Err(e);
-                    }
-                    ok => return ok,
+                if !self.again(&res, tries) {
+                    return res;
                 }
             }
         })
@@ -338,13 +345,8 @@ impl ConnectionLike for SharedConn {
                     }
                     Err(e) => Err(e),
                 };
-                match res {
-                    Err(e) if e.is_connection_refusal() && tries < 2 => self.note(&e),
-                    Err(e) => {
-                        self.note(&e);
-                        return Err(e);
-                    }
-                    ok => return ok,
+                if !self.again(&res, tries) {
+                    return res;
                 }
             }
         })

@@ -11,8 +11,8 @@
 //! | `fleetq:{q}:job:<id>` | hash, expires `retention_ms` after the job ends | state, attempts, node, timestamps, progress, result or error |
 //! | `fleetq:{q}:events` | stream capped at `events_maxlen` | lifecycle events |
 //! | `fleetq:{q}:config` | hash | queue defaults (timeouts, attempts, backoff, retention, lease) |
-//! | `fleetq:{q}:leases` | sorted set (score: lease deadline, ms) | entry ids in flight; tells idle workers when to look for stale entries |
-//! | `fleetq:{q}:stats` | hash | counters kept by the functions (per outcome, per node and timeout kind) |
+//! | `fleetq:{q}:leases` | sorted set (score: lease deadline, ms) | entry ids in flight with their holder's deadline: an entry is stale once it passed; tells idle workers when to look |
+//! | `fleetq:{q}:stats` | hash | counters kept by the functions (per outcome, per node and timeout kind); also cursors and the liveness clocks `active_ms` (last worker call) and `grace_until_ms` |
 //! | `fleetq:{q}:notify:<id>` | list, expires after 60 s | one token per waiter when the job ends (for `BLPOP`) |
 //! | `fleetq:{q}:nodes` | sorted set (score: last seen, ms) | nodes working the queue, for failover decisions |
 //! | `fleetq:{q}:suspended` | hash node → until (ms) | nodes suspended on this queue |

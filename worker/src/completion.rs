@@ -11,7 +11,7 @@
 
 use std::time::Instant;
 
-use fleetq_broker::calls::{self};
+use fleetq_broker::calls;
 pub(crate) use fleetq_broker::calls::{Commit, Committed, Ending};
 use fleetq_broker::functions;
 use fleetq_broker::retry::{Backoff, OutageLog};

@@ -66,7 +66,9 @@ local function complete(keys, args)
   local h = redis.call('HMGET', jk, 'attempt', 'nodes', 'node', 'failed_nodes', 'entry', 'attempt_started_ms')
   local attempts, nodes, node = h[1] or '0', h[2] or '', h[3] or ''
   if h[5] ~= entry_id then attempts, node = '0', '' end
-  if outcome ~= 'release' and h[5] == entry_id then redis.call('HSET', jk, 'attempts', attempts) end
+  -- An attempt that ended counts (started or not): written with the end itself below.
+  local counted = {}
+  if h[5] == entry_id then counted = { 'attempts', attempts } end
   -- The entry's own fields are needed only to dead-letter or re-add it.
   local fields, m = {}, {}
   if outcome ~= 'succeeded' and outcome ~= 'failed' and outcome ~= 'cancelled' then
@@ -112,12 +114,12 @@ local function complete(keys, args)
 
   if outcome == 'succeeded' then
     drop_entry(K, entry_id)
-    finish(K, job_id, 'succeeded', { 'result', data })
+    finish(K, job_id, 'succeeded', { 'result', data, unpack(counted) })
     stat(K, 'node:' .. node .. ':succeeded')
     emit(K, 'succeeded', job_id, { 'node', node })
   elseif outcome == 'failed' then
     drop_entry(K, entry_id)
-    finish(K, job_id, 'failed', { 'error', data })
+    finish(K, job_id, 'failed', { 'error', data, unpack(counted) })
     stat(K, 'node:' .. node .. ':failed')
     emit(K, 'failed', job_id, { 'node', node, 'error', data })
   elseif outcome == 'dead' then
@@ -125,12 +127,12 @@ local function complete(keys, args)
     if reason == '' then reason = 'failed' end
     dead_letter(K, job_id, fields, reason, data, attempts, nodes)
     drop_entry(K, entry_id)
-    finish(K, job_id, 'dead', { 'error', data, 'reason', reason })
+    finish(K, job_id, 'dead', { 'error', data, 'reason', reason, unpack(counted) })
     if reason ~= 'malformed' then stat(K, 'node:' .. node .. ':failed') end
     emit(K, 'dead', job_id, { 'node', node, 'reason', reason, 'error', data })
   elseif outcome == 'cancelled' then
     drop_entry(K, entry_id)
-    finish(K, job_id, 'cancelled')
+    finish(K, job_id, 'cancelled', counted)
     emit(K, 'cancelled', job_id, { 'node', node })
   elseif outcome == 'retry' or outcome == 'release' then
     -- Attempts made so far: this one counts unless it is released; an entry released before
