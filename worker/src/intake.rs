@@ -196,8 +196,8 @@ impl<H: Handler> Intake<H> {
         Ok(r.entries)
     }
 
-    /// Blocks for new entries until the next wake; `None` when a suspension or the stop cut
-    /// it short (the read dies with its connection, so nothing is delivered unseen).
+    /// Blocks for new entries until the next wake; `None` when the stop cut it short or the
+    /// node was suspended meanwhile (what the read brought is given back).
     async fn read(
         &mut self,
         free: usize,
@@ -208,7 +208,6 @@ impl<H: Handler> Intake<H> {
             .saturating_duration_since(Instant::now())
             .clamp(Duration::from_millis(1), self.max_block);
         let rt = self.rt.clone();
-        let suspended = rt.node.health.changed.notified();
         let mut conn = self.take_reader().await?;
         let read = take::read(
             &mut conn,
@@ -218,14 +217,21 @@ impl<H: Handler> Intake<H> {
             Some(block),
             false,
         );
+        // A read dropped while blocked still delivers: redis-rs keeps the connection until
+        // the reply comes, and the entries land in this consumer's pending list unseen. So a
+        // suspension waits the read out and gives back what it brought; only the stop drops
+        // it (the process is going, and with it the connection).
         let r = tokio::select! {
             r = read => r,
-            // Suspended or stopping while blocked: drop the read (and its connection) at once.
-            _ = suspended => return Ok(None),
             _ = stop.cancelled() => return Ok(None),
         };
         let entries = r.map_err(|e| fleetq_broker::Error::redis("read jobs", e))?;
         self.reader = Some(conn);
+        if rt.node.health.suspended_for().is_some() {
+            let back = entries.iter().map(|e| (e.id.clone(), e.job_id())).collect();
+            crate::shutdown::release(&rt, back, "while suspended").await;
+            return Ok(None);
+        }
         Ok(Some(entries))
     }
 

@@ -57,21 +57,11 @@ pub(crate) async fn release_pending<H>(rt: &Runtime<H>) {
     let Some(pending) = own_pending(rt).await else {
         return;
     };
+    let mut entries = Vec::with_capacity(pending.len());
     for (entry_id, _, _, _) in &pending {
-        let holding = Holding {
-            entry_id: entry_id.clone(),
-            token: Token::none(),
-            job_id: job_id_of(rt, entry_id).await,
-        };
-        let job = HeldJob::new(holding);
-        if let Err(e) = rt
-            .committer
-            .commit_once(&job, &Commit::Release, &Ending::default())
-            .await
-        {
-            tracing::warn!(entry = %entry_id, error = %e, "cannot release an entry at shutdown; its lease will run out");
-        }
+        entries.push((entry_id.clone(), job_id_of(rt, entry_id).await));
     }
+    release(rt, entries, "at shutdown").await;
     if !pending.is_empty() {
         tracing::info!(count = pending.len(), "released unstarted entries");
     }
@@ -82,6 +72,27 @@ pub(crate) async fn release_pending<H>(rt: &Runtime<H>) {
             "entries still pending under this consumer; keeping it so other hosts reclaim them"
         ),
         None => {}
+    }
+}
+
+/// Gives back `(entry id, job id)` pairs this consumer was delivered but never took: each
+/// goes back to the queue at once, no attempt counted.
+pub(crate) async fn release<H>(rt: &Runtime<H>, entries: Vec<(String, String)>, when: &str) {
+    for (entry_id, job_id) in entries {
+        let holding = Holding {
+            entry_id,
+            token: Token::none(),
+            job_id,
+        };
+        let job = HeldJob::new(holding);
+        if let Err(e) = rt
+            .committer
+            .commit_once(&job, &Commit::Release, &Ending::default())
+            .await
+        {
+            tracing::warn!(entry = %job.holding.entry_id, error = %e, when,
+                "cannot release an entry; its lease will run out");
+        }
     }
 }
 
