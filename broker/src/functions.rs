@@ -15,6 +15,7 @@
 use redis::aio::ConnectionLike;
 use redis::FromRedisValue;
 
+use crate::connection::SharedConn;
 use crate::keys::QueueKeys;
 use crate::{Error, Result};
 
@@ -74,7 +75,18 @@ pub fn library_source() -> String {
     out
 }
 
-/// Loads the library unless the server already has this version or a newer one.
+/// Loads the library on every primary (one server, the Sentinel's primary, or each cluster
+/// primary) unless it already has this version or a newer one. Replicas get it from their
+/// primary.
+pub async fn load_all(conn: &SharedConn) -> Result<()> {
+    for mut primary in conn.primaries().await? {
+        load(&mut primary).await?;
+    }
+    Ok(())
+}
+
+/// Loads the library on the node behind `conn` unless it already has this version or a
+/// newer one.
 pub async fn load<C: ConnectionLike + Send>(conn: &mut C) -> Result<()> {
     let source = library_source();
     let loaded: redis::RedisResult<String> = redis::cmd("FUNCTION")
@@ -133,18 +145,17 @@ pub fn fcall(name: &str, keys: &QueueKeys) -> redis::Cmd {
     cmd
 }
 
-/// Runs `cmd` (an [`fcall`]); when the server lost the library (a restart without
-/// persistence), loads it and tries once more.
-pub async fn call<T, C>(conn: &mut C, cmd: &redis::Cmd, step: &'static str) -> Result<T>
+/// Runs `cmd` (an [`fcall`]); when the node lost the library (a restart without
+/// persistence, a new primary after resharding), loads it everywhere and tries once more.
+pub async fn call<T>(conn: &mut SharedConn, cmd: &redis::Cmd, step: &'static str) -> Result<T>
 where
     T: FromRedisValue,
-    C: ConnectionLike + Send,
 {
     // Not a one-command pipeline: redis-rs would wrap the function's own error (`fleetq: …`).
     match cmd.query_async(conn).await {
         Ok(v) => Ok(v),
         Err(e) if e.to_string().contains("Function not found") => {
-            load(conn).await?;
+            load_all(conn).await?;
             cmd.query_async(conn)
                 .await
                 .map_err(|e| Error::redis(step, e))
@@ -153,21 +164,20 @@ where
     }
 }
 
-/// Runs a pipeline of [`fcall`]s; when the server lost the library (a restart without
-/// persistence), loads it and tries once more.
-pub async fn call_pipeline<T, C>(
-    conn: &mut C,
+/// Runs a pipeline of [`fcall`]s; when the node lost the library, loads it everywhere and
+/// tries once more.
+pub async fn call_pipeline<T>(
+    conn: &mut SharedConn,
     pipe: &redis::Pipeline,
     step: &'static str,
 ) -> Result<T>
 where
     T: FromRedisValue,
-    C: ConnectionLike + Send,
 {
     match pipe.query_async(conn).await {
         Ok(v) => Ok(v),
         Err(e) if e.to_string().contains("Function not found") => {
-            load(conn).await?;
+            load_all(conn).await?;
             pipe.query_async(conn)
                 .await
                 .map_err(|e| Error::redis(step, e))

@@ -540,7 +540,7 @@ async fn readyz(State(state): State<Arc<ApiState>>) -> (StatusCode, Json<Health>
             .query_async(&mut conn)
             .await
             .map_err(|e| Error::redis("ping", e))?;
-        functions::load(&mut conn).await
+        functions::load_all(&conn).await
     };
     match tokio::time::timeout(Duration::from_secs(3), check).await {
         Ok(Ok(())) => (

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::connection::SharedConn as ConnectionManager;
+use crate::connection::SharedConn;
 use crate::functions::{self, fcall};
 use crate::keys::{QueueKeys, GROUP};
 
@@ -67,7 +67,8 @@ type Info = HashMap<String, redis::Value>;
 
 /// Reads the state of queue `keys`.
 pub async fn queue_state(redis: &Redis, keys: &QueueKeys) -> Result<QueueState> {
-    let mut conn = redis.conn();
+    // On the queue's own shard, TIME included.
+    let mut conn = redis.conn_for(&keys.stream());
     let (exists, mut state, now_ms) = read_counters(&mut conn, keys).await?;
     // XINFO fails on a missing stream; a queue nobody has enqueued to yet has only counters.
     if !exists {
@@ -101,7 +102,7 @@ pub async fn queue_state(redis: &Redis, keys: &QueueKeys) -> Result<QueueState> 
 /// One round trip for what every queue has, stream or not: whether the stream exists, the
 /// delayed and dead depths, the counters, and the server's clock (ms) for ages.
 async fn read_counters(
-    conn: &mut ConnectionManager,
+    conn: &mut SharedConn,
     keys: &QueueKeys,
 ) -> Result<(bool, QueueState, u64)> {
     let (exists, delayed, dead, raw_stats, server_time): (
@@ -137,7 +138,7 @@ async fn read_counters(
 
 /// Sets `enqueued_total` from the stream's `entries-added` and returns the stream length.
 async fn read_enqueued(
-    conn: &mut ConnectionManager,
+    conn: &mut SharedConn,
     keys: &QueueKeys,
     state: &mut QueueState,
 ) -> Result<u64> {
@@ -159,7 +160,7 @@ async fn read_enqueued(
 }
 
 /// fleetq's consumer group on the stream, if it was created yet.
-async fn read_group(conn: &mut ConnectionManager, keys: &QueueKeys) -> Result<Option<Info>> {
+async fn read_group(conn: &mut SharedConn, keys: &QueueKeys) -> Result<Option<Info>> {
     let groups: Vec<Vec<redis::Value>> = redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(keys.stream())

@@ -7,7 +7,8 @@
 //! - [`queue_config`] — queue defaults kept in Redis (timeouts, attempts, backoff, retention).
 //! - [`functions`] — the server-side Redis Functions library (Lua) and its loader.
 //! - [`calls`] — typed arguments and replies of the functions a worker calls.
-//! - [`connection`] — connections to Redis (TLS, passwords, timeouts).
+//! - [`connection`] — connections to Redis (TLS, passwords, timeouts), whatever the topology.
+//! - [`topology`] — URL forms for one server, Redis Cluster and Sentinel; slots and primaries.
 //! - [`retry`] — waiting out a Redis outage: backoff, once-per-state logging, `until_ready`.
 //! - [`producer`] — enqueue, status, wait for the result, cancel.
 //! - [`inspect`] — queue state (depths, oldest wait, counters) and dead letters.
@@ -41,6 +42,7 @@ pub mod queue_config;
 pub mod retry;
 pub mod service;
 pub mod shutdown;
+pub mod topology;
 
 pub use connection::{Redis, RedisConfig};
 pub use error::{Error, Result};

@@ -31,8 +31,9 @@ pub const GONE_AFTER: Duration = Duration::from_millis(750);
 pub struct Liveness {
     /// Consumer name → when its connection was last seen.
     seen: HashMap<String, Instant>,
-    /// This broker's own connection id, and since when it has been the same.
-    own: Option<(i64, Instant)>,
+    /// This broker's own connection ids (one per primary), and since when they have been
+    /// the same.
+    own: Option<(Vec<i64>, Instant)>,
 }
 
 impl Default for Liveness {
@@ -50,37 +51,44 @@ impl Liveness {
         }
     }
 
-    /// Reads `CLIENT LIST` and notes every named connection.
+    /// Reads `CLIENT LIST` of every primary and notes every named connection.
     pub async fn observe(&mut self, redis: &Redis) -> Result<()> {
-        let mut conn = redis.conn();
-        let (id, list): (i64, String) = redis::pipe()
-            .cmd("CLIENT")
-            .arg("ID")
-            .cmd("CLIENT")
-            .arg("LIST")
-            .arg("TYPE")
-            .arg("normal")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| Error::redis("list connected clients", e))?;
+        let mut ids = Vec::new();
+        let mut lists = Vec::new();
+        for mut conn in redis.primaries().await? {
+            let (id, list): (i64, String) = redis::pipe()
+                .cmd("CLIENT")
+                .arg("ID")
+                .cmd("CLIENT")
+                .arg("LIST")
+                .arg("TYPE")
+                .arg("normal")
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| Error::redis("list connected clients", e))?;
+            ids.push(id);
+            lists.push(list);
+        }
         let now = Instant::now();
-        if self.own.is_none_or(|(own, _)| own != id) {
-            // A new connection of ours: Redis may have restarted, so every worker is
-            // reconnecting now. Start every clock afresh.
-            self.own = Some((id, now));
+        if self.own.as_ref().is_none_or(|(own, _)| *own != ids) {
+            // A new connection of ours: Redis may have restarted or failed over, so every
+            // worker is reconnecting now. Start every clock afresh.
+            self.own = Some((ids, now));
             for t in self.seen.values_mut() {
                 *t = now;
             }
         }
-        for name in names(&list) {
-            self.seen.insert(name.to_owned(), now);
+        for list in &lists {
+            for name in names(list) {
+                self.seen.insert(name.to_owned(), now);
+            }
         }
         Ok(())
     }
 
     /// Whether `consumer`'s process is gone: seen before, missing for [`GONE_AFTER`].
     pub fn is_gone(&self, consumer: &str) -> bool {
-        let Some((_, since)) = self.own else {
+        let Some((_, since)) = &self.own else {
             return false;
         };
         let Some(last) = self.seen.get(consumer) else {

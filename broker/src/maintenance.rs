@@ -42,31 +42,15 @@ pub async fn tick(redis: &Redis, keys: &QueueKeys) -> Result<Tick> {
 
 /// The names of every queue that has a stream (SCAN, so it never blocks the server).
 pub async fn discover_queues(redis: &Redis) -> Result<Vec<String>> {
-    let mut conn = redis.conn();
-    let mut cursor: u64 = 0;
     let mut out = Vec::new();
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(keys::STREAM_PATTERN)
-            .arg("COUNT")
-            .arg(500)
-            .arg("TYPE")
-            .arg("stream")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| crate::Error::redis("discover queues", e))?;
+    for conn in redis.primaries().await? {
+        let found = scan(conn, keys::STREAM_PATTERN, Some("stream"), "discover queues").await?;
         out.extend(
-            batch
+            found
                 .iter()
                 .filter_map(|k| keys::queue_of_stream(k))
                 .map(str::to_owned),
         );
-        if next == 0 {
-            break;
-        }
-        cursor = next;
     }
     out.sort();
     out.dedup();
@@ -122,5 +106,33 @@ where
         if !failed {
             let _ = outage.recovered();
         }
+    }
+}
+
+/// Every key of the node behind `conn` matching `pattern` (of `kind`, when given), by SCAN
+/// (so it never blocks the server); may repeat a key.
+pub async fn scan(
+    mut conn: crate::connection::SharedConn,
+    pattern: &str,
+    kind: Option<&str>,
+    step: &'static str,
+) -> Result<Vec<String>> {
+    let mut cursor: u64 = 0;
+    let mut out = Vec::new();
+    loop {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(500);
+        if let Some(kind) = kind {
+            cmd.arg("TYPE").arg(kind);
+        }
+        let (next, batch): (u64, Vec<String>) = cmd
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| crate::Error::redis(step, e))?;
+        out.extend(batch);
+        if next == 0 {
+            return Ok(out);
+        }
+        cursor = next;
     }
 }

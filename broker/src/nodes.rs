@@ -51,23 +51,11 @@ impl NodeRecord {
 /// Every live node (records expire when their worker stops renewing them).
 pub async fn list(redis: &Redis) -> Result<Vec<NodeRecord>> {
     let mut conn = redis.conn();
-    let mut cursor: u64 = 0;
     let mut names = Vec::new();
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(keys::NODE_PATTERN)
-            .arg("COUNT")
-            .arg(500)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| Error::redis("list nodes", e))?;
-        names.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
+    for primary in redis.primaries().await? {
+        names.extend(
+            crate::maintenance::scan(primary, keys::NODE_PATTERN, None, "list nodes").await?,
+        );
     }
     names.sort();
     names.dedup();

@@ -7,7 +7,6 @@
 
 use std::time::{Duration, Instant};
 
-use redis::AsyncConnectionConfig;
 use serde::Serialize;
 
 use crate::connection::Redis;
@@ -83,7 +82,7 @@ pub struct Enqueued {
 pub struct Producer {
     redis: Redis,
     keys: QueueKeys,
-    waits: deadpool_redis::Pool,
+    waits: WaitPool,
 }
 
 impl std::fmt::Debug for Producer {
@@ -98,14 +97,12 @@ impl Producer {
     /// A producer for `queue`; loads the server-side functions when missing.
     pub async fn new(redis: &Redis, queue: &str) -> Result<Self> {
         let keys = QueueKeys::new(queue)?;
-        functions::load(&mut redis.conn()).await?;
-        let cfg = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(redis.config().connect_timeout))
-            // Waits bound themselves (BLPOP timeout plus a margin, below).
-            .set_response_timeout(None);
-        let manager = deadpool_redis::Manager::new_with_config(redis.connection_info(), cfg)
-            .map_err(|e| Error::Config(format!("invalid Redis URL {}: {e}", redis.url())))?;
-        let waits = deadpool_redis::Pool::builder(manager)
+        functions::load_all(&redis.conn()).await?;
+        let manager = WaitConns {
+            redis: redis.clone(),
+            key: keys.stream(),
+        };
+        let waits = WaitPool::builder(manager)
             .max_size(DEFAULT_MAX_CONCURRENT_WAITS)
             .build()
             .map_err(|e| Error::Config(format!("cannot build the wait pool: {e}")))?;
@@ -198,12 +195,9 @@ impl Producer {
         if status.state.is_terminal() || status.state == JobState::NotFound {
             return Ok(status);
         }
-        let mut conn = self.waits.get().await.map_err(|e| Error::Connect {
-            url: self.redis.url().to_owned(),
-            source: match e {
-                deadpool_redis::PoolError::Backend(e) => e,
-                other => redis::RedisError::from(std::io::Error::other(other.to_string())),
-            },
+        let mut conn = self.waits.get().await.map_err(|e| match e {
+            deadpool::managed::PoolError::Backend(e) => e,
+            other => Error::Config(format!("cannot take a connection for the wait: {other}")),
         })?;
         let remaining = deadline.saturating_duration_since(Instant::now());
         // BLPOP takes seconds as a float; 0 would mean "forever".
@@ -225,7 +219,7 @@ impl Producer {
             Ok(Err(e)) => Err(Error::redis("wait", e)),
             Err(_) => {
                 // The connection's state is unknown: keep it out of the pool.
-                drop(deadpool_redis::Connection::take(conn));
+                drop(deadpool::managed::Object::take(conn));
                 Err(Error::Timeout {
                     what: format!("job {id} to end (Redis did not answer)"),
                     after: timeout,
@@ -241,6 +235,49 @@ impl Producer {
         cmd.arg(id);
         let (state,): (String,) = functions::call(&mut self.redis.conn(), &cmd, "cancel").await?;
         parse_state(&state)
+    }
+}
+
+/// Connections for blocking waits on one queue: dedicated ones (a `BLPOP` holds its
+/// connection), on the node that serves the queue, made again after a failover.
+type WaitPool = deadpool::managed::Pool<WaitConns>;
+
+/// Makes and checks the wait pool's connections.
+struct WaitConns {
+    redis: Redis,
+    /// A key of the queue, to find its node.
+    key: String,
+}
+
+impl deadpool::managed::Manager for WaitConns {
+    type Type = crate::connection::BlockingConn;
+    type Error = Error;
+
+    async fn create(&self) -> Result<Self::Type> {
+        // Waits bound themselves (BLPOP timeout plus a margin).
+        self.redis.unbounded_conn(&self.key).await
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut Self::Type,
+        _: &deadpool::managed::Metrics,
+    ) -> deadpool::managed::RecycleResult<Error> {
+        // A pooled connection may point at a primary that is gone or now a replica.
+        let role: Vec<redis::Value> = redis::cmd("ROLE")
+            .query_async(conn)
+            .await
+            .map_err(|e| Error::redis("check a pooled connection", e))?;
+        let role = match role.first() {
+            Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            _ => String::new(),
+        };
+        match role.as_str() {
+            "master" => Ok(()),
+            other => Err(deadpool::managed::RecycleError::message(format!(
+                "the pooled connection's server is a {other} now"
+            ))),
+        }
     }
 }
 

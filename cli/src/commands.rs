@@ -308,8 +308,10 @@ async fn follow(
         None
     };
     let deadline = Instant::now() + timeout;
-    let mut conn = redis.blocking_conn(Duration::from_secs(2)).await?;
     let keys = p.keys().clone();
+    let mut conn = redis
+        .blocking_conn(&keys.events(), Duration::from_secs(2))
+        .await?;
     loop {
         if Instant::now() > deadline {
             if let Some(pb) = &pb {

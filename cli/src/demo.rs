@@ -251,7 +251,9 @@ pub async fn run(
         );
     }
     let mut cursor = "0-0".to_owned();
-    let mut events_conn = redis.blocking_conn(Duration::from_millis(500)).await?;
+    let mut events_conn = redis
+        .blocking_conn(&keys.events(), Duration::from_millis(500))
+        .await?;
     let mut last_depth = Instant::now() - Duration::from_secs(5);
     let mut dying = workers
         .iter()

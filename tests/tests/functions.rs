@@ -351,7 +351,7 @@ async fn take_refuses_arguments_of_another_protocol() {
         .arg("1-0")
         .arg("j")
         .arg(0);
-    let err = functions::call::<redis::Value, _>(&mut c, &cmd, "take")
+    let err = functions::call::<redis::Value>(&mut c, &cmd, "take")
         .await
         .unwrap_err()
         .to_string();

@@ -240,7 +240,11 @@ impl<H: Handler> Intake<H> {
     async fn take_reader(&mut self) -> Result<MultiplexedConnection, Error> {
         match self.reader.take() {
             Some(c) => Ok(c),
-            None => Ok(self.rt.redis().blocking_conn(self.max_block).await?),
+            None => Ok(self
+                .rt
+                .redis()
+                .blocking_conn(&self.rt.keys().stream(), self.max_block)
+                .await?),
         }
     }
 

@@ -167,7 +167,7 @@ impl Renewer {
         let holdings: Vec<&Holding> = jobs.iter().map(|j| &j.holding).collect();
         let cmd = calls::renew(&self.keys, &self.caller, self.lease, &holdings);
         let mut conn = self.redis.conn();
-        let call = functions::call::<Vec<String>, _>(&mut conn, &cmd, "renew leases");
+        let call = functions::call::<Vec<String>>(&mut conn, &cmd, "renew leases");
         let replies = tokio::time::timeout(self.lease / 3, call)
             .await
             .map_err(|_| fleetq_broker::Error::Timeout {

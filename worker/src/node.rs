@@ -96,7 +96,7 @@ impl NodeHandle {
         let mut cmd = fcall("fleetq_node_state", &self.keys);
         cmd.arg(&self.node).arg(until_ms).arg(reason);
         if let Err(e) =
-            functions::call::<String, _>(&mut self.redis.conn(), &cmd, "node state").await
+            functions::call::<String>(&mut self.redis.conn(), &cmd, "node state").await
         {
             tracing::warn!(error = %e, "cannot record the node's suspension state");
         }
@@ -118,7 +118,7 @@ pub(crate) async fn heartbeat_loop(
         let changed = node.health.changed.notified();
         let busy = slots.saturating_sub(free.available_permits());
         let cmd = beat_command(&node, slots, busy, interval, started_ms);
-        match functions::call::<String, _>(&mut node.redis.conn(), &cmd, "node heartbeat").await {
+        match functions::call::<String>(&mut node.redis.conn(), &cmd, "node heartbeat").await {
             Ok(command) => obey(&node, &command).await,
             Err(e) => tracing::warn!(error = %e, "node heartbeat failed; will retry"),
         }

@@ -243,7 +243,7 @@ impl Tracker {
             &progress_json,
             &self.stages_json(),
         );
-        let reply = functions::call::<String, _>(&mut t.redis.conn(), &cmd, "report progress")
+        let reply = functions::call::<String>(&mut t.redis.conn(), &cmd, "report progress")
             .await
             .and_then(|w| HoldReply::parse("report progress", &w));
         match reply {

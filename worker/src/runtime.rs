@@ -69,7 +69,7 @@ impl<H> Runtime<H> {
             let mut cmd = fcall("fleetq_promote", &keys);
             cmd.arg(100);
             if let Err(e) =
-                functions::call::<(u64, u64), _>(&mut redis.conn(), &cmd, "promote").await
+                functions::call::<(u64, u64)>(&mut redis.conn(), &cmd, "promote").await
             {
                 tracing::warn!(error = %e, "cannot promote due retries; idle workers and brokers will");
             }

@@ -105,7 +105,7 @@ async fn start(
 ) -> Result<Option<(Redis, QueueConfig)>, Error> {
     let prepared = retry::until_ready("start the worker", stop, || async {
         let named = redis.named(consumer).await?;
-        functions::load(&mut named.conn()).await?;
+        functions::load_all(&named.conn()).await?;
         take::ensure_group(&named, keys).await?;
         let queue = QueueConfig::load(&mut named.conn(), keys).await?;
         Ok((named, queue))

@@ -190,7 +190,7 @@ async fn started_events(
     keys: QueueKeys,
     stop: CancellationToken,
 ) -> anyhow::Result<HashMap<String, Instant>> {
-    let mut conn = redis.blocking_conn(EVENTS_BLOCK).await?;
+    let mut conn = redis.blocking_conn(&keys.events(), EVENTS_BLOCK).await?;
     let last: StreamRangeReply = redis::cmd("XREVRANGE")
         .arg(keys.events())
         .arg("+")
