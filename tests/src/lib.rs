@@ -18,6 +18,7 @@ pub use fleetq_broker;
 pub use fleetq_worker;
 
 pub mod chaos;
+pub mod cluster;
 pub mod fake_comfy;
 pub mod proxy;
 
