@@ -18,8 +18,10 @@ pub use fleetq_broker;
 pub use fleetq_worker;
 
 pub mod chaos;
+pub mod cluster;
 pub mod fake_comfy;
 pub mod proxy;
+pub mod sentinel;
 
 /// Lines of a server's or worker's log put into a failing test's output.
 pub const LOG_TAIL_LINES: usize = 40;
