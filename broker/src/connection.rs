@@ -93,7 +93,6 @@ pub fn validate_client_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-
 /// A handle on Redis — one server, a Redis Cluster or a Sentinel-managed primary (see
 /// [`crate::topology`] for the URL forms) — cheap to clone.
 #[derive(Clone)]
@@ -178,7 +177,10 @@ impl Redis {
                     seeds: seeds.clone(),
                 });
                 let conn = cluster_conn(&target, &config, &url).await?;
-                (Target::Cluster(target), Shared::Cluster(conn, None, Arc::from(seeds[0].0.as_str())))
+                (
+                    Target::Cluster(target),
+                    Shared::Cluster(conn, None, Arc::from(seeds[0].0.as_str())),
+                )
             }
             Endpoint::Sentinel {
                 nodes,
@@ -581,8 +583,11 @@ impl ConnectionLike for SharedConn {
             Shared::Cluster(c, Some(route), _) => {
                 let route = route.clone();
                 Box::pin(async move {
-                    c.route_command(cmd.clone(), redis::cluster_routing::RoutingInfo::SingleNode(route))
-                        .await
+                    c.route_command(
+                        cmd.clone(),
+                        redis::cluster_routing::RoutingInfo::SingleNode(route),
+                    )
+                    .await
                 })
             }
             Shared::Sentinel(s) => Box::pin(async move {

@@ -101,10 +101,7 @@ pub async fn queue_state(redis: &Redis, keys: &QueueKeys) -> Result<QueueState> 
 
 /// One round trip for what every queue has, stream or not: whether the stream exists, the
 /// delayed and dead depths, the counters, and the server's clock (ms) for ages.
-async fn read_counters(
-    conn: &mut SharedConn,
-    keys: &QueueKeys,
-) -> Result<(bool, QueueState, u64)> {
+async fn read_counters(conn: &mut SharedConn, keys: &QueueKeys) -> Result<(bool, QueueState, u64)> {
     let (exists, delayed, dead, raw_stats, server_time): (
         bool,
         u64,

@@ -44,7 +44,13 @@ pub async fn tick(redis: &Redis, keys: &QueueKeys) -> Result<Tick> {
 pub async fn discover_queues(redis: &Redis) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for conn in redis.primaries().await? {
-        let found = scan(conn, keys::STREAM_PATTERN, Some("stream"), "discover queues").await?;
+        let found = scan(
+            conn,
+            keys::STREAM_PATTERN,
+            Some("stream"),
+            "discover queues",
+        )
+        .await?;
         out.extend(
             found
                 .iter()
@@ -121,7 +127,11 @@ pub async fn scan(
     let mut out = Vec::new();
     loop {
         let mut cmd = redis::cmd("SCAN");
-        cmd.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(500);
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(500);
         if let Some(kind) = kind {
             cmd.arg("TYPE").arg(kind);
         }

@@ -132,7 +132,10 @@ impl Endpoint {
         let (service, db) = match kind {
             "sentinel" => {
                 let Some(service) = parts.next() else {
-                    return Err(bad(url, "a sentinel URL names its service after the hosts: …/mymaster"));
+                    return Err(bad(
+                        url,
+                        "a sentinel URL names its service after the hosts: …/mymaster",
+                    ));
                 };
                 (Some(service.to_owned()), parts.next())
             }
@@ -150,7 +153,9 @@ impl Endpoint {
         if kind == "cluster" && db != 0 {
             return Err(bad(
                 url,
-                &format!("a Redis Cluster has database 0 only (the URL names {db}); drop the /{db}"),
+                &format!(
+                    "a Redis Cluster has database 0 only (the URL names {db}); drop the /{db}"
+                ),
             ));
         }
         let default_port = match kind {

@@ -303,14 +303,20 @@ async fn named_connections_keep_their_name_across_restarts() {
         Err(Error::Config(_))
     ));
     let named = s.redis.named("fleetq-test-w1").await.unwrap();
-    let _blocking = named.blocking_conn("k", Duration::from_secs(1)).await.unwrap();
+    let _blocking = named
+        .blocking_conn("k", Duration::from_secs(1))
+        .await
+        .unwrap();
     assert_eq!(named_clients(&s.redis, "fleetq-test-w1").await, 2);
 
     s.server.kill();
     assert!(ping(&named).await.is_err());
     s.server.restart().unwrap();
     ping(&named).await.unwrap();
-    let _blocking = named.blocking_conn("k", Duration::from_secs(1)).await.unwrap();
+    let _blocking = named
+        .blocking_conn("k", Duration::from_secs(1))
+        .await
+        .unwrap();
     assert_eq!(named_clients(&named, "fleetq-test-w1").await, 2);
     // The unnamed handle stays unnamed.
     ping(&s.redis).await.ok();

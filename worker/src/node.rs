@@ -95,8 +95,7 @@ impl NodeHandle {
     async fn publish(&self, until_ms: u64, reason: &str) {
         let mut cmd = fcall("fleetq_node_state", &self.keys);
         cmd.arg(&self.node).arg(until_ms).arg(reason);
-        if let Err(e) =
-            functions::call::<String>(&mut self.redis.conn(), &cmd, "node state").await
+        if let Err(e) = functions::call::<String>(&mut self.redis.conn(), &cmd, "node state").await
         {
             tracing::warn!(error = %e, "cannot record the node's suspension state");
         }

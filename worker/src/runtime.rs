@@ -68,8 +68,7 @@ impl<H> Runtime<H> {
             tokio::time::sleep(delay + Duration::from_millis(5)).await;
             let mut cmd = fcall("fleetq_promote", &keys);
             cmd.arg(100);
-            if let Err(e) =
-                functions::call::<(u64, u64)>(&mut redis.conn(), &cmd, "promote").await
+            if let Err(e) = functions::call::<(u64, u64)>(&mut redis.conn(), &cmd, "promote").await
             {
                 tracing::warn!(error = %e, "cannot promote due retries; idle workers and brokers will");
             }
