@@ -531,6 +531,15 @@ fn failover_sign(e: &redis::RedisError) -> Option<bool> {
     (e.is_io_error() || e.is_connection_dropped() || e.is_timeout()).then_some(false)
 }
 
+/// `Some(true)` when a reply is a `READONLY` refusal (redis-rs hands server errors back as
+/// values): the server is a replica now, and a write it refused did not run.
+fn readonly(values: &[Value]) -> Option<bool> {
+    values
+        .iter()
+        .any(|v| matches!(v, Value::ServerError(e) if e.code() == "READONLY"))
+        .then_some(true)
+}
+
 /// The shared connection of a [`Redis`] handle: clone it freely.
 #[derive(Clone)]
 pub struct SharedConn(Shared);
@@ -596,11 +605,12 @@ impl ConnectionLike for SharedConn {
                     tries += 1;
                     let (addr, mut node) = s.now();
                     let res = node.req_packed_command(cmd).await;
-                    match &res {
-                        Err(e) if tries < 3 => match failover_sign(e) {
-                            Some(safe) if s.follow(&addr).await && safe => continue,
-                            _ => return res,
-                        },
+                    let sign = match &res {
+                        Err(e) => failover_sign(e),
+                        Ok(v) => readonly(std::slice::from_ref(v)),
+                    };
+                    match sign {
+                        Some(safe) if tries < 3 && s.follow(&addr).await && safe => continue,
                         _ => return res,
                     }
                 }
@@ -630,11 +640,12 @@ impl ConnectionLike for SharedConn {
                     tries += 1;
                     let (addr, mut node) = s.now();
                     let res = node.req_packed_commands(pipeline, offset, count).await;
-                    match &res {
-                        Err(e) if tries < 3 => match failover_sign(e) {
-                            Some(safe) if s.follow(&addr).await && safe => continue,
-                            _ => return res,
-                        },
+                    let sign = match &res {
+                        Err(e) => failover_sign(e),
+                        Ok(values) => readonly(values),
+                    };
+                    match sign {
+                        Some(safe) if tries < 3 && s.follow(&addr).await && safe => continue,
                         _ => return res,
                     }
                 }
