@@ -28,6 +28,10 @@ pub enum Error {
     /// A configuration value or argument is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The server has no usable fleetq function library (none, or an older one) and this
+    /// process may not load it. The message says which and what to do.
+    #[error("{0}")]
+    Library(String),
     /// Redis answered something fleetq does not understand (a foreign library of the same
     /// name, say).
     #[error("unexpected reply to `{step}`: {detail}")]
