@@ -105,9 +105,10 @@ where
     served.map_err(Error::Serve)
 }
 
-/// Loads the function library at start (workers wait for it), waiting out a Redis outage. A
-/// refusal (the broker's user lacks `function|load`) is logged, not fatal: the broker still
-/// serves, and `/readyz` answers 503 with the reason until the library is there.
+/// Loads the function library at start (workers wait for it), waiting out a Redis outage.
+/// When the broker's user may not load it (no `function|load`), it says so once and keeps
+/// looking, until someone else loads it (`fleetq functions load`); the broker serves meanwhile,
+/// and `/readyz` answers 503 with the reason.
 async fn load_library(redis: Redis, stop: tokio_util::sync::CancellationToken) {
     let loaded = retry::until_ready("load the function library", &stop, || async {
         functions::load(&mut redis.conn()).await?;

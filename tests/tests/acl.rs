@@ -498,8 +498,14 @@ impl Server {
 
     /// Creates a user from the guide's line for `template`; returns its URL.
     async fn user(&self, template: &str, queue: &str, node: &str) -> String {
-        let rules = rules_for(template, queue, node);
-        let name = rules[0].clone();
+        let name = rules_for(template, queue, node)[0].clone();
+        self.user_named(&name, template, queue, node).await
+    }
+
+    /// Like [`Server::user`], under another user name.
+    async fn user_named(&self, name: &str, template: &str, queue: &str, node: &str) -> String {
+        let mut rules = rules_for(template, queue, node);
+        rules[0] = name.to_owned();
         let accepted: redis::RedisResult<String> = redis::cmd("ACL")
             .arg("SETUSER")
             .arg(&rules)
@@ -630,12 +636,24 @@ impl Broker {
     }
 }
 
-/// `code` of a Redis reply's error, or a panic naming what was expected.
+/// Passes when `reply` is a `NOPERM` refusal; panics naming `what` otherwise.
 fn refused<T: std::fmt::Debug>(what: &str, reply: redis::RedisResult<T>) {
     match reply {
         Err(e) if e.code() == Some("NOPERM") => {}
         other => panic!("{what}: expected NOPERM, got {other:?}"),
     }
+}
+
+/// Sends `command` (words split at spaces) and expects `NOPERM`, for each.
+async fn refuse_all(redis: &Redis, commands: &[&str]) {
+    for c in commands {
+        refused(c, line(redis, c).await);
+    }
+}
+
+/// Sends `command`, its words split at spaces.
+async fn line(redis: &Redis, command: &str) -> redis::RedisResult<redis::Value> {
+    raw(redis, &command.split(' ').collect::<Vec<_>>()).await
 }
 
 async fn raw(redis: &Redis, args: &[&str]) -> redis::RedisResult<redis::Value> {
@@ -954,103 +972,36 @@ async fn roles_are_refused_what_they_do_not_need(flavor: Flavor) {
     let own_stream = QueueKeys::new(QUEUE).unwrap().stream();
 
     // The worker: no library loading, no other queue, no other node's record, nothing
-    // outside fleetq.
+    // outside fleetq, no server administration.
     refused(
         "worker FUNCTION LOAD",
         raw(&worker, &["FUNCTION", "LOAD", "REPLACE", &source]).await,
     );
-    refused(
-        "worker FUNCTION DELETE",
-        raw(&worker, &["FUNCTION", "DELETE", "fleetq"]).await,
-    );
-    refused(
-        "worker FUNCTION FLUSH",
-        raw(&worker, &["FUNCTION", "FLUSH"]).await,
-    );
     functions::load(&mut worker.conn())
         .await
-        .expect("current: nothing to load");
-    refused(
-        "worker status on another queue",
-        raw(
-            &worker,
-            &["FCALL", "fleetq_status", "1", &other_stream, "x"],
-        )
-        .await,
-    );
-    refused(
-        "worker XADD to another queue",
-        raw(&worker, &["XADD", &other_stream, "*", "payload", "{}"]).await,
-    );
-    refused(
-        "worker XREADGROUP of another queue",
-        raw(
-            &worker,
-            &[
-                "XREADGROUP",
-                "GROUP",
-                "workers",
-                "c",
-                "STREAMS",
-                &other_stream,
-                ">",
-            ],
-        )
-        .await,
-    );
-    let own_beat = raw(
+        .expect("the library is current: nothing to load, nothing refused");
+    let own_beat = "FCALL fleetq_node_beat 1 fleetq:node:gpu-1 30000 node gpu-1";
+    assert!(line(&worker, own_beat).await.is_ok(), "its own record");
+    refuse_all(
         &worker,
         &[
-            "FCALL",
-            "fleetq_node_beat",
-            "1",
-            "fleetq:node:gpu-1",
-            "30000",
-            "node",
-            "gpu-1",
+            "FUNCTION DELETE fleetq",
+            "FUNCTION FLUSH",
+            &format!("FCALL fleetq_status 1 {other_stream} x"),
+            &format!("XADD {other_stream} * payload {{}}"),
+            &format!("XREADGROUP GROUP workers c STREAMS {other_stream} >"),
+            "FCALL fleetq_node_beat 1 fleetq:node:gpu-2 30000 node gpu-2",
+            "HSET fleetq:node:gpu-2 command resume",
+            "DEL fleetq:node:gpu-2",
+            "HSET elsewhere f v",
+            "CLIENT LIST",
+            "CONFIG GET maxmemory",
+            "KEYS *",
         ],
     )
     .await;
-    assert!(own_beat.is_ok(), "its own record: {own_beat:?}");
-    refused(
-        "worker heartbeat as another node",
-        raw(
-            &worker,
-            &[
-                "FCALL",
-                "fleetq_node_beat",
-                "1",
-                "fleetq:node:gpu-2",
-                "30000",
-                "node",
-                "gpu-2",
-            ],
-        )
-        .await,
-    );
-    refused(
-        "worker HSET of another node",
-        raw(&worker, &["HSET", "fleetq:node:gpu-2", "command", "resume"]).await,
-    );
-    refused(
-        "worker DEL of another node",
-        raw(&worker, &["DEL", "fleetq:node:gpu-2"]).await,
-    );
-    refused(
-        "worker HSET outside fleetq",
-        raw(&worker, &["HSET", "elsewhere", "f", "v"]).await,
-    );
-    refused(
-        "worker CLIENT LIST",
-        raw(&worker, &["CLIENT", "LIST"]).await,
-    );
-    refused(
-        "worker CONFIG GET",
-        raw(&worker, &["CONFIG", "GET", "maxmemory"]).await,
-    );
-    refused("worker KEYS", raw(&worker, &["KEYS", "*"]).await);
 
-    // The producer: its queue only, and no worker's or admin's work.
+    // The producer: its queue only, and no worker's or administrator's work.
     refused(
         "producer FUNCTION LOAD",
         raw(&producer, &["FUNCTION", "LOAD", "REPLACE", &source]).await,
@@ -1069,97 +1020,42 @@ async fn roles_are_refused_what_they_do_not_need(flavor: Flavor) {
         .await
         .unwrap();
     assert!(e.created);
-    refused(
-        "producer XREADGROUP of its own queue",
-        raw(
-            &producer,
-            &[
-                "XREADGROUP",
-                "GROUP",
-                "workers",
-                "c",
-                "STREAMS",
-                &own_stream,
-                ">",
-            ],
-        )
-        .await,
-    );
-    refused(
-        "producer HSET of a node record",
-        raw(
-            &producer,
-            &["HSET", "fleetq:node:gpu-1", "command", "resume"],
-        )
-        .await,
-    );
-    refused(
-        "producer heartbeat",
-        raw(
-            &producer,
-            &[
-                "FCALL",
-                "fleetq_node_beat",
-                "1",
-                "fleetq:node:gpu-1",
-                "30000",
-            ],
-        )
-        .await,
-    );
-    refused(
-        "producer CLIENT LIST",
-        raw(&producer, &["CLIENT", "LIST"]).await,
-    );
+    refuse_all(
+        &producer,
+        &[
+            &format!("XREADGROUP GROUP workers c STREAMS {own_stream} >"),
+            "HSET fleetq:node:gpu-1 command resume",
+            "FCALL fleetq_node_beat 1 fleetq:node:gpu-1 30000",
+            "CLIENT LIST",
+        ],
+    )
+    .await;
 
     // The broker: every fleetq key, but nothing else and no server administration.
-    refused(
-        "broker HSET outside fleetq",
-        raw(&broker, &["HSET", "elsewhere", "f", "v"]).await,
-    );
-    refused(
-        "broker CONFIG SET",
-        raw(&broker, &["CONFIG", "SET", "maxmemory", "1"]).await,
-    );
-    refused("broker FLUSHALL", raw(&broker, &["FLUSHALL"]).await);
-    refused(
-        "broker FUNCTION DELETE",
-        raw(&broker, &["FUNCTION", "DELETE", "fleetq"]).await,
-    );
+    refuse_all(
+        &broker,
+        &[
+            "HSET elsewhere f v",
+            "CONFIG SET maxmemory 1",
+            "FLUSHALL",
+            "FUNCTION DELETE fleetq",
+        ],
+    )
+    .await;
 
     // A producer for every queue (`*` for QUEUE) reaches both queues, but no node record.
-    let all = Redis::connect(&{
-        let rules = rules_for("fleetq-producer", "*", "");
-        let mut rules = rules;
-        rules[0] = "fleetq-producer-all".into();
-        let _: String = redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg(&rules)
-            .query_async(&mut s.admin.conn())
-            .await
-            .unwrap();
-        format!(
-            "redis://fleetq-producer-all:{PASSWORD}@127.0.0.1:{}/0",
-            s.local.port()
-        )
-    })
-    .await
-    .unwrap();
+    let all = s
+        .user_named("fleetq-producer-all", "fleetq-producer", "*", "")
+        .await;
+    let all = Redis::connect(&all).await.unwrap();
     for q in [QUEUE, OTHER_QUEUE] {
         let p = Producer::new(&all, q).await.unwrap();
-        assert!(
-            p.enqueue(&json!({}), &EnqueueOptions::default())
-                .await
-                .unwrap()
-                .created
-        );
+        let e = p.enqueue(&json!({}), &EnqueueOptions::default()).await;
+        assert!(e.unwrap().created);
     }
-    refused(
-        "all-queue producer HSET of a node record",
-        raw(&all, &["HSET", "fleetq:node:gpu-1", "f", "v"]).await,
-    );
+    refuse_all(&all, &["HSET fleetq:node:gpu-1 f v"]).await;
 
-    // Every refusal above is in the log; nothing else is.
+    // The refusals are in the ACL log, each under the user that was refused.
     let log = s.acl_log().await;
     for (user, object) in [
         ("fleetq-worker-gpu-1", "function|load"),
