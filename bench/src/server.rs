@@ -37,12 +37,16 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts a server and connects to it.
+    /// Starts a server, connects to it and loads the function library (as a fleet's broker
+    /// would: workers wait for it and never load it themselves).
     pub async fn start() -> anyhow::Result<Self> {
         let local = LocalRedis::start().context("start redis-server")?;
         let redis = Redis::connect(&local.url())
             .await
             .context("connect to the bench's redis-server")?;
+        fleetq_broker::functions::load_all(&redis.conn())
+            .await
+            .context("load the function library")?;
         Ok(Self { local, redis })
     }
 

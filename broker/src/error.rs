@@ -28,6 +28,11 @@ pub enum Error {
     /// A configuration value or argument is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The server has no usable fleetq function library (none, or an older one) and this
+    /// process may not load it. The message says which and what to do. Transient: the broker
+    /// (or an operator) loads it.
+    #[error("{0}")]
+    Library(String),
     /// Redis answered something fleetq does not understand (a foreign library of the same
     /// name, say).
     #[error("unexpected reply to `{step}`: {detail}")]
@@ -94,11 +99,12 @@ impl Error {
     /// True when trying again later may succeed: the connection was refused, dropped or
     /// timed out, or the server is loading its data set, busy with a script, read-only (a
     /// replica or a failover in progress), out of memory, or its cluster/master is down
-    /// (`LOADING`, `BUSY`, `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `READONLY`, `OOM`). A bad
-    /// URL, a wrong password or a refused request is not transient.
+    /// (`LOADING`, `BUSY`, `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `READONLY`, `OOM`), or
+    /// the function library is missing and this process may not load it ([`Error::Library`]:
+    /// the broker does). A bad URL, a wrong password or a refused request is not transient.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Timeout { .. } | Error::OutOfMemory { .. } => true,
+            Error::Timeout { .. } | Error::OutOfMemory { .. } | Error::Library(_) => true,
             Error::Connect { source, .. } | Error::Redis { source, .. } => {
                 redis_is_transient(source)
             }

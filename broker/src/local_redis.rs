@@ -23,6 +23,8 @@ pub struct LocalRedisOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Extra `--name value` arguments.
     pub extra: Vec<(String, String)>,
+    /// The server program (`valkey-server`, say); default `redis-server` from `PATH`.
+    pub program: Option<PathBuf>,
 }
 
 /// A running local `redis-server`.
@@ -68,10 +70,11 @@ impl LocalRedis {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let child = self.command().spawn().map_err(|e| {
-            Error::LocalRedis(format!(
+        let child = self.command().spawn().map_err(|e| match &self.options.program {
+            Some(p) => Error::LocalRedis(format!("cannot run {} ({e})", p.display())),
+            None => Error::LocalRedis(format!(
                 "cannot run redis-server ({e}); install it (Debian: apt-get install -y redis-server) or set REDIS_URL to a running server"
-            ))
+            )),
         })?;
         self.child = Some(child);
         self.wait_ready()
@@ -80,7 +83,10 @@ impl LocalRedis {
     /// The `redis-server` command line for the current port and options: no snapshots, log to
     /// a file in the directory (so failure messages can include it), in the foreground.
     fn command(&self) -> Command {
-        let mut cmd = Command::new("redis-server");
+        let mut cmd = match &self.options.program {
+            Some(p) => Command::new(p),
+            None => Command::new("redis-server"),
+        };
         cmd.arg("--port")
             .arg(self.port.to_string())
             .arg("--bind")

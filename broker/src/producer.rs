@@ -94,7 +94,11 @@ impl std::fmt::Debug for Producer {
 }
 
 impl Producer {
-    /// A producer for `queue`; loads the server-side functions when missing.
+    /// A producer for `queue`. Loads the server-side functions when the server has none or an
+    /// older version, for convenience, when its Redis user may (`function|load`). A user
+    /// without it (the producer role of docs/operations.md) gets through when the library is
+    /// current or newer; when it is missing or older, the error ([`Error::Library`]) names
+    /// `fleetq functions load`.
     pub async fn new(redis: &Redis, queue: &str) -> Result<Self> {
         let keys = QueueKeys::new(queue)?;
         functions::load_all(&redis.conn()).await?;

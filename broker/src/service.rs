@@ -1,5 +1,6 @@
-//! The `fleetq-broker` service: the maintenance loop and the HTTP server (API, `/metrics`,
-//! health), both stopping on the same shutdown future. Stateless: run as many as you like.
+//! The `fleetq-broker` service: the function library loaded at start, the maintenance loop,
+//! crash detection and the HTTP server (API, `/metrics`, health), all stopping on the same
+//! shutdown future. Stateless: run as many as you like.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::http::{self, ApiState};
-use crate::{liveness, maintenance, Error, Redis, Result};
+use crate::{functions, liveness, maintenance, retry, Error, Redis, Result};
 
 /// Default HTTP listen address: loopback only; set `FLEETQ_LISTEN` to expose it.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -75,6 +76,7 @@ where
     let stop = shutdown.token();
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(listen = ?addr, queues = ?config.queues, auth = config.api_token.is_some(), "broker started");
+    let library = tokio::spawn(load_library(redis.clone(), stop.clone()));
     let maint = tokio::spawn(maintenance::run(
         redis.clone(),
         config.queues.clone(),
@@ -96,10 +98,30 @@ where
     let served = axum::serve(listener, http::router(state))
         .with_graceful_shutdown(stop.cancelled_owned())
         .await;
+    let _ = library.await;
     let _ = maint.await;
     let _ = watch.await;
     tracing::info!("broker stopped");
     served.map_err(Error::Serve)
+}
+
+/// Loads the function library at start (workers wait for it), waiting out a Redis outage.
+/// When the broker's user may not load it (no `function|load`), it says so once and keeps
+/// looking, until someone else loads it (`fleetq functions load`); the broker serves meanwhile,
+/// and `/readyz` answers 503 with the reason.
+async fn load_library(redis: Redis, stop: tokio_util::sync::CancellationToken) {
+    let loaded = retry::until_ready("load the function library", &stop, || async {
+        functions::load_all(&redis.conn()).await?;
+        functions::check_all(&redis.conn()).await
+    })
+    .await;
+    match loaded {
+        Ok(Some(state)) => {
+            tracing::info!(server = state.version().unwrap_or(""), ours = %functions::library_version(), "function library ready")
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot load the function library: {e}"),
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C (see [`crate::shutdown::signal`]).

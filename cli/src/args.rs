@@ -80,6 +80,19 @@ pub enum Command {
     ///   fleetq dead images purge            (all of them)
     #[command(verbatim_doc_comment)]
     Dead(DeadArgs),
+    /// The server-side function library: load it, or compare the server's with this build's.
+    ///
+    /// Workers never load the library: they wait for it. The broker loads it at start; this
+    /// command does the same for fleets without a broker, or after `FUNCTION FLUSH`. It needs
+    /// a Redis user allowed FUNCTION LOAD (the broker role in docs/operations.md).
+    /// `status` exits 0 when this build can use the server's library, 4 when it is missing or
+    /// older.
+    ///
+    /// Examples:
+    ///   fleetq functions load
+    ///   fleetq functions status --json
+    #[command(verbatim_doc_comment)]
+    Functions(FunctionsArgs),
     /// A live, refreshing view of queues and nodes (Ctrl-C to leave).
     ///
     /// Examples:
@@ -214,6 +227,23 @@ pub enum DeadAction {
         /// Dead-letter id (from `list`); none: all.
         dead_id: Option<String>,
     },
+}
+
+/// `fleetq functions`.
+#[derive(Debug, Args)]
+pub struct FunctionsArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: FunctionsAction,
+}
+
+/// Function library actions.
+#[derive(Debug, Subcommand)]
+pub enum FunctionsAction {
+    /// Load this build's library unless the server has it or a newer one.
+    Load,
+    /// Show the server's library version against this build's.
+    Status,
 }
 
 /// `fleetq top`.

@@ -1,15 +1,19 @@
-//! The everyday commands: enqueue, status, watch, queues, nodes, dead letters, top.
+//! The everyday commands: enqueue, status, watch, queues, nodes, dead letters, the function
+//! library, top.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use fleetq_broker::functions::{self, LibraryState};
 use fleetq_broker::inspect::{self, QueueState};
 use fleetq_broker::maintenance::discover_queues;
 use fleetq_broker::{nodes, EnqueueOptions, JobState, JobStatus, Producer, QueueKeys, Redis};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
-use crate::args::{Cli, Command, DeadAction, DeadArgs, EnqueueArgs, JobArgs, NodeAction, TopArgs};
+use crate::args::{
+    Cli, Command, DeadAction, DeadArgs, EnqueueArgs, FunctionsAction, JobArgs, NodeAction, TopArgs,
+};
 use crate::exit::{self, CliError};
 use crate::output::{human_secs, json, table};
 
@@ -33,6 +37,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             .await
         }
         Command::Dead(a) => dead(&connect().await?, a, cli.json).await,
+        Command::Functions(a) => functions_cmd(&connect().await?, a.action, cli.json).await,
         Command::Top(a) => top(&connect().await?, a).await,
     }
 }
@@ -631,6 +636,57 @@ async fn dead(redis: &Redis, a: DeadArgs, as_json: bool) -> Result<(), CliError>
             );
             Ok(())
         }
+    }
+}
+
+/// `fleetq functions load|status`.
+async fn functions_cmd(
+    redis: &Redis,
+    action: FunctionsAction,
+    as_json: bool,
+) -> Result<(), CliError> {
+    let conn = redis.conn();
+    let before = functions::check_all(&conn).await?;
+    if matches!(action, FunctionsAction::Load) {
+        functions::load_all(&conn).await?;
+    }
+    let after = functions::check_all(&conn).await?;
+    let ours = functions::library_version();
+    let state = match &after {
+        LibraryState::Missing => "missing",
+        LibraryState::Older(_) => "older",
+        LibraryState::Current(v) if *v == ours => "current",
+        LibraryState::Current(_) => "current (another build of this version)",
+        LibraryState::Newer(_) => "newer",
+    };
+    if as_json {
+        json(&serde_json::json!({
+            "server": after.version(),
+            "build": ours,
+            "state": state,
+            "usable": after.usable(),
+            "loaded": before != after,
+        }));
+    } else {
+        let mut t = table(&["library", "version"]);
+        t.add_row(vec![
+            "on this Redis".to_owned(),
+            after.version().unwrap_or("none").to_owned(),
+        ]);
+        t.add_row(vec!["this build".to_owned(), ours.clone()]);
+        t.add_row(vec!["state".to_owned(), state.to_owned()]);
+        println!("{t}");
+        match (&action, before != after) {
+            (FunctionsAction::Load, true) => println!("loaded fleetq library {ours}"),
+            (FunctionsAction::Load, false) => {
+                println!("nothing to load: the server's library is {state}")
+            }
+            (FunctionsAction::Status, _) => {}
+        }
+    }
+    match after.problem() {
+        Some(problem) => Err(CliError::new(exit::NOT_FOUND, problem)),
+        None => Ok(()),
     }
 }
 

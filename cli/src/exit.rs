@@ -6,7 +6,7 @@
 //! | 1 | a job ended without succeeding (failed, dead, expired, cancelled) |
 //! | 2 | bad command line (unknown flag, missing argument) |
 //! | 3 | Redis unreachable or failing |
-//! | 4 | not found (job, queue, node, dead letter) |
+//! | 4 | not found (job, queue, node, dead letter, a usable function library) |
 //! | 5 | bad input (payload not JSON, invalid name, refused by the queue) |
 //! | 6 | timed out waiting |
 
@@ -25,7 +25,7 @@ pub struct CliError {
 pub const JOB_NOT_SUCCEEDED: u8 = 1;
 /// Redis unreachable or failing.
 pub const REDIS: u8 = 3;
-/// Job, queue, node or dead letter not found.
+/// Job, queue, node, dead letter or a usable function library not found.
 pub const NOT_FOUND: u8 = 4;
 /// Bad input.
 pub const BAD_INPUT: u8 = 5;
@@ -59,6 +59,7 @@ impl From<fleetq_broker::Error> for CliError {
         let code = match &e {
             E::Connect { .. } | E::Redis { .. } | E::Protocol { .. } => REDIS,
             E::Rejected(_) | E::Config(_) => BAD_INPUT,
+            E::Library(_) => NOT_FOUND,
             E::Timeout { .. } => TIMEOUT,
             _ => REDIS,
         };

@@ -1,7 +1,8 @@
 //! The `fleetq` command line: what a new user runs first and an operator reaches for at 3 a.m.
 //!
 //! - [`args`] — the commands and flags (clap), with examples in every `--help`.
-//! - [`commands`] — enqueue, status, watch, queues, nodes, dead letters, top.
+//! - [`commands`] — enqueue, status, watch, queues, nodes, dead letters, the function library,
+//!   top.
 //! - [`demo`] — the whole story in one command: a local Redis, a broker and a small fleet of
 //!   simulated GPU nodes, one of which hangs, one crashes and one dies.
 //! - [`output`] — tables for people, `--json` for scripts.

@@ -35,7 +35,8 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// Starts a fresh `redis-server` on a free port.
+    /// Starts a fresh `redis-server` on a free port, with the function library loaded (as a
+    /// running broker would have: workers wait for it and never load it themselves).
     pub async fn start() -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -46,6 +47,9 @@ impl Stack {
             .try_init();
         let server = LocalRedis::start().expect("start redis-server");
         let redis = Redis::connect(&server.url()).await.expect("connect");
+        fleetq_broker::functions::load_all(&redis.conn())
+            .await
+            .expect("load the function library");
         Self { server, redis }
     }
 

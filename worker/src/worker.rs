@@ -3,7 +3,8 @@
 //! two-phase shutdown. [`run`] reads like this module's plan:
 //!
 //! 1. **start** — check the settings, wait for Redis (down, loading, read-only: it waits and
-//!    says why), check the function library and the consumer group, read the queue config;
+//!    says why), wait for the function library (loaded by the broker, never by a worker),
+//!    check the consumer group, read the queue config;
 //! 2. **wait until ready** — take no job before the executor can run one;
 //! 3. **loop** — the read loop (`intake`): reclaim when a lease or retry may be due, else
 //!    block in `XREADGROUP … COUNT free`, take, run each job in a slot (`attempt`); recover
@@ -95,23 +96,32 @@ where
 }
 
 /// Waits for Redis, names this process's connections after its consumer (so the broker sees
-/// at once when the process is gone), checks the library and the group and reads the queue
-/// config; `None` when stopped meanwhile.
+/// at once when the process is gone), waits until the function library is there (a worker
+/// never loads it: the broker or `fleetq functions load` does), checks the group and reads
+/// the queue config; `None` when stopped meanwhile.
 async fn start(
     redis: &Redis,
     keys: &QueueKeys,
     consumer: &str,
     stop: &CancellationToken,
 ) -> Result<Option<(Redis, QueueConfig)>, Error> {
-    let prepared = retry::until_ready("start the worker", stop, || async {
-        let named = redis.named(consumer).await?;
-        functions::load_all(&named.conn()).await?;
+    let Some(named) =
+        retry::until_ready("start the worker", stop, || redis.named(consumer)).await?
+    else {
+        return Ok(None);
+    };
+    if functions::wait_until_usable(&named.conn(), stop)
+        .await?
+        .is_none()
+    {
+        return Ok(None);
+    }
+    let queue = retry::until_ready("start the worker", stop, || async {
         take::ensure_group(&named, keys).await?;
-        let queue = QueueConfig::load(&mut named.conn(), keys).await?;
-        Ok((named, queue))
+        QueueConfig::load(&mut named.conn(), keys).await
     })
     .await?;
-    Ok(prepared)
+    Ok(queue.map(|q| (named, q)))
 }
 
 /// Takes no job before the executor can run one (its command exists, its server answers).
