@@ -1323,3 +1323,96 @@ async fn check_tells_the_servers_library_apart() {
     assert_eq!(newer, LibraryState::Newer("99.0.0+new".into()));
     assert!(newer.usable() && newer.problem().is_none());
 }
+
+/// What the guide adds to every role's line on a Redis Cluster.
+const CLUSTER_RULES: &str = "+cluster|slots +asking";
+
+/// On a Redis Cluster, each role runs under its user (created on every node, as ACLs are
+/// per node) with the guide's cluster additions, and nothing is refused on any node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_work_under_their_own_users_on_a_cluster() {
+    assert!(
+        GUIDE.contains(CLUSTER_RULES),
+        "docs/operations.md no longer names {CLUSTER_RULES} for a cluster"
+    );
+    let cluster = fleetq_tests::cluster::RedisCluster::start().await;
+    let seeds = cluster.seed_url();
+    let hosts = seeds.trim_start_matches("redis+cluster://").to_owned();
+    let mut urls = HashMap::new();
+    for (template, node) in [
+        ("fleetq-broker", ""),
+        ("fleetq-producer", ""),
+        ("fleetq-worker-NODE", "gpu-1"),
+    ] {
+        let mut rules = rules_for(template, QUEUE, node);
+        rules.extend(CLUSTER_RULES.split(' ').map(str::to_owned));
+        for port in cluster.ports() {
+            let client = redis::Client::open(cluster.node_url(port)).unwrap();
+            let mut c = client.get_multiplexed_async_connection().await.unwrap();
+            let ok: String = redis::cmd("ACL")
+                .arg("SETUSER")
+                .arg(&rules)
+                .query_async(&mut c)
+                .await
+                .unwrap_or_else(|e| panic!("node {port} refused {rules:?}: {e}"));
+            assert_eq!(ok, "OK");
+        }
+        let user = rules[0].clone();
+        urls.insert(
+            template,
+            format!("redis+cluster://{user}:{PASSWORD}@{hosts}"),
+        );
+    }
+    let broker = Broker::start(Redis::connect(&urls["fleetq-broker"]).await.unwrap()).await;
+    let admin = Redis::connect(&seeds).await.unwrap();
+    eventually(
+        Duration::from_secs(15),
+        "the broker loaded the library on every primary",
+        || async { functions::check_all(&admin.conn()).await.unwrap().usable() },
+    )
+    .await;
+    let p = Producer::new(
+        &Redis::connect(&urls["fleetq-producer"]).await.unwrap(),
+        QUEUE,
+    )
+    .await
+    .unwrap();
+    let _w = WorkerProcess::spawn(&urls["fleetq-worker-NODE"], QUEUE, "gpu-1", 2, &[]);
+    for n in 0..5 {
+        let e = p
+            .enqueue(&json!({ "result": n }), &EnqueueOptions::default())
+            .await
+            .unwrap();
+        let st = p.wait(&e.id, Duration::from_secs(20)).await.unwrap();
+        assert_eq!(st.state, JobState::Succeeded, "{st:?}");
+    }
+    let ready = reqwest::get(format!("{}/readyz", broker.base))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "{:?}", ready.text().await);
+    broker.stop().await;
+    for port in cluster.ports() {
+        let client = redis::Client::open(cluster.node_url(port)).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let log: Vec<HashMap<String, redis::Value>> = redis::cmd("ACL")
+            .arg("LOG")
+            .arg(1000)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let refused: Vec<String> = log
+            .iter()
+            .map(|e| {
+                ["username", "object", "reason"]
+                    .map(|k| {
+                        e.get(k)
+                            .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+                            .unwrap_or_default()
+                    })
+                    .join(" ")
+            })
+            .filter(|t| !t.contains("client|setinfo"))
+            .collect();
+        assert_eq!(refused, Vec::<String>::new(), "node {port}");
+    }
+}
