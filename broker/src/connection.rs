@@ -109,7 +109,7 @@ pub struct Redis {
 /// How to reach the data, per topology.
 #[derive(Clone)]
 enum Target {
-    Standalone(redis::Client),
+    Standalone(Box<redis::Client>),
     Cluster(Arc<ClusterTarget>),
     Sentinel(Arc<SentinelTarget>),
 }
@@ -169,7 +169,7 @@ impl Redis {
             Endpoint::Standalone { url: u } => {
                 let client = open_client(u, &config)?;
                 let node = NodeConn::open(client.clone(), &config, &url).await?;
-                (Target::Standalone(client), Shared::Node(node))
+                (Target::Standalone(Box::new(client)), Shared::Node(node))
             }
             Endpoint::Cluster { nodes, seeds } => {
                 let target = Arc::new(ClusterTarget {
@@ -289,7 +289,7 @@ impl Redis {
 
     async fn node_conn(&self, key: &str, timeout: Option<Duration>) -> Result<BlockingConn> {
         let client = match &self.target {
-            Target::Standalone(client) => client.clone(),
+            Target::Standalone(client) => (**client).clone(),
             Target::Sentinel(t) => {
                 let (host, port) = t.resolve(&self.config).await?;
                 open_client(&t.nodes.at(&host, port), &self.config)?

@@ -247,6 +247,10 @@ pub struct Health {
     /// Why not ready.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The data servers (on `/readyz` when Redis answered): topology, each primary's
+    /// cluster state and library, slots covered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<crate::topology::Health>,
 }
 
 #[derive(OpenApi)]
@@ -528,28 +532,40 @@ async fn healthz() -> Json<Health> {
     Json(Health {
         status: "ok".into(),
         error: None,
+        redis: None,
     })
 }
 
-/// Redis is reachable and the fleetq functions are loaded (loading them if Redis lost them).
+/// Redis is reachable, every primary has the fleetq functions (loading them if Redis lost
+/// them) and, on a cluster, every slot is served and every primary says `cluster_state:ok`.
 #[utoipa::path(get, path = "/readyz", responses((status = 200, body = Health), (status = 503, body = Health)))]
 async fn readyz(State(state): State<Arc<ApiState>>) -> (StatusCode, Json<Health>) {
     let check = async {
-        let mut conn = state.redis.conn();
-        let _: String = redis::cmd("PING")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| Error::redis("ping", e))?;
-        functions::load_all(&conn).await
+        // The topology first: a cluster that is down says so, rather than failing a load.
+        let health = crate::topology::health(&state.redis).await?;
+        if !health.only_libraries_missing() {
+            return Ok(health);
+        }
+        // Only libraries missing or older: load them (Redis lost them), then look again.
+        functions::load_all(&state.redis.conn()).await?;
+        crate::topology::health(&state.redis).await
     };
     match tokio::time::timeout(Duration::from_secs(3), check).await {
-        Ok(Ok(())) => (
-            StatusCode::OK,
-            Json(Health {
-                status: "ready".into(),
-                error: None,
-            }),
-        ),
+        Ok(Ok(health)) => match health.problem() {
+            None => (
+                StatusCode::OK,
+                Json(Health {
+                    status: "ready".into(),
+                    error: None,
+                    redis: Some(health),
+                }),
+            ),
+            Some(problem) => {
+                let (code, mut body) = unready(problem);
+                body.redis = Some(health);
+                (code, body)
+            }
+        },
         Ok(Err(e)) => unready(e.to_string()),
         Err(_) => unready("Redis did not answer within 3 s".into()),
     }
@@ -561,6 +577,7 @@ fn unready(error: String) -> (StatusCode, Json<Health>) {
         Json(Health {
             status: "unready".into(),
             error: Some(error),
+            redis: None,
         }),
     )
 }

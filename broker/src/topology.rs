@@ -353,6 +353,140 @@ async fn ask_sentinel(
     Ok(addr.and_then(|(h, p)| Some((h, p.parse().ok()?))))
 }
 
+/// How the data servers are doing, for `/readyz` and `fleetq functions status`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Health {
+    /// `standalone`, `cluster` or `sentinel`.
+    pub topology: String,
+    /// Each primary (one except on a cluster).
+    pub primaries: Vec<PrimaryHealth>,
+    /// Slots served by a primary (cluster only; all 16384 when covered).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slots_covered: Option<u32>,
+}
+
+/// One primary's state.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct PrimaryHealth {
+    /// `host:port`, or `server` when there is one.
+    pub node: String,
+    /// `cluster_state` from `CLUSTER INFO` (cluster only: `ok` or `fail`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_state: Option<String>,
+    /// The fleetq library on this primary: `missing`, `older (…)`, `current (…)`, `newer (…)`.
+    pub library: String,
+    /// Whether this build can work with that library.
+    pub library_usable: bool,
+    /// Why this primary could not be read (cluster only; the others still are).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Health {
+    /// True when every primary answers, the cluster (if any) is `ok`, and only libraries
+    /// are missing or older: what loading the library fixes.
+    pub fn only_libraries_missing(&self) -> bool {
+        let reachable = self
+            .primaries
+            .iter()
+            .all(|p| p.error.is_none() && p.cluster_state.as_deref().is_none_or(|c| c == "ok"));
+        reachable
+            && self.slots_covered.is_none_or(|c| c == SLOTS)
+            && self.primaries.iter().any(|p| !p.library_usable)
+    }
+
+    /// What is wrong, if anything: a cluster not `ok` or not fully covered, or a primary
+    /// without a usable library.
+    pub fn problem(&self) -> Option<String> {
+        if let Some(covered) = self.slots_covered.filter(|&c| c < SLOTS) {
+            return Some(format!(
+                "CLUSTERDOWN: only {covered} of {SLOTS} slots have a primary; fix the cluster (redis-cli --cluster check)"
+            ));
+        }
+        for p in &self.primaries {
+            if let Some(state) = p.cluster_state.as_deref().filter(|s| *s != "ok") {
+                return Some(format!(
+                    "CLUSTERDOWN: primary {} says cluster_state:{state}; wait for the failover or fix the cluster",
+                    p.node
+                ));
+            }
+        }
+        for p in &self.primaries {
+            if let Some(e) = &p.error {
+                return Some(format!("primary {} cannot be read: {e}", p.node));
+            }
+            if !p.library_usable {
+                return Some(format!(
+                    "primary {}: the fleetq library is {}: {}",
+                    p.node,
+                    p.library,
+                    crate::functions::REMEDY
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// Reads the state of every primary: cluster state and slot coverage (on a cluster) and the
+/// fleetq library.
+pub async fn health(redis: &crate::Redis) -> Result<Health> {
+    let cluster = redis.cluster_primaries().await?;
+    let mut primaries = Vec::new();
+    for (i, mut conn) in redis.primaries().await?.into_iter().enumerate() {
+        let node = cluster
+            .get(i)
+            .map_or_else(|| "server".to_owned(), |p| format!("{}:{}", p.host, p.port));
+        let read = async {
+            let cluster_state = match cluster.is_empty() {
+                true => None,
+                false => {
+                    let info: String = redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(|e| Error::redis("cluster info", e))?;
+                    info.lines()
+                        .find_map(|l| l.trim().strip_prefix("cluster_state:"))
+                        .map(str::to_owned)
+                }
+            };
+            let library = crate::functions::check(&mut conn).await?;
+            Ok::<_, Error>((cluster_state, library))
+        };
+        primaries.push(match read.await {
+            Ok((cluster_state, library)) => PrimaryHealth {
+                node,
+                cluster_state,
+                library: library.to_string(),
+                library_usable: library.usable(),
+                error: None,
+            },
+            // One primary down is reported as such; the others are still read.
+            Err(e) if !cluster.is_empty() => PrimaryHealth {
+                node,
+                cluster_state: None,
+                library: "unknown".into(),
+                library_usable: false,
+                error: Some(e.to_string()),
+            },
+            Err(e) => return Err(e),
+        });
+    }
+    let slots_covered = (!cluster.is_empty()).then(|| {
+        cluster
+            .iter()
+            .flat_map(|p| &p.slots)
+            .map(|&(a, b)| u32::from(b) - u32::from(a) + 1)
+            .sum()
+    });
+    Ok(Health {
+        topology: redis.topology().to_owned(),
+        primaries,
+        slots_covered,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,6 +551,6 @@ mod tests {
         assert_eq!(slot_of("{user1000}.following"), slot_of("user1000"));
         assert_eq!(slot_of("fleetq:{q}:stream"), slot_of("q"));
         assert_eq!(slot_of("a{}b"), slot_of("a{}b"));
-        assert_eq!(slot_of("123456789"), 0x31C3 % 16384);
+        assert_eq!(slot_of("123456789"), 0x31C3);
     }
 }

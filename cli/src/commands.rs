@@ -659,6 +659,7 @@ async fn functions_cmd(
         LibraryState::Current(_) => "current (another build of this version)",
         LibraryState::Newer(_) => "newer",
     };
+    let health = fleetq_broker::topology::health(redis).await?;
     if as_json {
         json(&serde_json::json!({
             "server": after.version(),
@@ -666,6 +667,7 @@ async fn functions_cmd(
             "state": state,
             "usable": after.usable(),
             "loaded": before != after,
+            "redis": health,
         }));
     } else {
         let mut t = table(&["library", "version"]);
@@ -675,6 +677,23 @@ async fn functions_cmd(
         ]);
         t.add_row(vec!["this build".to_owned(), ours.clone()]);
         t.add_row(vec!["state".to_owned(), state.to_owned()]);
+        t.add_row(vec!["topology".to_owned(), health.topology.clone()]);
+        for p in &health.primaries {
+            let cluster = p
+                .cluster_state
+                .as_deref()
+                .map_or_else(String::new, |c| format!(", cluster_state {c}"));
+            t.add_row(vec![
+                format!("primary {}", p.node),
+                format!("{}{cluster}", p.library),
+            ]);
+        }
+        if let Some(covered) = health.slots_covered {
+            t.add_row(vec![
+                "slots covered".to_owned(),
+                format!("{covered} of 16384"),
+            ]);
+        }
         println!("{t}");
         match (&action, before != after) {
             (FunctionsAction::Load, true) => println!("loaded fleetq library {ours}"),

@@ -1325,7 +1325,7 @@ async fn check_tells_the_servers_library_apart() {
 }
 
 /// What the guide adds to every role's line on a Redis Cluster.
-const CLUSTER_RULES: &str = "+cluster|slots +asking";
+const CLUSTER_RULES: &str = "+cluster|slots +cluster|info +asking";
 
 /// On a Redis Cluster, each role runs under its user (created on every node, as ACLs are
 /// per node) with the guide's cluster additions, and nothing is refused on any node.

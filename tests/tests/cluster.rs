@@ -2,6 +2,8 @@
 //! slots live on each primary are enqueued to, worked, inspected and scraped; a failover
 //! (manual, or a primary killed) while jobs run loses and doubles nothing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -274,4 +276,35 @@ async fn cluster_urls_are_checked() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("service"), "{e}");
+}
+
+/// `/readyz` tells a cluster that lost a primary (no replica to promote) for what it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_reports_a_cluster_that_is_down() {
+    let mut cluster = RedisCluster::start_with(fleetq_tests::cluster::ClusterOptions {
+        replicas_per_primary: 0,
+        ..Default::default()
+    })
+    .await;
+    let redis = Redis::connect(&cluster.seed_url()).await.unwrap();
+    let (base, stop) = broker(&redis).await;
+    let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let doomed = cluster.primary_ports().await[1];
+    cluster.kill(doomed);
+    eventually(
+        Duration::from_secs(20),
+        "readyz says CLUSTERDOWN",
+        || async {
+            let r = reqwest::get(format!("{base}/readyz")).await.unwrap();
+            let code = r.status();
+            let body: Value = r.json().await.unwrap();
+            code == 503
+                && body["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("CLUSTERDOWN"))
+        },
+    )
+    .await;
+    stop.cancel();
 }

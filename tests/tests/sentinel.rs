@@ -1,6 +1,8 @@
 //! fleetq behind Sentinel (1 primary, 1 replica, 3 sentinels): one `redis+sentinel://` URL,
 //! and a failover while jobs run loses and doubles nothing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use fleetq_broker::{inspect, EnqueueOptions, JobState, Producer, QueueKeys, Redis};
