@@ -499,6 +499,34 @@ impl SentinelConn {
         }
     }
 
+    /// Sends with `send` on the current primary's connection; when the reply looks like a
+    /// failover (see [`failover_sign`], or `readonly` of the replies), moves to the primary the
+    /// sentinels name and, when the command surely did not run, sends it again (twice at most).
+    async fn send<T, F, Fut>(
+        &self,
+        send: F,
+        readonly: impl Fn(&T) -> Option<bool>,
+    ) -> redis::RedisResult<T>
+    where
+        F: Fn(NodeConn) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let (addr, node) = self.now();
+            let res = send(node).await;
+            let sign = match &res {
+                Err(e) => failover_sign(e),
+                Ok(v) => readonly(v),
+            };
+            match sign {
+                Some(safe) if tries < 3 && self.follow(&addr).await && safe => continue,
+                _ => return res,
+            }
+        }
+    }
+
     /// After an error that may mean a failover: asks the sentinels and moves to the primary
     /// they name if it is another. Returns whether it moved.
     async fn follow(&self, was: &(String, u16)) -> bool {
@@ -599,22 +627,10 @@ impl ConnectionLike for SharedConn {
                     .await
                 })
             }
-            Shared::Sentinel(s) => Box::pin(async move {
-                let mut tries = 0;
-                loop {
-                    tries += 1;
-                    let (addr, mut node) = s.now();
-                    let res = node.req_packed_command(cmd).await;
-                    let sign = match &res {
-                        Err(e) => failover_sign(e),
-                        Ok(v) => readonly(std::slice::from_ref(v)),
-                    };
-                    match sign {
-                        Some(safe) if tries < 3 && s.follow(&addr).await && safe => continue,
-                        _ => return res,
-                    }
-                }
-            }),
+            Shared::Sentinel(s) => Box::pin(s.send(
+                move |mut node| async move { node.req_packed_command(cmd).await },
+                |v| readonly(std::slice::from_ref(v)),
+            )),
         }
     }
 
@@ -634,22 +650,14 @@ impl ConnectionLike for SharedConn {
                         .await
                 })
             }
-            Shared::Sentinel(s) => Box::pin(async move {
-                let mut tries = 0;
-                loop {
-                    tries += 1;
-                    let (addr, mut node) = s.now();
-                    let res = node.req_packed_commands(pipeline, offset, count).await;
-                    let sign = match &res {
-                        Err(e) => failover_sign(e),
-                        Ok(values) => readonly(values),
-                    };
-                    match sign {
-                        Some(safe) if tries < 3 && s.follow(&addr).await && safe => continue,
-                        _ => return res,
-                    }
-                }
-            }),
+            Shared::Sentinel(s) => {
+                Box::pin(s.send(
+                    move |mut node| async move {
+                        node.req_packed_commands(pipeline, offset, count).await
+                    },
+                    |values| readonly(values),
+                ))
+            }
         }
     }
 
