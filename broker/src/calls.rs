@@ -379,8 +379,9 @@ pub fn reclaim(keys: &QueueKeys, caller: &Caller, lease: Duration, free: usize) 
     cmd
 }
 
-/// An entry as Lua and `XRANGE` return it: id and flat field/value pairs.
-pub type EntryReply = (String, Vec<(String, Value)>);
+/// An entry as Lua, `XRANGE` and `XREADGROUP` return it: id and flat field/value pairs, in
+/// order, duplicates kept, names as bytes (a foreign producer may write any).
+pub type EntryReply = (String, Vec<(Vec<u8>, Value)>);
 
 /// The reply of [`reclaim`]: claimed entries, next wake (server ms, 0 none), server now (ms).
 pub type ReclaimReply = (Vec<EntryReply>, u64, u64);

@@ -17,11 +17,36 @@ use crate::queue_config::QueueConfig;
 pub struct RawEntry {
     /// The stream entry id, `<ms>-<seq>`.
     pub id: String,
-    /// Field names and raw values.
+    /// Field names and raw values, in the entry's order (the first of two equal names is the
+    /// one read, as in the functions). A name that is not UTF-8 is kept with `U+FFFD` for its
+    /// bad bytes, and the entry is [malformed](Malformed::FieldNameNotUtf8).
     pub fields: Vec<(String, Vec<u8>)>,
 }
 
 impl RawEntry {
+    /// An entry from its id and raw field names and values.
+    pub fn from_bytes(id: String, fields: Vec<(Vec<u8>, Vec<u8>)>) -> Self {
+        Self {
+            id,
+            fields: fields
+                .into_iter()
+                .map(|(f, v)| {
+                    let name = String::from_utf8(f)
+                        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+                    (name, v)
+                })
+                .collect(),
+        }
+    }
+
+    /// The first field name that is not UTF-8 (shown with `U+FFFD`), if any.
+    fn bad_name(&self) -> Option<&str> {
+        self.fields
+            .iter()
+            .map(|(f, _)| f.as_str())
+            .find(|f| f.contains(char::REPLACEMENT_CHARACTER))
+    }
+
     /// The job id this entry carries: its `id` field when that is valid text, else the entry id.
     pub fn job_id(&self) -> String {
         self.fields
@@ -37,6 +62,9 @@ impl RawEntry {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Malformed {
+    /// A field name is not UTF-8.
+    #[error("field name {0:?} is not UTF-8 (bad bytes shown as U+FFFD); write field names as UTF-8 text")]
+    FieldNameNotUtf8(String),
     /// No `payload` field.
     #[error("entry has no payload field; add the job as XADD <stream> * payload '<json>'")]
     MissingPayload,
@@ -109,6 +137,11 @@ impl JobEntry {
     /// Checks an entry and turns it into a job. Unknown fields are ignored (a newer producer
     /// may add some); known fields must have the right type.
     pub fn parse(raw: &RawEntry, max_payload_bytes: usize) -> Result<Self, Malformed> {
+        if let Some(name) = raw.bad_name() {
+            return Err(Malformed::FieldNameNotUtf8(
+                name.chars().take(100).collect(),
+            ));
+        }
         let fields = Fields::new(raw);
         // The checks run in this order so an entry with several faults always reports the same
         // one (the first), which keeps dead-letter reasons stable.

@@ -418,3 +418,78 @@ async fn position_is_exact_before_the_first_delivery() {
         "position walked the stream:\n{calls}"
     );
 }
+
+/// A field name that is not UTF-8 is dead-lettered with the reason, and the good jobs read
+/// in the same batch run: it neither jams the worker nor strands its neighbours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_field_name_that_is_not_utf8_is_dead_lettered_and_its_batch_runs() {
+    let s = Stack::start().await;
+    s.configure("q", &quick_config()).await;
+    s.create_group("q").await;
+    let p = s.producer("q").await;
+    let keys = QueueKeys::new("q").unwrap();
+    let mut good = Vec::new();
+    for n in 0..6 {
+        if n == 3 {
+            let _: String = redis::cmd("XADD")
+                .arg(keys.stream())
+                .arg("*")
+                .arg(&b"\xff\xfe"[..])
+                .arg("x")
+                .arg("payload")
+                .arg("{}")
+                .query_async(&mut s.conn())
+                .await
+                .unwrap();
+        }
+        good.push(
+            p.enqueue(&json!({ "n": n }), &EnqueueOptions::default())
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    // One worker with room for the whole batch: the bad entry is read with the good ones.
+    let w = s.worker(
+        worker_config("q", "n1", 8),
+        FnHandler::new(|job, _| async move { Outcome::Succeeded(job.payload) }),
+    );
+    for id in &good {
+        let st = p.wait(id, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(st.state, JobState::Succeeded, "{id}");
+    }
+    eventually(Duration::from_secs(10), "one dead letter", || async {
+        let n: u64 = redis::cmd("XLEN")
+            .arg(keys.dead())
+            .query_async(&mut s.conn())
+            .await
+            .unwrap();
+        n == 1
+    })
+    .await;
+    type ByteEntry = (String, Vec<(Vec<u8>, Vec<u8>)>);
+    let dead: Vec<ByteEntry> = redis::cmd("XRANGE")
+        .arg(keys.dead())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut s.conn())
+        .await
+        .unwrap();
+    let field = |name: &str| {
+        dead[0]
+            .1
+            .iter()
+            .find(|(f, _)| f == name.as_bytes())
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default()
+    };
+    assert_eq!(field("reason"), "malformed");
+    assert!(field("error").contains("not UTF-8"), "{}", field("error"));
+    // The original bytes are kept in the dead letter.
+    assert!(
+        dead[0].1.iter().any(|(f, _)| f == b"f:\xff\xfe"),
+        "{dead:?}"
+    );
+    assert!(s.pending("q").await.is_empty(), "nothing left in flight");
+    w.stop().await;
+}

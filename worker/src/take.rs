@@ -12,7 +12,6 @@ use fleetq_broker::job::entry_ms;
 use fleetq_broker::keys::GROUP;
 use fleetq_broker::{JobEntry, Malformed, QueueConfig, QueueKeys, RawEntry, Redis};
 use redis::aio::MultiplexedConnection;
-use redis::streams::StreamReadReply;
 use redis::Value;
 
 /// An entry after `fleetq_take` (its parsed job travels beside it).
@@ -45,34 +44,28 @@ pub(crate) async fn read(
     cmd.arg("STREAMS")
         .arg(keys.stream())
         .arg(if from_start { "0" } else { ">" });
-    let reply: Option<StreamReadReply> = cmd.query_async(conn).await?;
-    let mut out = Vec::new();
-    for key in reply.map(|r| r.keys).unwrap_or_default() {
-        for id in key.ids {
-            out.push(RawEntry {
-                fields: id
-                    .map
-                    .into_iter()
-                    .map(|(f, v)| (f, value_bytes(v)))
-                    .collect(),
-                id: id.id,
-            });
-        }
-    }
-    Ok(out)
+    // Not `StreamReadReply`: its map of `String` names fails the whole batch on one name
+    // that is not UTF-8, and keeps only the last of two equal names.
+    let reply: Option<Vec<(String, Vec<EntryReply>)>> = cmd.query_async(conn).await?;
+    Ok(reply
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|(_, entries)| entries)
+        .map(raw_entry)
+        .collect())
 }
 
 pub(crate) use fleetq_broker::calls::EntryReply;
 
 /// Turns an [`EntryReply`] into a [`RawEntry`].
 pub(crate) fn raw_entry((id, fields): EntryReply) -> RawEntry {
-    RawEntry {
+    RawEntry::from_bytes(
         id,
-        fields: fields
+        fields
             .into_iter()
             .map(|(f, v)| (f, value_bytes(v)))
             .collect(),
-    }
+    )
 }
 
 /// Raw bytes of a field value.
