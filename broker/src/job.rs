@@ -199,13 +199,13 @@ impl JobEntry {
 struct Fields<'a>(HashMap<&'a str, &'a [u8]>);
 
 impl<'a> Fields<'a> {
+    /// The entry's fields; of two equal names the first counts, as in the functions.
     fn new(raw: &'a RawEntry) -> Self {
-        Self(
-            raw.fields
-                .iter()
-                .map(|(f, v)| (f.as_str(), v.as_slice()))
-                .collect(),
-        )
+        let mut map = HashMap::with_capacity(raw.fields.len());
+        for (f, v) in &raw.fields {
+            map.entry(f.as_str()).or_insert(v.as_slice());
+        }
+        Self(map)
     }
 
     /// The payload: present, within the size limit (checked before parsing, so a huge entry
@@ -501,6 +501,27 @@ mod tests {
                 .map(|(f, v)| ((*f).to_owned(), v.as_bytes().to_vec()))
                 .collect(),
         }
+    }
+
+    #[test]
+    fn the_first_of_two_equal_fields_is_read_as_in_the_functions() {
+        let r = raw(&[("payload", "{}"), ("id", "first"), ("id", "second")]);
+        assert_eq!(r.job_id(), "first");
+        assert_eq!(JobEntry::parse(&r, 1024).unwrap().job_id, "first");
+    }
+
+    #[test]
+    fn a_field_name_that_is_not_utf8_is_malformed() {
+        let r = RawEntry::from_bytes(
+            "1-0".into(),
+            vec![
+                (b"payload".to_vec(), b"{}".to_vec()),
+                (b"\xff\xfe".to_vec(), b"x".to_vec()),
+            ],
+        );
+        let e = JobEntry::parse(&r, 1024).unwrap_err();
+        assert!(matches!(e, Malformed::FieldNameNotUtf8(_)), "{e}");
+        assert!(e.to_string().contains("not UTF-8"), "{e}");
     }
 
     #[test]
