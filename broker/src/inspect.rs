@@ -244,7 +244,12 @@ pub async fn dead_letters(
     start: &str,
     count: usize,
 ) -> Result<Vec<DeadLetter>> {
-    let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+    if start != "-" {
+        check_dead_id(start)?;
+    }
+    // Bytes: a dead letter keeps the original entry's fields, whatever their bytes.
+    type Raw = Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>;
+    let raw: Raw = redis::cmd("XRANGE")
         .arg(keys.dead())
         .arg(start)
         .arg("+")
@@ -261,10 +266,13 @@ pub async fn dead_letters(
 
 /// One dead-letter entry: fields named `f:<name>` are the original entry's, the rest say
 /// why and where it died.
-fn dead_letter(dead_id: String, flat: Vec<(String, String)>) -> DeadLetter {
+fn dead_letter(dead_id: String, flat: Vec<(Vec<u8>, Vec<u8>)>) -> DeadLetter {
     let mut m: HashMap<String, String> = HashMap::new();
     let mut fields = HashMap::new();
-    for (k, v) in flat {
+    let text = |b: Vec<u8>| {
+        String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    };
+    for (k, v) in flat.into_iter().map(|(k, v)| (text(k), text(v))) {
         match k.strip_prefix("f:") {
             Some(name) => {
                 fields.insert(name.to_owned(), v);
@@ -291,9 +299,26 @@ fn dead_letter(dead_id: String, flat: Vec<(String, String)>) -> DeadLetter {
     }
 }
 
+/// Checks a dead letter id (`<ms>-<seq>`, as [`dead_letters`] lists them) before Redis sees it.
+fn check_dead_id(id: &str) -> Result<()> {
+    let number = |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
+    let valid = match id.split_once('-') {
+        Some((ms, seq)) => number(ms) && number(seq),
+        None => number(id),
+    };
+    match valid {
+        true => Ok(()),
+        false => Err(Error::Config(format!(
+            "invalid dead letter id {:?}: expected <ms>-<seq> such as 1700000000000-0, as `fleetq dead <queue> list` shows",
+            id.chars().take(100).collect::<String>()
+        ))),
+    }
+}
+
 /// Puts dead letter `dead_id` back in line as a fresh job. Returns the job id, or `None`
 /// when there is no such dead letter.
 pub async fn retry_dead(redis: &Redis, keys: &QueueKeys, dead_id: &str) -> Result<Option<String>> {
+    check_dead_id(dead_id)?;
     let mut cmd = fcall("fleetq_dead_retry", keys);
     cmd.arg(dead_id);
     let (job, _entry): (String, String) =
@@ -303,6 +328,9 @@ pub async fn retry_dead(redis: &Redis, keys: &QueueKeys, dead_id: &str) -> Resul
 
 /// Deletes the given dead letters, or all of the queue's when `ids` is empty. Returns how many.
 pub async fn purge_dead(redis: &Redis, keys: &QueueKeys, ids: &[String]) -> Result<u64> {
+    for id in ids {
+        check_dead_id(id)?;
+    }
     let mut cmd = fcall("fleetq_dead_purge", keys);
     for id in ids {
         cmd.arg(id);

@@ -567,6 +567,18 @@ async fn http_api_round_trip_for_every_endpoint() {
             .status(),
         404
     );
+    for bad in [
+        "/v1/queues/img/dead/not-an-id/retry",
+        "/v1/queues/img/dead/1-x/retry",
+    ] {
+        let r = authed(http.post(url(bad))).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+        let body: Value = r.json().await.unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("<ms>-<seq>"),
+            "{body}"
+        );
+    }
     let id1 = dead[1]["dead_id"].as_str().unwrap();
     let r: Value = authed(http.delete(url(&format!("/v1/queues/img/dead/{id1}"))))
         .send()

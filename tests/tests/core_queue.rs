@@ -491,5 +491,16 @@ async fn a_field_name_that_is_not_utf8_is_dead_lettered_and_its_batch_runs() {
         "{dead:?}"
     );
     assert!(s.pending("q").await.is_empty(), "nothing left in flight");
+    // Listed like any other dead letter.
+    let listed = fleetq_broker::inspect::dead_letters(&s.redis, &keys, "-", 10)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].error.contains("not UTF-8"), "{:?}", listed[0]);
+    let bad_id = fleetq_broker::inspect::retry_dead(&s.redis, &keys, "not-an-id").await;
+    assert!(
+        matches!(&bad_id, Err(fleetq_broker::Error::Config(m)) if m.contains("<ms>-<seq>")),
+        "{bad_id:?}"
+    );
     w.stop().await;
 }
