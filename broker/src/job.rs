@@ -163,7 +163,7 @@ impl JobEntry {
             limits,
             prior_attempts,
             enqueued_ms,
-            avoid: fields.avoid(),
+            avoid: fields.avoid()?,
             avoid_until: fields.int("avoid_until")?.unwrap_or(0),
             passes: fields.count("passes")?,
         })
@@ -281,19 +281,37 @@ impl<'a> Fields<'a> {
     }
 
     /// The comma-separated `avoid` list; read leniently (it is written only by fleetq).
-    fn avoid(&self) -> Vec<String> {
-        self.0
-            .get("avoid")
-            .map(|v| {
-                String::from_utf8_lossy(v)
-                    .split(',')
-                    .filter(|n| !n.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default()
+    /// `avoid`: at most [`MAX_AVOID`] node names (1–100 letters, digits, `-`, `_`, `.`),
+    /// comma-separated, as fleetq writes it.
+    fn avoid(&self) -> Result<Vec<String>, Malformed> {
+        let Some(v) = self.0.get("avoid") else {
+            return Ok(Vec::new());
+        };
+        let node = |n: &str| {
+            n.len() <= 100
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        };
+        let names: Option<Vec<String>> = std::str::from_utf8(v).ok().and_then(|s| {
+            let names: Vec<String> = s
+                .split(',')
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect();
+            (names.len() <= MAX_AVOID && names.iter().all(|n| node(n))).then_some(names)
+        });
+        names.ok_or_else(|| {
+            bad(
+                "avoid",
+                "at most 8 comma-separated node names (letters, digits, '-', '_', '.'; fleetq writes this field)",
+                v,
+            )
+        })
     }
 }
+
+/// Most node names an entry's `avoid` holds (fleetq keeps the 8 most recent).
+pub const MAX_AVOID: usize = 8;
 
 fn bad(field: &str, expected: &'static str, value: &[u8]) -> Malformed {
     let mut value = String::from_utf8_lossy(value).into_owned();
@@ -522,6 +540,31 @@ mod tests {
         let e = JobEntry::parse(&r, 1024).unwrap_err();
         assert!(matches!(e, Malformed::FieldNameNotUtf8(_)), "{e}");
         assert!(e.to_string().contains("not UTF-8"), "{e}");
+    }
+
+    #[test]
+    fn avoid_is_checked_as_documented() {
+        let ok = raw(&[("payload", "{}"), ("avoid", "gpu-1,gpu-2")]);
+        assert_eq!(
+            JobEntry::parse(&ok, 1024).unwrap().avoid,
+            ["gpu-1", "gpu-2"]
+        );
+        let long = "n,".repeat(5000);
+        for bad in [long.as_str(), "a b", "x,{y}"] {
+            let e = JobEntry::parse(&raw(&[("payload", "{}"), ("avoid", bad)]), 1024);
+            assert!(
+                matches!(&e, Err(Malformed::BadField { field, .. }) if field == "avoid"),
+                "{bad}: {e:?}"
+            );
+        }
+        let r = RawEntry::from_bytes(
+            "1-0".into(),
+            vec![
+                (b"payload".to_vec(), b"{}".to_vec()),
+                (b"avoid".to_vec(), b"\xff".to_vec()),
+            ],
+        );
+        assert!(JobEntry::parse(&r, 1024).is_err());
     }
 
     #[test]
