@@ -553,6 +553,10 @@ impl Server {
                 text(e, "context")
             ));
         }
+        // Redis groups equal refusals only within 60 s: the same refusal twice, a minute
+        // apart on a slow machine, is two entries. Each kind counts once.
+        let mut seen = BTreeSet::new();
+        out.retain(|line| seen.insert(line.clone()));
         if setinfo > 0 {
             eprintln!(
                 "{}: {setinfo} ACL LOG entries for client|setinfo left out (see the guide's note)",
