@@ -63,6 +63,27 @@ impl QueueKeys {
         })
     }
 
+    /// Partition `i` of this queue: the queue `<name>#<i>`, under a hash tag of its own
+    /// (see [`crate::partitions`]).
+    pub fn partition(&self, i: u32) -> Self {
+        let name = format!("{}#{i}", base_of(&self.name));
+        Self {
+            prefix: format!("fleetq:{{{name}}}:"),
+            name,
+        }
+    }
+
+    /// The queue this is a partition of (the queue itself when it is not one).
+    pub fn base(&self) -> Self {
+        match base_of(&self.name) {
+            b if b == self.name => self.clone(),
+            b => Self {
+                name: b.to_owned(),
+                prefix: format!("fleetq:{{{b}}}:"),
+            },
+        }
+    }
+
     /// The queue's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -129,6 +150,25 @@ impl QueueKeys {
     }
 }
 
+/// The queue a queue name belongs to: `q` for partition `q#3`, else the name itself.
+pub fn base_of(name: &str) -> &str {
+    name.split_once('#').map_or(name, |(base, _)| base)
+}
+
+/// Keys of a queue or partition named as discovery finds it (`q` or `q#3`).
+pub fn discovered(name: &str) -> Result<QueueKeys, crate::Error> {
+    let base = QueueKeys::new(base_of(name))?;
+    match name.split_once('#') {
+        None => Ok(base),
+        Some((_, i)) => match i.parse::<u32>() {
+            Ok(n) if n.to_string() == i => Ok(base.partition(n)),
+            _ => Err(crate::Error::Config(format!(
+                "{name:?} is not a partition name (<queue>#<number>)"
+            ))),
+        },
+    }
+}
+
 /// `fleetq:node:<node>`, the record of one worker host.
 pub fn node(node: &str) -> String {
     format!("fleetq:node:{node}")
@@ -160,6 +200,11 @@ mod tests {
         assert_eq!(k.stream(), "fleetq:{img}:stream");
         assert_eq!(k.job("a1"), "fleetq:{img}:job:a1");
         assert_eq!(queue_of_stream(&k.stream()), Some("img"));
+        let p = k.partition(2);
+        assert_eq!(p.stream(), "fleetq:{img#2}:stream");
+        assert_eq!(p.base(), k);
+        assert_eq!(discovered("img#2").unwrap(), p);
+        assert!(discovered("img#02").is_err() && discovered("img#x").is_err());
     }
 
     #[test]

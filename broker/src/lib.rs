@@ -19,6 +19,7 @@
 //! - [`service`] — the `fleetq-broker` service: maintenance loop and HTTP server.
 //! - [`shutdown`] — the SIGTERM/Ctrl-C signal and a shutdown future seen as a token.
 //! - [`nodes`] — the fleet's node records; operator suspend and resume.
+//! - [`partitions`] — hot queues split over several slots (and primaries).
 //! - [`local_redis`] — a throwaway `redis-server` for the demo, benchmarks and tests.
 //! - [`flags`] — command-line flags shared by the service binaries.
 //! - [`error`] — the crate's error type.
@@ -37,6 +38,7 @@ pub mod local_redis;
 pub mod maintenance;
 pub mod metrics;
 pub mod nodes;
+pub mod partitions;
 pub mod producer;
 pub mod queue_config;
 pub mod retry;

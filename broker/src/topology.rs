@@ -287,10 +287,10 @@ pub fn slot_of(key: &str) -> u16 {
             (close > 0).then(|| &b[open + 1..open + 1 + close])
         })
         .unwrap_or(b);
-    crc16_xmodem(tagged) % SLOTS as u16
+    crc16(tagged) % SLOTS as u16
 }
 
-fn crc16_xmodem(data: &[u8]) -> u16 {
+pub(crate) fn crc16(data: &[u8]) -> u16 {
     let mut crc: u16 = 0;
     for &byte in data {
         crc ^= (byte as u16) << 8;
