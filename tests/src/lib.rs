@@ -301,6 +301,20 @@ where
     }
 }
 
+/// A plain connection to one server for a test's own commands, with a 10 s response timeout:
+/// the redis crate's 500 ms default is shorter than a write can take on a loaded 2-core
+/// machine while several servers fsync and rewrite their AOF at once.
+pub async fn direct_connection(url: &str) -> redis::aio::MultiplexedConnection {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(10)));
+    redis::Client::open(url)
+        .unwrap_or_else(|e| panic!("bad test URL {url}: {e}"))
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"))
+}
+
 /// Polls `cond` every 20 ms until it is true or `timeout` passes; panics with `what` then.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut cond: F)
 where

@@ -30,7 +30,7 @@ use fleetq_broker::{
     inspect, liveness, nodes, EnqueueOptions, Error, JobState, LocalRedis, Producer, QueueKeys,
     Redis,
 };
-use fleetq_tests::{bin_path, eventually, send_signal, WorkerProcess};
+use fleetq_tests::{bin_path, direct_connection, eventually, send_signal, WorkerProcess};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -1351,8 +1351,7 @@ async fn roles_work_under_their_own_users_on_a_cluster() {
         let mut rules = rules_for(template, QUEUE, node);
         rules.extend(CLUSTER_RULES.split(' ').map(str::to_owned));
         for port in cluster.ports() {
-            let client = redis::Client::open(cluster.node_url(port)).unwrap();
-            let mut c = client.get_multiplexed_async_connection().await.unwrap();
+            let mut c = direct_connection(&cluster.node_url(port)).await;
             let ok: String = redis::cmd("ACL")
                 .arg("SETUSER")
                 .arg(&rules)
@@ -1396,8 +1395,7 @@ async fn roles_work_under_their_own_users_on_a_cluster() {
     assert_eq!(ready.status(), 200, "{:?}", ready.text().await);
     broker.stop().await;
     for port in cluster.ports() {
-        let client = redis::Client::open(cluster.node_url(port)).unwrap();
-        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let mut c = direct_connection(&cluster.node_url(port)).await;
         let log: Vec<HashMap<String, redis::Value>> = redis::cmd("ACL")
             .arg("LOG")
             .arg(1000)

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use fleetq_broker::local_redis::LocalRedisOptions;
 use fleetq_broker::{EnqueueOptions, JobState, LocalRedis, Producer, QueueConfig, Redis};
-use fleetq_tests::{eventually, send_signal, worker_config, FnHandler, Stack};
+use fleetq_tests::{direct_connection, eventually, send_signal, worker_config, FnHandler, Stack};
 use fleetq_worker::{Job, JobContext, Outcome};
 use serde_json::json;
 
@@ -273,11 +273,7 @@ async fn a_failed_release_at_shutdown_leaves_the_job_for_another_host() {
     // Writes wait (and time out) for the next 12 s: the release cannot be recorded. The
     // test's own commands go on a connection of their own (a paused client blocks its
     // connection, and the in-process worker shares the stack's).
-    let mut admin = redis::Client::open(s.server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut admin = direct_connection(&s.server.url()).await;
     let _: () = redis::cmd("CLIENT")
         .arg("PAUSE")
         .arg(12_000)

@@ -9,17 +9,13 @@ use std::time::{Duration, Instant};
 
 use fleetq_broker::QueueKeys;
 use fleetq_tests::cluster::{ClusterOptions, RedisCluster, Role, SLOTS};
-use fleetq_tests::eventually;
 use fleetq_tests::sentinel::{SentinelSetup, SERVICE_NAME};
+use fleetq_tests::{direct_connection, eventually};
 use redis::aio::MultiplexedConnection;
 use redis::{ErrorKind, ServerErrorKind};
 
 async fn conn(url: &str) -> MultiplexedConnection {
-    redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
+    direct_connection(url).await
 }
 
 async fn xadd(
