@@ -20,7 +20,6 @@ use utoipa::{OpenApi, ToSchema};
 use crate::inspect::{self, DeadLetter, QueueState};
 use crate::job::{JobState, JobStatus};
 use crate::keys::QueueKeys;
-use crate::maintenance::discover_queues;
 use crate::metrics::BrokerMetrics;
 use crate::producer::{EnqueueOptions, Enqueued, Producer};
 use crate::{functions, Error, Redis};
@@ -450,11 +449,8 @@ async fn cancel(
 async fn list_queues(
     State(state): State<Arc<ApiState>>,
 ) -> Result<Json<Vec<QueueState>>, ApiError> {
-    let mut out = Vec::new();
-    for name in discover_queues(&state.redis).await? {
-        out.push(inspect::queue_state(&state.redis, &QueueKeys::new(&name)?).await?);
-    }
-    Ok(Json(out))
+    let served = crate::partitions::served(&state.redis, &[]).await?;
+    Ok(Json(inspect::queue_states(&state.redis, &served).await?))
 }
 
 /// The queue's dead letters, oldest first.

@@ -35,6 +35,21 @@ pub struct QueueState {
 }
 
 impl QueueState {
+    /// Adds a partition's state to its queue's: counts add up, the oldest wait is the oldest
+    /// of both, consumers are the most any partition has (every worker reads them all).
+    fn absorb(&mut self, part: QueueState) {
+        self.waiting += part.waiting;
+        self.in_flight += part.in_flight;
+        self.delayed += part.delayed;
+        self.dead += part.dead;
+        self.oldest_waiting_seconds = self.oldest_waiting_seconds.max(part.oldest_waiting_seconds);
+        self.enqueued_total += part.enqueued_total;
+        self.consumers = self.consumers.max(part.consumers);
+        for (k, v) in part.stats {
+            *self.stats.entry(k).or_default() += v;
+        }
+    }
+
     /// A counter from the stats hash, 0 when absent.
     pub fn stat(&self, name: &str) -> i64 {
         self.stats.get(name).copied().unwrap_or(0)
@@ -64,6 +79,24 @@ fn text(m: &HashMap<String, redis::Value>, k: &str) -> Option<String> {
 
 /// An `XINFO` reply as field → value.
 type Info = HashMap<String, redis::Value>;
+
+/// The states of the queues among `served` (see [`crate::partitions::served`]), a split
+/// queue's partitions added up under the queue's name; sorted by name.
+pub async fn queue_states(redis: &Redis, served: &[QueueKeys]) -> Result<Vec<QueueState>> {
+    let mut by_queue: std::collections::BTreeMap<String, QueueState> = Default::default();
+    for keys in served {
+        let mut state = queue_state(redis, keys).await?;
+        let base = crate::keys::base_of(keys.name()).to_owned();
+        state.queue.clone_from(&base);
+        match by_queue.get_mut(&base) {
+            Some(total) => total.absorb(state),
+            None => {
+                by_queue.insert(base, state);
+            }
+        }
+    }
+    Ok(by_queue.into_values().collect())
+}
 
 /// Reads the state of queue `keys`.
 pub async fn queue_state(redis: &Redis, keys: &QueueKeys) -> Result<QueueState> {

@@ -189,15 +189,8 @@ pub async fn run(
             _ = timer.tick() => {}
         }
         if discovered.is_none_or(|d| d.elapsed() >= REDISCOVER_EVERY) {
-            let names = match queues.is_empty() {
-                true => crate::maintenance::discover_queues(&redis).await,
-                false => Ok(queues.clone()),
-            };
-            if let Ok(names) = names {
-                known = names
-                    .iter()
-                    .filter_map(|q| QueueKeys::new(q).ok())
-                    .collect();
+            if let Ok(served) = crate::partitions::served(&redis, &queues).await {
+                known = served;
                 discovered = Some(Instant::now());
             }
         }

@@ -1,7 +1,8 @@
 //! Maintenance: the idempotent server-side steps that keep queues moving no matter which
 //! processes are alive — promote due retries and scheduled jobs (`fleetq_promote`), expire
 //! waiting jobs past their queue timeout, dead-letter in-flight jobs whose last lease ran out,
-//! and remove consumers of hosts gone for good (`fleetq_expire`). Any number of brokers may run them
+//! and remove consumers of hosts gone for good (`fleetq_expire`), on every queue and
+//! partition, and copy each split queue's config to its partitions. Any number of brokers may run them
 //! at once with the same result as one; workers promote too (inside `fleetq_reclaim`).
 
 use std::future::Future;
@@ -79,22 +80,20 @@ where
             _ = &mut shutdown => return,
             _ = timer.tick() => {}
         }
-        let names = if queues.is_empty() {
-            match discover_queues(&redis).await {
-                Ok(q) => q,
-                Err(e) => {
-                    let _ = outage.failed("maintenance: list queues", &e);
-                    continue;
-                }
+        let served = match crate::partitions::served(&redis, &queues).await {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = outage.failed("maintenance: list queues", &e);
+                continue;
             }
-        } else {
-            queues.clone()
         };
         let mut failed = false;
-        for name in names {
-            let Ok(keys) = QueueKeys::new(&name) else {
-                continue;
-            };
+        if let Err(e) = crate::partitions::sync_all(&redis, &served).await {
+            failed = true;
+            let _ = outage.failed("maintenance: copy the config to partitions", &e);
+        }
+        for keys in served {
+            let name = keys.name();
             match tick(&redis, &keys).await {
                 Ok(t) if t.promoted + t.expired > 0 => {
                     tracing::debug!(queue = %name, promoted = t.promoted, expired = t.expired, "maintenance tick");

@@ -28,8 +28,6 @@ use std::time::{Duration, Instant};
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::inspect::{self, QueueState};
-use crate::keys::QueueKeys;
-use crate::maintenance::discover_queues;
 use crate::nodes::{self, NodeRecord};
 use crate::{Error, Redis, Result};
 
@@ -81,16 +79,8 @@ impl BrokerMetrics {
                 return Ok(text);
             }
         }
-        let names = if self.queues.is_empty() {
-            discover_queues(&self.redis).await?
-        } else {
-            self.queues.clone()
-        };
-        let mut states = Vec::new();
-        for name in names {
-            let keys = QueueKeys::new(&name)?;
-            states.push(inspect::queue_state(&self.redis, &keys).await?);
-        }
+        let served = crate::partitions::served(&self.redis, &self.queues).await?;
+        let states = inspect::queue_states(&self.redis, &served).await?;
         let fleet = nodes::list(&self.redis).await?;
         let now_ms = nodes::server_ms(&self.redis).await?;
         let text = encode(&states, &fleet, now_ms).map_err(err)?;

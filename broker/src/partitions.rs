@@ -144,14 +144,14 @@ pub async fn sync_config(redis: &Redis, p: &Partitions) -> Result<usize> {
             continue;
         }
         let stale: Vec<&String> = have.keys().filter(|k| !base.contains_key(*k)).collect();
+        // Not MULTI (the broker's user may not): new values first, then the stale fields go.
         let mut pipe = redis::pipe();
-        pipe.atomic();
-        if !stale.is_empty() {
-            pipe.hdel(part.config(), stale).ignore();
-        }
         if !base.is_empty() {
             let fields: Vec<(&String, &String)> = base.iter().collect();
             pipe.hset_multiple(part.config(), &fields).ignore();
+        }
+        if !stale.is_empty() {
+            pipe.hdel(part.config(), stale).ignore();
         }
         let _: () = pipe
             .query_async(&mut conn)
@@ -189,6 +189,42 @@ pub async fn set(redis: &Redis, base: &QueueKeys, count: u32) -> Result<Partitio
         .map_err(|e| Error::redis("write the partition count", e))?;
     sync_config(redis, &new).await?;
     Ok(new)
+}
+
+/// The queues and partitions a broker serves: with `configured` names, those queues with
+/// their partitions; else every queue and partition discovery finds (names that are neither
+/// are left out).
+pub async fn served(redis: &Redis, configured: &[String]) -> Result<Vec<QueueKeys>> {
+    if configured.is_empty() {
+        let names = crate::maintenance::discover_queues(redis).await?;
+        return Ok(names
+            .iter()
+            .filter_map(|n| crate::keys::discovered(n).ok())
+            .collect());
+    }
+    let mut out = Vec::new();
+    for name in configured {
+        let base = QueueKeys::new(name)?;
+        out.extend(Partitions::load(redis, &base).await?.sources());
+    }
+    Ok(out)
+}
+
+/// The names of every queue found (a split queue once, by its own name), sorted.
+pub async fn discover_queues(redis: &Redis) -> Result<Vec<String>> {
+    let names = crate::maintenance::discover_queues(redis).await?;
+    Ok(group(names).into_keys().collect())
+}
+
+/// Copies the config of every split queue among `served` to its partitions (see
+/// [`sync_config`]); returns how many partitions changed.
+pub async fn sync_all(redis: &Redis, served: &[QueueKeys]) -> Result<usize> {
+    let mut changed = 0;
+    for keys in served.iter().filter(|k| k.base() == **k) {
+        let p = Partitions::load(redis, keys).await?;
+        changed += sync_config(redis, &p).await?;
+    }
+    Ok(changed)
 }
 
 /// Groups queue names as found by discovery (`q`, `q#0`, `q#1`…) under their base queue.

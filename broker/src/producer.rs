@@ -4,7 +4,14 @@
 //! status read by `fleetq_watch`), never polls. Blocking commands hold a connection each, so
 //! waits take connections from a deadpool-redis pool of their own; everything else goes over
 //! the shared multiplexed connection.
+//!
+//! On a queue split in partitions ([`crate::partitions`]) a job goes to the partition its id
+//! hashes to; a job without an id gets one, chosen so that such jobs go to the partitions in
+//! turn. Status, wait and cancel find a job's partition from its id alone.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -13,6 +20,7 @@ use crate::connection::Redis;
 use crate::functions::{self, fcall};
 use crate::job::{JobState, JobStatus};
 use crate::keys::QueueKeys;
+use crate::partitions::Partitions;
 use crate::{Error, Result};
 
 /// Most waits that may block at once per producer; more queue for a connection.
@@ -82,7 +90,12 @@ pub struct Enqueued {
 pub struct Producer {
     redis: Redis,
     keys: QueueKeys,
-    waits: WaitPool,
+    /// The queue's partitions, as read when the producer was made.
+    parts: Partitions,
+    /// Jobs without an id enqueued so far (their partition goes round).
+    next: Arc<AtomicUsize>,
+    /// Wait connections per partition, made at the first wait on it.
+    waits: Arc<Mutex<HashMap<String, WaitPool>>>,
 }
 
 impl std::fmt::Debug for Producer {
@@ -98,28 +111,73 @@ impl Producer {
     /// older version, for convenience, when its Redis user may (`function|load`). A user
     /// without it (the producer role of docs/operations.md) gets through when the library is
     /// current or newer; when it is missing or older, the error ([`Error::Library`]) names
-    /// `fleetq functions load`.
+    /// `fleetq functions load`. Reads the queue's partition count once: make a new producer
+    /// after changing it (jobs of an older producer still run, from the queue itself).
     pub async fn new(redis: &Redis, queue: &str) -> Result<Self> {
         let keys = QueueKeys::new(queue)?;
         functions::load_all(&redis.conn()).await?;
-        let manager = WaitConns {
-            redis: redis.clone(),
-            key: keys.stream(),
-        };
-        let waits = WaitPool::builder(manager)
-            .max_size(DEFAULT_MAX_CONCURRENT_WAITS)
-            .build()
-            .map_err(|e| Error::Config(format!("cannot build the wait pool: {e}")))?;
+        let parts = Partitions::load(redis, &keys).await?;
         Ok(Self {
             redis: redis.clone(),
             keys,
-            waits,
+            parts,
+            next: Arc::new(AtomicUsize::new(rand::random::<u16>().into())),
+            waits: Arc::default(),
         })
     }
 
     /// The queue's keys.
     pub fn keys(&self) -> &QueueKeys {
         &self.keys
+    }
+
+    /// The queue's partitions (one, the queue itself, when it is not split).
+    pub fn partitions(&self) -> &Partitions {
+        &self.parts
+    }
+
+    /// Where a new job goes, with the id it is given: a job with an id goes to the partition
+    /// the id hashes to; without one, on a split queue, it gets a random id that hashes to
+    /// the next partition in turn (a few tries of CRC16), so that status finds it by its id.
+    fn place(&self, id: Option<&str>) -> (&QueueKeys, Option<String>) {
+        if let Some(id) = id {
+            return (self.parts.for_key(id), None);
+        }
+        if !self.parts.is_split() {
+            return (&self.keys, None);
+        }
+        let target = self
+            .parts
+            .round_robin(self.next.fetch_add(1, Ordering::Relaxed));
+        loop {
+            let id = format!("{:032x}", rand::random::<u128>());
+            if self.parts.for_key(&id) == target {
+                return (target, Some(id));
+            }
+        }
+    }
+
+    /// Where job `id` lives: its partition, then the queue itself (jobs queued before the
+    /// split, or added there by a plain `XADD`).
+    fn homes(&self, id: &str) -> Vec<&QueueKeys> {
+        match self.parts.is_split() {
+            true => vec![self.parts.for_key(id), self.parts.base()],
+            false => vec![&self.keys],
+        }
+    }
+
+    /// The `fleetq_enqueue` call for one job.
+    fn enqueue_cmd(&self, payload: &str, opts: &EnqueueOptions) -> redis::Cmd {
+        let (keys, generated) = self.place(opts.id.as_deref());
+        let mut cmd = fcall("fleetq_enqueue", keys);
+        cmd.arg(payload);
+        if let Some(id) = generated {
+            cmd.arg("id").arg(id);
+        }
+        for (k, v) in opts.args() {
+            cmd.arg(k).arg(v);
+        }
+        cmd
     }
 
     /// Puts a job on the queue. Never refused for being busy: the reply says where it waits.
@@ -135,11 +193,7 @@ impl Producer {
 
     /// Like [`Producer::enqueue`], with a payload that is already JSON text.
     pub async fn enqueue_json(&self, payload: &str, opts: &EnqueueOptions) -> Result<Enqueued> {
-        let mut cmd = fcall("fleetq_enqueue", &self.keys);
-        cmd.arg(payload);
-        for (k, v) in opts.args() {
-            cmd.arg(k).arg(v);
-        }
+        let cmd = self.enqueue_cmd(payload, opts);
         let (id, state, position, created): (String, String, u64, u8) =
             functions::call(&mut self.redis.conn(), &cmd, "enqueue")
                 .await
@@ -155,10 +209,9 @@ impl Producer {
     /// Puts many jobs on the queue in one round trip (a pipeline of `fleetq_enqueue` calls).
     pub async fn enqueue_batch(&self, payloads: &[String]) -> Result<Vec<Enqueued>> {
         let mut pipe = redis::pipe();
+        let opts = EnqueueOptions::default();
         for p in payloads {
-            let mut cmd = fcall("fleetq_enqueue", &self.keys);
-            cmd.arg(p);
-            pipe.add_command(cmd);
+            pipe.add_command(self.enqueue_cmd(p, &opts));
         }
         let replies: Vec<(String, String, u64, u8)> =
             functions::call_pipeline(&mut self.redis.conn(), &pipe, "enqueue batch")
@@ -179,11 +232,50 @@ impl Producer {
 
     /// What is known about job `id` now.
     pub async fn status(&self, id: &str) -> Result<JobStatus> {
-        let mut cmd = fcall("fleetq_status", &self.keys);
-        cmd.arg(id);
-        let flat: Vec<(String, String)> =
-            functions::call(&mut self.redis.conn(), &cmd, "status").await?;
-        Ok(JobStatus::from_fields(id, flat))
+        Ok(self.find(id, "fleetq_status", "status").await?.1)
+    }
+
+    /// Calls a function that answers a job's status fields (`fleetq_status`, `fleetq_watch`)
+    /// on the job's home, then on the queue itself while the answer is `not_found`.
+    async fn find(
+        &self,
+        id: &str,
+        function: &str,
+        step: &'static str,
+    ) -> Result<(&QueueKeys, JobStatus)> {
+        let homes = self.homes(id);
+        let mut found = None;
+        for keys in &homes {
+            let mut cmd = fcall(function, keys);
+            cmd.arg(id);
+            let flat: Vec<(String, String)> =
+                functions::call(&mut self.redis.conn(), &cmd, step).await?;
+            let status = JobStatus::from_fields(id, flat);
+            let known = status.state != JobState::NotFound;
+            found = Some((*keys, status));
+            if known {
+                break;
+            }
+        }
+        Ok(found.unwrap_or_else(|| (&self.keys, JobStatus::from_fields(id, Vec::new()))))
+    }
+
+    /// The wait pool of one queue or partition.
+    fn wait_pool(&self, keys: &QueueKeys) -> Result<WaitPool> {
+        let mut pools = self.waits.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(pool) = pools.get(keys.name()) {
+            return Ok(pool.clone());
+        }
+        let manager = WaitConns {
+            redis: self.redis.clone(),
+            key: keys.stream(),
+        };
+        let pool = WaitPool::builder(manager)
+            .max_size(DEFAULT_MAX_CONCURRENT_WAITS)
+            .build()
+            .map_err(|e| Error::Config(format!("cannot build the wait pool: {e}")))?;
+        pools.insert(keys.name().to_owned(), pool.clone());
+        Ok(pool)
     }
 
     /// Waits until job `id` ends (succeeded, failed, dead, expired or cancelled) and returns
@@ -191,15 +283,11 @@ impl Producer {
     /// An unknown id returns at once with state `not_found`.
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<JobStatus> {
         let deadline = Instant::now() + timeout;
-        let mut watch = fcall("fleetq_watch", &self.keys);
-        watch.arg(id);
-        let flat: Vec<(String, String)> =
-            functions::call(&mut self.redis.conn(), &watch, "wait").await?;
-        let status = JobStatus::from_fields(id, flat);
+        let (keys, status) = self.find(id, "fleetq_watch", "wait").await?;
         if status.state.is_terminal() || status.state == JobState::NotFound {
             return Ok(status);
         }
-        let mut conn = self.waits.get().await.map_err(|e| match e {
+        let mut conn = self.wait_pool(keys)?.get().await.map_err(|e| match e {
             deadpool::managed::PoolError::Backend(e) => e,
             other => Error::Config(format!("cannot take a connection for the wait: {other}")),
         })?;
@@ -209,7 +297,7 @@ impl Producer {
         let popped = tokio::time::timeout(
             remaining + self.redis.config().response_timeout,
             redis::cmd("BLPOP")
-                .arg(self.keys.notify(id))
+                .arg(keys.notify(id))
                 .arg(secs)
                 .query_async::<Option<(String, String)>>(&mut *conn),
         )
@@ -235,10 +323,17 @@ impl Producer {
     /// Cancels job `id`: a waiting or delayed job will not run (`cancelled`); a running job's
     /// worker is told at its next lease renewal (`cancelling`). Returns the resulting state.
     pub async fn cancel(&self, id: &str) -> Result<JobState> {
-        let mut cmd = fcall("fleetq_cancel", &self.keys);
-        cmd.arg(id);
-        let (state,): (String,) = functions::call(&mut self.redis.conn(), &cmd, "cancel").await?;
-        parse_state(&state)
+        let mut state = JobState::NotFound;
+        for keys in self.homes(id) {
+            let mut cmd = fcall("fleetq_cancel", keys);
+            cmd.arg(id);
+            let (s,): (String,) = functions::call(&mut self.redis.conn(), &cmd, "cancel").await?;
+            state = parse_state(&s)?;
+            if state != JobState::NotFound {
+                break;
+            }
+        }
+        Ok(state)
     }
 }
 

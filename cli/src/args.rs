@@ -93,6 +93,21 @@ pub enum Command {
     ///   fleetq functions status --json
     #[command(verbatim_doc_comment)]
     Functions(FunctionsArgs),
+    /// Show or set how many partitions a queue is split in.
+    ///
+    /// A hot queue split in P partitions is P streams, each in its own Redis Cluster slot,
+    /// so the load spreads over the primaries. Producers spread jobs over them (by id, or in
+    /// turn), workers read them all. A position is then per partition. Producers and workers
+    /// read the count when they start; workers also read the queue itself, so jobs of a
+    /// producer started before the change still run. Lowering the count is refused while a
+    /// dropped partition holds jobs.
+    ///
+    /// Examples:
+    ///   fleetq partitions images
+    ///   fleetq partitions images 3
+    ///   fleetq partitions images 1          (back to one stream)
+    #[command(verbatim_doc_comment)]
+    Partitions(PartitionsArgs),
     /// A live, refreshing view of queues and nodes (Ctrl-C to leave).
     ///
     /// Examples:
@@ -100,6 +115,15 @@ pub enum Command {
     ///   fleetq top --interval-ms 500
     #[command(verbatim_doc_comment)]
     Top(TopArgs),
+}
+
+/// `fleetq partitions`.
+#[derive(Debug, Args)]
+pub struct PartitionsArgs {
+    /// Queue name.
+    pub queue: String,
+    /// The new partition count (1 to 64); without it, show the current one.
+    pub count: Option<u32>,
 }
 
 /// `fleetq demo`.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use fleetq_broker::functions::{self, LibraryState};
 use fleetq_broker::inspect::{self, QueueState};
-use fleetq_broker::maintenance::discover_queues;
+use fleetq_broker::partitions::{self, discover_queues};
 use fleetq_broker::{nodes, EnqueueOptions, JobState, JobStatus, Producer, QueueKeys, Redis};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
@@ -38,6 +38,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         }
         Command::Dead(a) => dead(&connect().await?, a, cli.json).await,
         Command::Functions(a) => functions_cmd(&connect().await?, a.action, cli.json).await,
+        Command::Partitions(a) => partitions_cmd(&connect().await?, a, cli.json).await,
         Command::Top(a) => top(&connect().await?, a).await,
     }
 }
@@ -46,11 +47,16 @@ fn queue_keys(name: &str) -> Result<QueueKeys, CliError> {
     QueueKeys::new(name).map_err(|e| CliError::new(exit::BAD_INPUT, e.to_string()))
 }
 
-/// Fails with "not found" unless the queue exists.
+/// Fails with "not found" unless the queue exists. A partition (`images#1`) of a queue that
+/// exists is accepted too.
 async fn existing_queue(redis: &Redis, name: &str) -> Result<QueueKeys, CliError> {
-    let keys = queue_keys(name)?;
+    let keys = fleetq_broker::keys::discovered(name)
+        .map_err(|e| CliError::new(exit::BAD_INPUT, e.to_string()))?;
     let known = discover_queues(redis).await?;
-    if !known.iter().any(|q| q == name) {
+    if !known
+        .iter()
+        .any(|q| q == fleetq_broker::keys::base_of(name))
+    {
         let list = if known.is_empty() {
             "none".to_owned()
         } else {
@@ -393,11 +399,8 @@ async fn follow(
 }
 
 async fn queue_states(redis: &Redis) -> Result<Vec<QueueState>, CliError> {
-    let mut out = Vec::new();
-    for q in discover_queues(redis).await? {
-        out.push(inspect::queue_state(redis, &queue_keys(&q)?).await?);
-    }
-    Ok(out)
+    let served = partitions::served(redis, &[]).await?;
+    Ok(inspect::queue_states(redis, &served).await?)
 }
 
 fn queues_table(states: &[QueueState]) -> comfy_table::Table {
@@ -640,6 +643,36 @@ async fn dead(redis: &Redis, a: DeadArgs, as_json: bool) -> Result<(), CliError>
 }
 
 /// `fleetq functions load|status`.
+async fn partitions_cmd(
+    redis: &Redis,
+    a: crate::args::PartitionsArgs,
+    as_json: bool,
+) -> Result<(), CliError> {
+    let keys = queue_keys(&a.queue)?;
+    let p = match a.count {
+        Some(count) => partitions::set(redis, &keys, count)
+            .await
+            .map_err(|e| match e {
+                fleetq_broker::Error::Config(why) => CliError::new(exit::BAD_INPUT, why),
+                other => other.into(),
+            })?,
+        None => partitions::Partitions::load(redis, &keys).await?,
+    };
+    let names: Vec<&str> = p.targets().iter().map(|k| k.name()).collect();
+    if as_json {
+        json(&serde_json::json!({"queue": a.queue, "partitions": p.count(), "streams": names}));
+    } else {
+        println!(
+            "queue {} has {} partition{}: {}",
+            a.queue,
+            p.count(),
+            if p.count() == 1 { "" } else { "s" },
+            names.join(", ")
+        );
+    }
+    Ok(())
+}
+
 async fn functions_cmd(
     redis: &Redis,
     action: FunctionsAction,

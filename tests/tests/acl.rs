@@ -386,11 +386,11 @@ fn each_line_allows_exactly_what_its_role_sends() {
     );
     assert_eq!(
         key_patterns(&rules_of("fleetq-producer")),
-        ["fleetq:{QUEUE}:*"]
+        ["fleetq:{QUEUE}:*", "fleetq:{QUEUE#*}:*"]
     );
     assert_eq!(
         key_patterns(&rules_of("fleetq-worker-NODE")),
-        ["fleetq:{QUEUE}:*", "fleetq:node:NODE"]
+        ["fleetq:{QUEUE}:*", "fleetq:{QUEUE#*}:*", "fleetq:node:NODE"]
     );
     assert_eq!(key_patterns(&rules_of("fleetq-broker")), ["fleetq:*"]);
     // The node record key and the queue keys are built where the patterns say.
@@ -973,6 +973,7 @@ async fn roles_are_refused_what_they_do_not_need(flavor: Flavor) {
     let source = functions::library_source();
     let other = QueueKeys::new(OTHER_QUEUE).unwrap();
     let other_stream = other.stream();
+    let other_config = other.config();
     let own_stream = QueueKeys::new(QUEUE).unwrap().stream();
 
     // The worker: no library loading, no other queue, no other node's record, nothing
@@ -1010,13 +1011,10 @@ async fn roles_are_refused_what_they_do_not_need(flavor: Flavor) {
         "producer FUNCTION LOAD",
         raw(&producer, &["FUNCTION", "LOAD", "REPLACE", &source]).await,
     );
-    let p_other = Producer::new(&producer, OTHER_QUEUE).await.unwrap();
-    match p_other
-        .enqueue(&json!({}), &EnqueueOptions::default())
-        .await
-    {
+    // A producer reads its queue's partition count when made: refused for another queue.
+    match Producer::new(&producer, OTHER_QUEUE).await {
         Err(Error::Redis { source, .. }) if source.code() == Some("NOPERM") => {}
-        other => panic!("producer enqueue on another queue: expected NOPERM, got {other:?}"),
+        other => panic!("producer for another queue: expected NOPERM, got {other:?}"),
     }
     let p = Producer::new(&producer, QUEUE).await.unwrap();
     let e = p
@@ -1067,7 +1065,8 @@ async fn roles_are_refused_what_they_do_not_need(flavor: Flavor) {
         ("fleetq-worker-gpu-1", other_stream.as_str()),
         ("fleetq-producer", "function|load"),
         ("fleetq-producer", "xreadgroup"),
-        ("fleetq-producer", other_stream.as_str()),
+        // The partition count, the first thing a producer of another queue reads.
+        ("fleetq-producer", other_config.as_str()),
         ("fleetq-broker", "flushall"),
         ("fleetq-producer-all", "fleetq:node:gpu-1"),
     ] {

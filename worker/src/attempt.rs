@@ -147,7 +147,8 @@ pub(crate) async fn run<H: Handler>(
     };
     let job = Job {
         id: held.holding.job_id.clone(),
-        queue: rt.keys().name().to_owned(),
+        // The queue's own name, also when this is one of its partitions.
+        queue: rt.config.queue.clone(),
         payload: entry.payload,
         attempt,
         max_attempts,

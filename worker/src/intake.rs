@@ -2,6 +2,13 @@
 //! block in `XREADGROUP … COUNT free BLOCK t >` (on a connection of its own), pass what came
 //! to `fleetq_take` and start a slot task for each job that runs here.
 //!
+//! A queue split in partitions is read stream by stream (each partition, and the queue
+//! itself): a sweep without blocking asks each stream in turn for the slots still free, the
+//! first stream of the turn rotating. When the sweep finds them all empty, one waiter per
+//! stream blocks in `XREAD` (which delivers nothing to the group) for an entry newer than the
+//! last one seen before the sweep; the first that wakes starts the next sweep. So a worker
+//! never holds more than its free slots, and no stream waits for another's block to end.
+//!
 //! Redis unreachable is a state, not an error: the loop backs off (capped at half a second,
 //! jittered, so it is back within a second of Redis being ready), says so once, and on the
 //! way back first renews every lease it holds and re-reads its own pending entries, then
@@ -13,8 +20,10 @@ use std::time::{Duration, Instant};
 use fleetq_broker::calls::{Commit, TakeDecision};
 use fleetq_broker::retry::{Backoff, OutageLog};
 use fleetq_broker::{JobEntry, Malformed, QueueConfig, RawEntry};
+use futures_util::FutureExt;
 use redis::aio::MultiplexedConnection;
-use tokio::task::JoinSet;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::attempt;
@@ -26,16 +35,26 @@ use crate::runtime::Runtime;
 use crate::take::{self, Taken};
 use crate::Error;
 
-/// The read loop's own state.
-pub(crate) struct Intake<H> {
+/// A waiter on a partitioned queue's stream, on its own task: its connection comes back, with
+/// whether an entry newer than the mark came.
+type Waiter = JoinHandle<Result<(MultiplexedConnection, bool), Error>>;
+
+/// One stream the loop reads: the queue, or one of its partitions (or the queue itself
+/// beside them).
+struct Source<H> {
     rt: Arc<Runtime<H>>,
     /// The blocking reader's connection; dropped on error or suspension, made again lazily.
     reader: Option<MultiplexedConnection>,
-    /// Longest single block (the configured one, capped by the lease).
-    max_block: Duration,
+    /// Partitioned queues: the waiter's connection while no waiter runs.
+    waiter_conn: Option<MultiplexedConnection>,
+    /// Partitioned queues: the waiter in progress.
+    waiter: Option<Waiter>,
+    /// Partitioned queues: the stream's last entry id, read before a sweep that found
+    /// nothing new in it; a waiter waits for an entry newer than this.
+    mark: Option<String>,
     /// When a lease deadline or a retry may next fall due: reclaim then.
     next_wake: Instant,
-    /// When to re-read the queue config.
+    /// When to re-read the stream's config.
     next_refresh: Instant,
     /// No reclaim before this (half a lease after coming back from an outage).
     reclaim_after: Instant,
@@ -43,26 +62,71 @@ pub(crate) struct Intake<H> {
     recovering: bool,
     /// Set after an error: on the way back, leave other hosts' leases alone for half a lease.
     after_error: bool,
+}
+
+/// The read loop's own state.
+pub(crate) struct Intake<H> {
+    sources: Vec<Source<H>>,
+    /// Free slots, shared by every stream's runtime.
+    slots: Arc<Semaphore>,
+    /// Longest single block (the configured one, capped by the lease).
+    max_block: Duration,
+    /// The stream a partitioned queue's next turn starts with.
+    turn: usize,
+    /// Set when every waiter's block ended with nothing new: wait again without a sweep.
+    idle: bool,
+    /// Woken when a waiter ends.
+    woke: Arc<Notify>,
     backoff: Backoff,
     outage: OutageLog,
     /// Slot tasks.
     pub(crate) tasks: JoinSet<()>,
 }
 
+/// A failed step, with the stream it failed on.
+struct Failed {
+    source: usize,
+    error: Error,
+}
+
+trait On<T> {
+    fn on(self, source: usize) -> Result<T, Failed>;
+}
+
+impl<T> On<T> for Result<T, Error> {
+    fn on(self, source: usize) -> Result<T, Failed> {
+        self.map_err(|error| Failed { source, error })
+    }
+}
+
 impl<H: Handler> Intake<H> {
-    pub(crate) fn new(rt: Arc<Runtime<H>>, max_block: Duration) -> Self {
+    /// The loop over `rts`: one runtime per stream read, all sharing the slots.
+    pub(crate) fn new(rts: Vec<Arc<Runtime<H>>>, max_block: Duration) -> Self {
         let now = Instant::now();
-        let refresh = rt.config.config_refresh;
+        let slots = rts[0].slots.clone();
+        let sources = rts
+            .into_iter()
+            .map(|rt| Source {
+                next_refresh: now + rt.config.config_refresh,
+                rt,
+                reader: None,
+                waiter_conn: None,
+                waiter: None,
+                mark: None,
+                next_wake: now,
+                reclaim_after: now,
+                // On start, too, this consumer's own pending entries come first.
+                recovering: true,
+                after_error: false,
+            })
+            .collect();
         Self {
-            rt,
-            reader: None,
+            sources,
+            slots,
             max_block,
-            next_wake: now,
-            next_refresh: now + refresh,
-            reclaim_after: now,
-            // On start, too, this consumer's own pending entries come first.
-            recovering: true,
-            after_error: false,
+            turn: 0,
+            idle: false,
+            woke: Arc::new(Notify::new()),
             backoff: Backoff::default(),
             outage: OutageLog::default(),
             tasks: JoinSet::new(),
@@ -79,70 +143,92 @@ impl<H: Handler> Intake<H> {
                     self.backoff.reset();
                     let _ = self.outage.recovered();
                 }
-                Err(e) => self.recover(e, stop).await,
+                Err(f) => self.recover(f, stop).await,
             }
         }
-        self.reader = None;
+        for s in &mut self.sources {
+            if let Some(waiter) = s.waiter.take() {
+                waiter.abort();
+            }
+            s.reader = None;
+        }
+    }
+
+    fn rt(&self) -> &Arc<Runtime<H>> {
+        &self.sources[0].rt
     }
 
     /// One turn: recover, wait for capacity, then reclaim or read, and dispatch.
-    async fn step(&mut self, stop: &CancellationToken) -> Result<(), Error> {
-        if self.recovering {
-            self.come_back().await?;
+    async fn step(&mut self, stop: &CancellationToken) -> Result<(), Failed> {
+        for i in 0..self.sources.len() {
+            if self.sources[i].recovering {
+                self.come_back(i).await.on(i)?;
+            }
         }
-        if let Some(left) = self.rt.node.health.suspended_for() {
+        self.collect_waiters();
+        if let Some(left) = self.rt().node.health.suspended_for() {
             return self.wait_suspended(left, stop).await;
         }
-        let free = self.rt.slots.available_permits();
-        if free == 0 {
+        if self.slots.available_permits() == 0 {
             tokio::select! {
-                permit = self.rt.slots.clone().acquire_owned() => drop(permit),
+                permit = self.slots.clone().acquire_owned() => drop(permit),
                 _ = stop.cancelled() => {}
             }
             return Ok(());
         }
-        self.refresh_config().await;
-        let entries = if Instant::now() >= self.next_wake && Instant::now() >= self.reclaim_after {
-            self.reclaim(free).await?
-        } else {
-            Vec::new()
-        };
-        let entries = match entries.is_empty() {
-            false => entries,
-            true => match self.read(free, stop).await? {
-                Some(e) => e,
-                None => return Ok(()),
-            },
-        };
-        self.dispatch(entries).await
+        for i in 0..self.sources.len() {
+            self.refresh_config(i).await;
+        }
+        if self.reclaim_due().await? {
+            return Ok(());
+        }
+        match self.sources.len() {
+            1 => self.read_one(stop).await.on(0),
+            _ => self.read_many(stop).await,
+        }
+    }
+
+    /// Reclaims on every stream where a lease or retry may be due; true when any brought work.
+    async fn reclaim_due(&mut self) -> Result<bool, Failed> {
+        let mut got = false;
+        for k in 0..self.sources.len() {
+            let i = (self.turn + k) % self.sources.len();
+            let free = self.slots.available_permits();
+            let s = &self.sources[i];
+            let now = Instant::now();
+            if free == 0 || now < s.next_wake || now < s.reclaim_after {
+                continue;
+            }
+            let entries = self.reclaim(i, free).await.on(i)?;
+            if !entries.is_empty() {
+                got = true;
+                self.dispatch(i, entries).await.on(i)?;
+            }
+        }
+        Ok(got)
     }
 
     /// Back from an outage (or starting): renew what is held, then take back this consumer's
     /// own pending entries that nothing here holds (Redis may have rolled back a take).
-    async fn come_back(&mut self) -> Result<(), Error> {
-        self.rt.renewer.renew_all().await?;
+    async fn come_back(&mut self, i: usize) -> Result<(), Error> {
+        let rt = self.sources[i].rt.clone();
+        rt.renewer.renew_all().await?;
         // Every entry of ours: the held ones come back too and are skipped.
-        let count = self.rt.config.slots + self.rt.held.len();
-        let mut conn = self.take_reader().await?;
-        let own = take::read(
-            &mut conn,
-            self.rt.keys(),
-            self.rt.consumer(),
-            count,
-            None,
-            true,
-        )
-        .await
-        .map_err(|e| fleetq_broker::Error::redis("read own pending entries", e))?;
-        self.reader = Some(conn);
+        let count = rt.config.slots + rt.held.len();
+        let mut conn = self.take_reader(i).await?;
+        let own = take::read(&mut conn, rt.keys(), rt.consumer(), count, None, true)
+            .await
+            .map_err(|e| fleetq_broker::Error::redis("read own pending entries", e))?;
+        self.sources[i].reader = Some(conn);
         let forgotten: Vec<RawEntry> = own
             .into_iter()
-            .filter(|e| !self.rt.held.contains(&e.id))
+            .filter(|e| !rt.held.contains(&e.id))
             .collect();
-        self.dispatch(forgotten).await?;
-        self.recovering = false;
-        if std::mem::take(&mut self.after_error) {
-            self.reclaim_after = Instant::now() + self.rt.taker.lease / 2;
+        self.dispatch(i, forgotten).await?;
+        let s = &mut self.sources[i];
+        s.recovering = false;
+        if std::mem::take(&mut s.after_error) {
+            s.reclaim_after = Instant::now() + rt.taker.lease / 2;
         }
         Ok(())
     }
@@ -151,31 +237,34 @@ impl<H: Handler> Intake<H> {
         &mut self,
         left: Duration,
         stop: &CancellationToken,
-    ) -> Result<(), Error> {
-        let changed = self.rt.node.health.changed.notified();
+    ) -> Result<(), Failed> {
+        let node = &self.rt().node;
+        let changed = node.health.changed.notified();
         tokio::select! {
-            _ = tokio::time::sleep(left) => self.rt.node.resume("suspension over").await,
+            _ = tokio::time::sleep(left) => node.resume("suspension over").await,
             _ = changed => {}
             _ = stop.cancelled() => {}
         }
         Ok(())
     }
 
-    async fn refresh_config(&mut self) {
-        if Instant::now() < self.next_refresh {
+    async fn refresh_config(&mut self, i: usize) {
+        let s = &mut self.sources[i];
+        if Instant::now() < s.next_refresh {
             return;
         }
-        self.next_refresh = Instant::now() + self.rt.config.config_refresh;
-        match QueueConfig::load(&mut self.rt.redis().conn(), self.rt.keys()).await {
-            Ok(q) => self.rt.set_queue_config(q),
+        s.next_refresh = Instant::now() + s.rt.config.config_refresh;
+        match QueueConfig::load(&mut s.rt.redis().conn(), s.rt.keys()).await {
+            Ok(q) => s.rt.set_queue_config(q),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot refresh the queue config; keeping the old one")
+                tracing::warn!(queue = %s.rt.keys().name(), error = %e, "cannot refresh the queue config; keeping the old one")
             }
         }
     }
 
-    async fn reclaim(&mut self, free: usize) -> Result<Vec<RawEntry>, Error> {
-        let rt = &self.rt;
+    async fn reclaim(&mut self, i: usize, free: usize) -> Result<Vec<RawEntry>, Error> {
+        let s = &mut self.sources[i];
+        let rt = &s.rt;
         let r = reclaim::reclaim(
             rt.redis(),
             rt.keys(),
@@ -185,10 +274,11 @@ impl<H: Handler> Intake<H> {
         )
         .await?;
         let wake = r.next_wake.unwrap_or(self.max_block).min(self.max_block);
-        self.next_wake = Instant::now() + wake;
+        s.next_wake = Instant::now() + wake;
         if !r.entries.is_empty() {
             rt.node.metrics.reclaimed.inc_by(r.entries.len() as u64);
             tracing::info!(
+                queue = %rt.keys().name(),
                 count = r.entries.len(),
                 "reclaimed entries whose lease ran out"
             );
@@ -196,19 +286,22 @@ impl<H: Handler> Intake<H> {
         Ok(r.entries)
     }
 
-    /// Blocks for new entries until the next wake; `None` when the stop cut it short or the
-    /// node was suspended meanwhile (what the read brought is given back).
-    async fn read(
-        &mut self,
-        free: usize,
-        stop: &CancellationToken,
-    ) -> Result<Option<Vec<RawEntry>>, Error> {
-        let wake = self.next_wake.max(self.reclaim_after);
-        let block = wake
+    /// How long a read may block: until the stream's next reclaim, at most `max_block`.
+    fn block_for(&self, i: usize) -> Duration {
+        let s = &self.sources[i];
+        s.next_wake
+            .max(s.reclaim_after)
             .saturating_duration_since(Instant::now())
-            .clamp(Duration::from_millis(1), self.max_block);
-        let rt = self.rt.clone();
-        let mut conn = self.take_reader().await?;
+            .clamp(Duration::from_millis(1), self.max_block)
+    }
+
+    /// One stream: block for new entries until the next wake and dispatch them. A stop cuts
+    /// the read short; a suspension meanwhile gives back what it brought.
+    async fn read_one(&mut self, stop: &CancellationToken) -> Result<(), Error> {
+        let free = self.slots.available_permits();
+        let block = self.block_for(0);
+        let rt = self.rt().clone();
+        let mut conn = self.take_reader(0).await?;
         let read = take::read(
             &mut conn,
             rt.keys(),
@@ -223,47 +316,201 @@ impl<H: Handler> Intake<H> {
         // it (the process is going, and with it the connection).
         let r = tokio::select! {
             r = read => r,
-            _ = stop.cancelled() => return Ok(None),
+            _ = stop.cancelled() => return Ok(()),
         };
         let entries = r.map_err(|e| fleetq_broker::Error::redis("read jobs", e))?;
-        self.reader = Some(conn);
+        self.sources[0].reader = Some(conn);
+        self.hand_over(0, entries).await
+    }
+
+    /// A partitioned queue: unless every waiter just ended with nothing new, mark each
+    /// stream's last entry and sweep; when the sweep brings nothing, wait on every stream.
+    async fn read_many(&mut self, stop: &CancellationToken) -> Result<(), Failed> {
+        let n = self.sources.len();
+        if !std::mem::take(&mut self.idle) {
+            for i in 0..n {
+                // Before the sweep: an entry added after it is newer than the mark.
+                if self.sources[i].waiter.is_none() {
+                    self.sources[i].mark = Some(self.last_id(i).await.on(i)?);
+                }
+            }
+            let mut got = false;
+            for k in 0..n {
+                let i = (self.turn + k) % n;
+                let free = self.slots.available_permits();
+                if free == 0 {
+                    break;
+                }
+                let entries = self.read_now(i, free).await.on(i)?;
+                if !entries.is_empty() {
+                    got = true;
+                    self.dispatch(i, entries).await.on(i)?;
+                }
+            }
+            self.turn = (self.turn + 1) % n;
+            if got {
+                return Ok(());
+            }
+        }
+        // Armed before the waiters start, so that one ending at once still wakes the wait.
+        let woke = self.woke.clone();
+        let woken = woke.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        for i in 0..n {
+            if self.sources[i].waiter.is_none() {
+                self.start_waiter(i).await.on(i)?;
+            }
+        }
+        let health = self.rt().node.health.clone();
+        tokio::select! {
+            _ = woken => {}
+            _ = health.changed.notified() => {}
+            _ = stop.cancelled() => {}
+        }
+        Ok(())
+    }
+
+    /// Reads up to `free` entries of stream `i` without blocking.
+    async fn read_now(&mut self, i: usize, free: usize) -> Result<Vec<RawEntry>, Error> {
+        let rt = self.sources[i].rt.clone();
+        let mut conn = self.take_reader(i).await?;
+        let entries = take::read(&mut conn, rt.keys(), rt.consumer(), free, None, false)
+            .await
+            .map_err(|e| fleetq_broker::Error::redis("read jobs", e))?;
+        self.sources[i].reader = Some(conn);
+        Ok(entries)
+    }
+
+    /// The id of stream `i`'s last entry (`0-0` when it has none).
+    async fn last_id(&mut self, i: usize) -> Result<String, Error> {
+        let stream = self.sources[i].rt.keys().stream();
+        let mut conn = self.take_reader(i).await?;
+        let last: Vec<(String, redis::Value)> = redis::cmd("XREVRANGE")
+            .arg(&stream)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| fleetq_broker::Error::redis("read the last entry id", e))?;
+        self.sources[i].reader = Some(conn);
+        Ok(last
+            .into_iter()
+            .next()
+            .map_or_else(|| "0-0".to_owned(), |(id, _)| id))
+    }
+
+    /// Starts the waiter of stream `i`: `XREAD BLOCK` for an entry newer than its mark.
+    async fn start_waiter(&mut self, i: usize) -> Result<(), Error> {
+        let block = self.block_for(i);
+        let s = &mut self.sources[i];
+        let mark = s.mark.clone().unwrap_or_else(|| "$".to_owned());
+        let stream = s.rt.keys().stream();
+        let mut conn = match s.waiter_conn.take() {
+            Some(c) => c,
+            None => s.rt.redis().blocking_conn(&stream, self.max_block).await?,
+        };
+        let woke = self.woke.clone();
+        s.waiter = Some(tokio::spawn(async move {
+            let r: redis::RedisResult<Option<redis::Value>> = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(1)
+                .arg("BLOCK")
+                .arg(block.as_millis().max(1) as u64)
+                .arg("STREAMS")
+                .arg(&stream)
+                .arg(&mark)
+                .query_async(&mut conn)
+                .await;
+            woke.notify_one();
+            r.map(|news| (conn, news.is_some()))
+                .map_err(|e| fleetq_broker::Error::redis("wait for jobs", e).into())
+        }));
+        Ok(())
+    }
+
+    /// Takes back the waiters that ended. One that saw a new entry starts a sweep; when all
+    /// ended with nothing new, the next wait needs no sweep (the marks still hold). A failed
+    /// waiter is only logged: the stream's next read says what is wrong.
+    fn collect_waiters(&mut self) {
+        let (mut ended, mut news) = (false, false);
+        for s in &mut self.sources {
+            let finished = s.waiter.as_ref().is_some_and(|w| w.is_finished());
+            let Some(waiter) = s.waiter.take_if(|_| finished) else {
+                continue;
+            };
+            ended = true;
+            let Some(result) = waiter.now_or_never() else {
+                continue;
+            };
+            match result {
+                Ok(Ok((conn, saw))) => {
+                    s.waiter_conn = Some(conn);
+                    news |= saw;
+                }
+                Ok(Err(e)) => {
+                    news = true;
+                    tracing::debug!(queue = %s.rt.keys().name(), error = %e, "waiting for jobs failed");
+                }
+                Err(e) => {
+                    news = true;
+                    tracing::warn!(queue = %s.rt.keys().name(), error = %e, "a waiter task ended");
+                }
+            }
+        }
+        if news {
+            self.idle = false;
+        } else if ended && self.sources.iter().all(|s| s.waiter.is_none()) {
+            self.idle = true;
+        }
+    }
+
+    /// Dispatches what a blocking read of stream `i` brought; while the node is suspended it
+    /// goes back at once instead.
+    async fn hand_over(&mut self, i: usize, entries: Vec<RawEntry>) -> Result<(), Error> {
+        let rt = self.sources[i].rt.clone();
         if rt.node.health.suspended_for().is_some() {
             let back = entries.iter().map(|e| (e.id.clone(), e.job_id())).collect();
             crate::shutdown::release(&rt, back, "while suspended").await;
-            return Ok(None);
+            return Ok(());
         }
-        Ok(Some(entries))
+        self.dispatch(i, entries).await
     }
 
-    /// The reader's connection (made when there is none); the caller gives it back when the
-    /// read went well.
-    async fn take_reader(&mut self) -> Result<MultiplexedConnection, Error> {
-        match self.reader.take() {
-            Some(c) => Ok(c),
-            None => Ok(self
-                .rt
-                .redis()
-                .blocking_conn(&self.rt.keys().stream(), self.max_block)
-                .await?),
+    /// Stream `i`'s reader connection (made when there is none); the caller gives it back
+    /// when the read went well.
+    async fn take_reader(&mut self, i: usize) -> Result<MultiplexedConnection, Error> {
+        let s = &mut self.sources[i];
+        if let Some(c) = s.reader.take() {
+            return Ok(c);
         }
+        let stream = s.rt.keys().stream();
+        Ok(s.rt.redis().blocking_conn(&stream, self.max_block).await?)
     }
 
     /// After a failed step: say so once per outage, wait, and come back carefully.
-    async fn recover(&mut self, e: Error, stop: &CancellationToken) {
-        self.reader = None;
-        self.recovering = true;
-        self.after_error = true;
-        if let Error::Queue(fleetq_broker::Error::Redis { source, .. }) = &e {
+    async fn recover(&mut self, f: Failed, stop: &CancellationToken) {
+        let s = &mut self.sources[f.source];
+        s.reader = None;
+        s.waiter_conn = None;
+        s.recovering = true;
+        s.after_error = true;
+        let rt = s.rt.clone();
+        if let Error::Queue(fleetq_broker::Error::Redis { source, .. }) = &f.error {
             if source.code() == Some("NOGROUP") {
                 // The stream was deleted (or the server restarted empty): recreate.
-                let _ = take::ensure_group(self.rt.redis(), self.rt.keys()).await;
+                let _ = take::ensure_group(rt.redis(), rt.keys()).await;
             }
         }
-        match &e {
+        match &f.error {
             Error::Queue(q) if q.is_transient() => {
                 self.outage.failed("read jobs", q);
             }
-            _ => tracing::warn!(error = %e, "worker step failed; retrying"),
+            e => {
+                tracing::warn!(queue = %rt.keys().name(), error = %e, "worker step failed; retrying")
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(self.backoff.next()) => {}
@@ -271,38 +518,29 @@ impl<H: Handler> Intake<H> {
         }
     }
 
-    /// Passes entries to `fleetq_take` and starts a slot task for each job that runs here.
-    async fn dispatch(&mut self, entries: Vec<RawEntry>) -> Result<(), Error> {
+    /// Passes entries of stream `i` to `fleetq_take` and starts a slot task for each job
+    /// that runs here.
+    async fn dispatch(&mut self, i: usize, entries: Vec<RawEntry>) -> Result<(), Error> {
         if entries.is_empty() {
             return Ok(());
         }
-        let queue = self.rt.queue_config();
-        let taken = take::take(&self.rt.taker, &queue, entries).await?;
+        self.idle = false;
+        let rt = self.sources[i].rt.clone();
+        let queue = rt.queue_config();
+        let taken = take::take(&rt.taker, &queue, entries).await?;
         for (t, job) in taken {
             match t.decision {
-                TakeDecision::Run { attempt } => self.start(t, attempt, job, &queue).await,
-                TakeDecision::Pass { delay } => self.rt.schedule_promote(delay),
-                other => self.count_settled(other),
+                TakeDecision::Run { attempt } => self.start(&rt, t, attempt, job, &queue).await,
+                TakeDecision::Pass { delay } => rt.schedule_promote(delay),
+                other => count_settled(&rt, other),
             }
         }
         Ok(())
     }
 
-    fn count_settled(&self, decision: TakeDecision) {
-        let m = &self.rt.node.metrics;
-        match decision {
-            TakeDecision::Expired => {
-                m.outcome("expired");
-                m.timeout("queue");
-            }
-            TakeDecision::Cancelled => m.outcome("cancelled"),
-            TakeDecision::Dead => m.outcome("dead"),
-            _ => {}
-        }
-    }
-
     async fn start(
         &mut self,
+        rt: &Arc<Runtime<H>>,
         t: Taken,
         attempt: u32,
         job: Result<JobEntry, Malformed>,
@@ -310,40 +548,56 @@ impl<H: Handler> Intake<H> {
     ) {
         let entry = match job {
             Ok(entry) => entry,
-            Err(malformed) => return self.dead_letter(t, malformed).await,
+            Err(malformed) => return dead_letter(rt, t, malformed).await,
         };
-        let Ok(permit) = self.rt.slots.clone().try_acquire_owned() else {
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
             // Cannot happen: no more is read than there are free slots. Give it back.
             tracing::error!(job = %t.holding.job_id, "no free slot for a job read for a free slot; releasing it");
             let held = HeldJob::new(t.holding);
-            self.rt
-                .committer
+            rt.committer
                 .commit(&held, &Commit::Release, &Ending::default())
                 .await;
             return;
         };
-        let rt = self.rt.clone();
-        self.tasks
-            .spawn(attempt::run(rt, t, attempt, entry, queue.clone(), permit));
+        self.tasks.spawn(attempt::run(
+            rt.clone(),
+            t,
+            attempt,
+            entry,
+            queue.clone(),
+            permit,
+        ));
     }
+}
 
-    async fn dead_letter(&self, t: Taken, malformed: Malformed) {
-        tracing::warn!(entry = %t.holding.entry_id, reason = %malformed, "malformed entry sent to the dead letters");
-        let commit = Commit::Dead {
-            reason: fleetq_broker::calls::DeadReason::Malformed,
-            error: malformed.to_string(),
-        };
-        let held = Arc::new(HeldJob::new(t.holding));
-        held.mark_finished();
-        self.rt.held.insert(held.clone());
-        let committed = self
-            .rt
-            .committer
-            .commit(&held, &commit, &Ending::default())
-            .await;
-        self.rt.held.remove(&held);
-        if committed == Some(fleetq_broker::calls::Committed::Ok) {
-            self.rt.node.metrics.outcome("dead");
+fn count_settled<H>(rt: &Runtime<H>, decision: TakeDecision) {
+    let m = &rt.node.metrics;
+    match decision {
+        TakeDecision::Expired => {
+            m.outcome("expired");
+            m.timeout("queue");
         }
+        TakeDecision::Cancelled => m.outcome("cancelled"),
+        TakeDecision::Dead => m.outcome("dead"),
+        _ => {}
+    }
+}
+
+async fn dead_letter<H>(rt: &Runtime<H>, t: Taken, malformed: Malformed) {
+    tracing::warn!(entry = %t.holding.entry_id, reason = %malformed, "malformed entry sent to the dead letters");
+    let commit = Commit::Dead {
+        reason: fleetq_broker::calls::DeadReason::Malformed,
+        error: malformed.to_string(),
+    };
+    let held = Arc::new(HeldJob::new(t.holding));
+    held.mark_finished();
+    rt.held.insert(held.clone());
+    let committed = rt
+        .committer
+        .commit(&held, &commit, &Ending::default())
+        .await;
+    rt.held.remove(&held);
+    if committed == Some(fleetq_broker::calls::Committed::Ok) {
+        rt.node.metrics.outcome("dead");
     }
 }

@@ -65,7 +65,10 @@ impl Health {
 #[derive(Debug, Clone)]
 pub(crate) struct NodeHandle {
     pub(crate) redis: Redis,
+    /// The queue (its base name goes in the record).
     pub(crate) keys: QueueKeys,
+    /// Where the suspension is published: the queue, or each of its partitions and itself.
+    pub(crate) sources: Arc<Vec<QueueKeys>>,
     pub(crate) node: String,
     pub(crate) consumer: String,
     pub(crate) health: Arc<Health>,
@@ -93,11 +96,14 @@ impl NodeHandle {
     }
 
     async fn publish(&self, until_ms: u64, reason: &str) {
-        let mut cmd = fcall("fleetq_node_state", &self.keys);
-        cmd.arg(&self.node).arg(until_ms).arg(reason);
-        if let Err(e) = functions::call::<String>(&mut self.redis.conn(), &cmd, "node state").await
-        {
-            tracing::warn!(error = %e, "cannot record the node's suspension state");
+        for keys in self.sources.iter() {
+            let mut cmd = fcall("fleetq_node_state", keys);
+            cmd.arg(&self.node).arg(until_ms).arg(reason);
+            if let Err(e) =
+                functions::call::<String>(&mut self.redis.conn(), &cmd, "node state").await
+            {
+                tracing::warn!(queue = %keys.name(), error = %e, "cannot record the node's suspension state");
+            }
         }
     }
 }

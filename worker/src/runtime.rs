@@ -25,7 +25,8 @@ pub(crate) struct Runtime<H> {
     pub(crate) config: WorkerConfig,
     /// The queue's defaults (timeouts, attempts, backoff), refreshed every `config_refresh`.
     pub(crate) queue: Mutex<QueueConfig>,
-    pub(crate) handler: H,
+    /// Shared by the queue's partitions (one runtime each).
+    pub(crate) handler: Arc<H>,
     /// The entries held now with their tokens: renewed, fenced, and released at shutdown.
     pub(crate) held: Held,
     /// This host's record, health and metrics.

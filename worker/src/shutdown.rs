@@ -3,6 +3,7 @@
 //! and so is anything left in this consumer's pending list; the consumer is removed only when
 //! nothing is pending under its name any more (else its entries would be lost for good).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use fleetq_broker::calls::{Commit, Holding, Token};
@@ -23,18 +24,19 @@ async fn join_all(tasks: &mut JoinSet<()>) {
     while tasks.join_next().await.is_some() {}
 }
 
-/// Phase 1 and 2 for the slot tasks: drain within the grace period, then stop and release.
-pub(crate) async fn drain<H: Handler>(rt: &Runtime<H>, tasks: &mut JoinSet<()>) {
-    let grace = rt.config.shutdown_grace;
+/// Phase 1 and 2 for the slot tasks (of every stream read): drain within the grace period,
+/// then stop and release.
+pub(crate) async fn drain<H: Handler>(rts: &[Arc<Runtime<H>>], tasks: &mut JoinSet<()>) {
+    let grace = rts[0].config.shutdown_grace;
     tracing::info!(
-        running = rt.held.len(),
+        running = rts.iter().map(|rt| rt.held.len()).sum::<usize>(),
         grace_ms = grace.as_millis() as u64,
         "stopping: no new jobs; waiting for running jobs"
     );
     if tokio::time::timeout(grace, join_all(tasks)).await.is_ok() {
         return;
     }
-    let left = rt.held.snapshot();
+    let left: Vec<_> = rts.iter().flat_map(|rt| rt.held.snapshot()).collect();
     tracing::warn!(
         count = left.len(),
         "grace period over; releasing running jobs to other hosts"
@@ -46,7 +48,9 @@ pub(crate) async fn drain<H: Handler>(rt: &Runtime<H>, tasks: &mut JoinSet<()>) 
         .await
         .is_err()
     {
-        rt.committer.hard_stop.cancel();
+        for rt in rts {
+            rt.committer.hard_stop.cancel();
+        }
         join_all(tasks).await;
     }
 }

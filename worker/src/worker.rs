@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use fleetq_broker::calls::Caller;
 use fleetq_broker::functions;
+use fleetq_broker::partitions::Partitions;
 use fleetq_broker::retry;
 use fleetq_broker::{QueueConfig, QueueKeys, Redis};
 use tokio::sync::Semaphore;
@@ -61,50 +62,66 @@ where
     let stop = shutdown.token();
     let keys = QueueKeys::new(&config.queue)?;
     let consumer = consumer_name(&config.node);
-    let Some((redis, queue)) = start(&redis, &keys, &consumer, &stop).await? else {
+    let Some((redis, sources)) = start(&redis, &keys, &consumer, &stop).await? else {
         return Ok(());
     };
+    let lease = sources[0].1.lease;
     tracing::info!(queue = %config.queue, node = %config.node, %consumer, slots = config.slots,
-        lease_ms = queue.lease.as_millis() as u64, "worker started");
+        lease_ms = lease.as_millis() as u64, partitions = sources.len().saturating_sub(1),
+        "worker started");
     let metrics =
         Arc::new(WorkerMetrics::new(&config.queue, &config.node).map_err(Error::Metrics)?);
     metrics.slots.set(config.slots as i64);
     let metrics_addr = serve_metrics(&config, &metrics, &stop).await?;
-    let rt = Arc::new(runtime(
+    let shared = Shared {
+        node: NodeHandle {
+            redis: redis.clone(),
+            keys,
+            sources: Arc::new(sources.iter().map(|(k, _)| k.clone()).collect()),
+            node: config.node.clone(),
+            consumer: consumer.clone(),
+            health: Arc::new(Health::default()),
+            metrics,
+            metrics_addr,
+        },
+        slots: Arc::new(Semaphore::new(config.slots)),
+        handler: Arc::new(handler),
         redis,
-        keys,
         config,
-        handler,
-        queue,
         consumer,
-        metrics,
-        metrics_addr,
-    ));
+    };
+    let rts: Vec<Arc<Runtime<H>>> = sources
+        .into_iter()
+        .map(|(keys, queue)| Arc::new(shared.runtime(keys, queue)))
+        .collect();
 
-    let background = Background::start(&rt);
-    wait_until_ready(&rt.handler, &stop).await;
-    let max_block = rt.config.max_block.min(rt.taker.lease);
-    let mut intake = Intake::new(rt.clone(), max_block);
+    let background = Background::start(&rts);
+    wait_until_ready(&*shared.handler, &stop).await;
+    let max_block = shared.config.max_block.min(lease);
+    let mut intake = Intake::new(rts.clone(), max_block);
     intake.run(&stop).await;
 
-    shutdown::drain(&rt, &mut intake.tasks).await;
+    shutdown::drain(&rts, &mut intake.tasks).await;
     background.stop().await;
-    shutdown::release_pending(&rt).await;
-    rt.handler.shutdown().await;
+    for rt in &rts {
+        shutdown::release_pending(rt).await;
+    }
+    shared.handler.shutdown().await;
     tracing::info!("worker stopped");
     Ok(())
 }
 
 /// Waits for Redis, names this process's connections after its consumer (so the broker sees
 /// at once when the process is gone), waits until the function library is there (a worker
-/// never loads it: the broker or `fleetq functions load` does), checks the group and reads
-/// the queue config; `None` when stopped meanwhile.
+/// never loads it: the broker or `fleetq functions load` does), then for each stream it reads
+/// (the queue, or its partitions and itself) checks the group and reads the config; `None`
+/// when stopped meanwhile.
 async fn start(
     redis: &Redis,
     keys: &QueueKeys,
     consumer: &str,
     stop: &CancellationToken,
-) -> Result<Option<(Redis, QueueConfig)>, Error> {
+) -> Result<Option<(Redis, Vec<(QueueKeys, QueueConfig)>)>, Error> {
     let Some(named) =
         retry::until_ready("start the worker", stop, || redis.named(consumer)).await?
     else {
@@ -116,12 +133,17 @@ async fn start(
     {
         return Ok(None);
     }
-    let queue = retry::until_ready("start the worker", stop, || async {
-        take::ensure_group(&named, keys).await?;
-        QueueConfig::load(&mut named.conn(), keys).await
+    let sources = retry::until_ready("start the worker", stop, || async {
+        let mut out = Vec::new();
+        for source in Partitions::load(&named, keys).await?.sources() {
+            take::ensure_group(&named, &source).await?;
+            let queue = QueueConfig::load(&mut named.conn(), &source).await?;
+            out.push((source, queue));
+        }
+        Ok(out)
     })
     .await?;
-    Ok(queue.map(|q| (named, q)))
+    Ok(sources.map(|s| (named, s)))
 }
 
 /// Takes no job before the executor can run one (its command exists, its server answers).
@@ -160,66 +182,58 @@ async fn serve_metrics(
     Ok(bound)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn runtime<H>(
+/// What the runtimes of one worker share, whichever stream each reads.
+struct Shared<H> {
     redis: Redis,
-    keys: QueueKeys,
     config: WorkerConfig,
-    handler: H,
-    queue: QueueConfig,
     consumer: String,
-    metrics: Arc<WorkerMetrics>,
-    metrics_addr: Option<std::net::SocketAddr>,
-) -> Runtime<H>
-where
-    H: Handler,
-{
-    let caller = Caller {
-        consumer: consumer.clone(),
-        node: config.node.clone(),
-    };
-    let held = Held::default();
-    let lease = queue.lease;
-    Runtime {
-        taker: Taker {
-            redis: redis.clone(),
-            keys: keys.clone(),
-            caller: caller.clone(),
-            lease,
-            starts_at_once: !handler.reports_start(),
-        },
-        committer: Committer {
-            redis: redis.clone(),
-            keys: keys.clone(),
-            consumer: consumer.clone(),
-            lease,
-            hard_stop: CancellationToken::new(),
-        },
-        renewer: Renewer {
-            redis: redis.clone(),
-            keys: keys.clone(),
-            caller,
-            lease,
-            held: held.clone(),
-        },
-        node: NodeHandle {
-            redis,
-            keys,
-            node: config.node.clone(),
-            consumer,
-            health: Arc::new(Health::default()),
-            metrics,
-            metrics_addr,
-        },
-        slots: Arc::new(Semaphore::new(config.slots)),
-        queue: Mutex::new(queue),
-        config,
-        handler,
-        held,
+    handler: Arc<H>,
+    node: NodeHandle,
+    slots: Arc<Semaphore>,
+}
+
+impl<H: Handler> Shared<H> {
+    /// The runtime for one stream: the queue, or one of its partitions.
+    fn runtime(&self, keys: QueueKeys, queue: QueueConfig) -> Runtime<H> {
+        let caller = Caller {
+            consumer: self.consumer.clone(),
+            node: self.config.node.clone(),
+        };
+        let held = Held::default();
+        let lease = queue.lease;
+        Runtime {
+            taker: Taker {
+                redis: self.redis.clone(),
+                keys: keys.clone(),
+                caller: caller.clone(),
+                lease,
+                starts_at_once: !self.handler.reports_start(),
+            },
+            committer: Committer {
+                redis: self.redis.clone(),
+                keys: keys.clone(),
+                consumer: self.consumer.clone(),
+                lease,
+                hard_stop: CancellationToken::new(),
+            },
+            renewer: Renewer {
+                redis: self.redis.clone(),
+                keys,
+                caller,
+                lease,
+                held: held.clone(),
+            },
+            node: self.node.clone(),
+            slots: self.slots.clone(),
+            queue: Mutex::new(queue),
+            config: self.config.clone(),
+            handler: self.handler.clone(),
+            held,
+        }
     }
 }
 
-/// The lease renewer and the node heartbeat, running beside the read loop.
+/// The lease renewers (one per stream read) and the node heartbeat, beside the read loop.
 struct Background {
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -229,24 +243,28 @@ struct Background {
 }
 
 impl Background {
-    fn start<H: Handler>(rt: &Arc<Runtime<H>>) -> Self {
+    fn start<H: Handler>(rts: &[Arc<Runtime<H>>]) -> Self {
         let stop = CancellationToken::new();
-        let renewer = tokio::spawn(rt.renewer.clone().run(stop.clone()));
-        let heart = tokio::spawn(node::heartbeat_loop(
+        let mut tasks: Vec<_> = rts
+            .iter()
+            .map(|rt| tokio::spawn(rt.renewer.clone().run(stop.clone())))
+            .collect();
+        let rt = &rts[0];
+        tasks.push(tokio::spawn(node::heartbeat_loop(
             rt.node.clone(),
             rt.config.slots,
             rt.slots.clone(),
             rt.config.heartbeat,
             stop.clone(),
-        ));
+        )));
         Self {
             _guard: stop.clone().drop_guard(),
             stop,
-            tasks: vec![renewer, heart],
+            tasks,
         }
     }
 
-    /// Stops both and waits for them (the heartbeat removes the node record).
+    /// Stops them and waits for them (the heartbeat removes the node record).
     async fn stop(self) {
         self.stop.cancel();
         for t in self.tasks {
