@@ -147,8 +147,13 @@ pub async fn sync_config(redis: &Redis, p: &Partitions) -> Result<usize> {
         // Not MULTI (the broker's user may not): new values first, then the stale fields go.
         let mut pipe = redis::pipe();
         if !base.is_empty() {
-            let fields: Vec<(&String, &String)> = base.iter().collect();
-            pipe.hset_multiple(part.config(), &fields).ignore();
+            // HSET with many pairs, not HMSET (not in the broker's ACL line).
+            let mut hset = redis::cmd("HSET");
+            hset.arg(part.config());
+            for (k, v) in &base {
+                hset.arg(k).arg(v);
+            }
+            pipe.add_command(hset).ignore();
         }
         if !stale.is_empty() {
             pipe.hdel(part.config(), stale).ignore();
@@ -216,12 +221,17 @@ pub async fn discover_queues(redis: &Redis) -> Result<Vec<String>> {
     Ok(group(names).into_keys().collect())
 }
 
-/// Copies the config of every split queue among `served` to its partitions (see
+/// Copies the config of every split queue among `served` (or whose partitions are among
+/// them) to its partitions (see
 /// [`sync_config`]); returns how many partitions changed.
 pub async fn sync_all(redis: &Redis, served: &[QueueKeys]) -> Result<usize> {
+    let bases: std::collections::BTreeMap<&str, QueueKeys> = served
+        .iter()
+        .map(|k| (crate::keys::base_of(k.name()), k.base()))
+        .collect();
     let mut changed = 0;
-    for keys in served.iter().filter(|k| k.base() == **k) {
-        let p = Partitions::load(redis, keys).await?;
+    for base in bases.values() {
+        let p = Partitions::load(redis, base).await?;
         changed += sync_config(redis, &p).await?;
     }
     Ok(changed)

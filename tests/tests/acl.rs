@@ -955,6 +955,71 @@ async fn roles_work_under_their_own_users_on_valkey() {
     }
 }
 
+/// A queue split in partitions, worked under the role users: the producer writes to the
+/// partitions, the worker reads them all (and waits on them with `XREAD`), the broker copies
+/// the config to them, and nothing is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_queue_runs_under_the_role_users() {
+    let s = Server::start(Flavor::redis()).await;
+    let keys = QueueKeys::new(QUEUE).unwrap();
+    fleetq_broker::partitions::set(&s.admin, &keys, 3)
+        .await
+        .unwrap();
+    let broker_url = s.user("fleetq-broker", QUEUE, "").await;
+    let producer_url = s.user("fleetq-producer", QUEUE, "").await;
+    let worker_url = s.user("fleetq-worker-NODE", QUEUE, "gpu-1").await;
+    let broker = Broker::start(Redis::connect(&broker_url).await.unwrap()).await;
+    eventually(Duration::from_secs(10), "the library", || async {
+        s.library().await == LibraryState::Current(functions::library_version())
+    })
+    .await;
+    let _worker = WorkerProcess::spawn(&worker_url, QUEUE, "gpu-1", 2, &[]);
+    // A config change on the queue reaches its partitions through the broker.
+    let _: () = redis::cmd("HSET")
+        .arg(keys.config())
+        .arg("max_attempts")
+        .arg(7)
+        .query_async(&mut s.admin.conn())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the config copied", || async {
+        let v: Option<String> = redis::cmd("HGET")
+            .arg(keys.partition(1).config())
+            .arg("max_attempts")
+            .query_async(&mut s.admin.conn())
+            .await
+            .unwrap();
+        v.as_deref() == Some("7")
+    })
+    .await;
+    let p = Producer::new(&Redis::connect(&producer_url).await.unwrap(), QUEUE)
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for n in 0..9 {
+        let e = p
+            .enqueue(&json!({ "result": n }), &EnqueueOptions::default())
+            .await
+            .unwrap();
+        ids.push(e.id);
+    }
+    for id in &ids {
+        let st = p.wait(id, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(st.state, JobState::Succeeded, "{st:?}");
+    }
+    for i in 0..3 {
+        let added: u64 = redis::cmd("XLEN")
+            .arg(keys.partition(i).stream())
+            .query_async(&mut s.admin.conn())
+            .await
+            .unwrap();
+        // Entries are dropped once finished: each partition had its share and is empty now.
+        assert_eq!(added, 0, "partition {i}");
+    }
+    broker.stop().await;
+    assert_eq!(s.acl_log().await, Vec::<String>::new());
+}
+
 // ---------------------------------------------------------------------------------------
 // What each role is refused.
 
