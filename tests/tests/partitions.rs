@@ -241,3 +241,79 @@ async fn one_slot_waits_on_every_partition_and_holds_at_most_one_job() {
     assert!(most <= 1, "{most} entries pending with one slot");
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_under_a_split_queue_loses_and_doubles_nothing() {
+    let cluster = RedisCluster::start().await;
+    let url = cluster.seed_url();
+    let redis = Redis::connect(&url).await.unwrap();
+    functions::load_all(&redis.conn()).await.unwrap();
+    let queue = spread_queue(&cluster).await;
+    let base = QueueKeys::new(&queue).unwrap();
+    let split = partitions::set(&redis, &base, 3).await.unwrap();
+    let _workers: Vec<WorkerProcess> = (0..2)
+        .map(|i| WorkerProcess::spawn(&url, &queue, &format!("gpu-{i}"), 2, &[]))
+        .collect();
+    let p = Producer::new(&redis, &queue).await.unwrap();
+    let struck = split.targets()[0].clone();
+    let slot = cluster.slot_of(&struck.stream()).await;
+    let target = cluster.primary_for_slot(slot).await;
+    let mut ids = Vec::new();
+    for n in 0..120 {
+        let e = loop {
+            match p
+                .enqueue(&json!({ "sleep_ms": 20 }), &EnqueueOptions::default())
+                .await
+            {
+                Ok(e) => break e,
+                Err(e) if e.is_transient() => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => panic!("enqueue: {e}"),
+            }
+        };
+        ids.push(e.id);
+        if n == 50 {
+            let new = cluster.failover(target).await;
+            // A job for the struck partition runs once the new primary answers.
+            let id = (0..)
+                .map(|k| format!("probe-{k}"))
+                .find(|id| p.partitions().for_key(id) == &struck)
+                .unwrap();
+            let opts = EnqueueOptions {
+                id: Some(id.clone()),
+                ..Default::default()
+            };
+            let t = std::time::Instant::now();
+            loop {
+                match p.enqueue(&json!({}), &opts).await {
+                    Ok(_) => break,
+                    Err(e) if e.is_transient() => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    Err(e) => panic!("enqueue: {e}"),
+                }
+            }
+            let st = p.wait(&id, Duration::from_secs(15)).await.unwrap();
+            assert_eq!(st.state, JobState::Succeeded, "{st:?}");
+            eprintln!(
+                "first job on {} after its new primary {new} answered ran in {:?}",
+                struck.name(),
+                t.elapsed()
+            );
+            ids.push(id);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for id in &ids {
+        let st = p.wait(id, Duration::from_secs(40)).await.unwrap();
+        assert_eq!(st.state, JobState::Succeeded, "{id}: {st:?}");
+    }
+    // Nothing succeeded twice: the queue, its partitions added up, counted exactly its jobs.
+    let served = partitions::served(&redis, std::slice::from_ref(&queue))
+        .await
+        .unwrap();
+    let states = fleetq_broker::inspect::queue_states(&redis, &served)
+        .await
+        .unwrap();
+    assert_eq!(states.len(), 1, "{states:?}");
+    assert_eq!(states[0].stat("succeeded"), ids.len() as i64, "{states:?}");
+}
