@@ -235,6 +235,12 @@ impl Producer {
         Ok(self.find(id, "fleetq_status", "status").await?.1)
     }
 
+    /// Job `id`'s status with the queue or partition that holds it (its events are there).
+    pub async fn locate(&self, id: &str) -> Result<(QueueKeys, JobStatus)> {
+        let (keys, st) = self.find(id, "fleetq_status", "status").await?;
+        Ok((keys.clone(), st))
+    }
+
     /// Calls a function that answers a job's status fields (`fleetq_status`, `fleetq_watch`)
     /// on the job's home, then on the queue itself while the answer is `not_found`.
     async fn find(

@@ -55,7 +55,18 @@ pub enum Command {
     /// Examples:
     ///   fleetq watch order-17 --queue images
     #[command(verbatim_doc_comment)]
-    Watch(JobArgs),
+    Watch(WatchArgs),
+    /// Cancel a job: a waiting or delayed one will not run; a running one's worker is told at
+    /// its next lease renewal and stops it.
+    ///
+    /// Exits 0 with the resulting state (`cancelled`, `cancelling`, or the end it already
+    /// had), 4 when no queue knows the id.
+    ///
+    /// Examples:
+    ///   fleetq cancel order-17
+    ///   fleetq cancel 1795404558780-0 --queue images --json
+    #[command(verbatim_doc_comment)]
+    Cancel(JobArgs),
     /// List queues: waiting, in flight, delayed, dead, oldest wait, consumers.
     ///
     /// Examples:
@@ -109,6 +120,9 @@ pub enum Command {
     #[command(verbatim_doc_comment)]
     Partitions(PartitionsArgs),
     /// A live, refreshing view of queues and nodes (Ctrl-C to leave).
+    ///
+    /// With --json, each refresh is one JSON object on a line of its own:
+    /// {"queues": [...], "nodes": [...], "server_ms": ...}.
     ///
     /// Examples:
     ///   fleetq top
@@ -184,7 +198,15 @@ pub struct JobArgs {
     /// The job's queue (looked up in every queue when omitted).
     #[arg(long, env = "FLEETQ_QUEUE")]
     pub queue: Option<String>,
-    /// Longest wait for `watch`, seconds.
+}
+
+/// `fleetq watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The job and its queue.
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Longest wait, seconds.
     #[arg(long, default_value_t = 3600)]
     pub timeout_secs: u64,
 }

@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::args::{
     Cli, Command, DeadAction, DeadArgs, EnqueueArgs, FunctionsAction, JobArgs, NodeAction, TopArgs,
+    WatchArgs,
 };
 use crate::exit::{self, CliError};
 use crate::output::{human_secs, json, table};
@@ -39,7 +40,8 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Dead(a) => dead(&connect().await?, a, cli.json).await,
         Command::Functions(a) => functions_cmd(&connect().await?, a.action, cli.json).await,
         Command::Partitions(a) => partitions_cmd(&connect().await?, a, cli.json).await,
-        Command::Top(a) => top(&connect().await?, a).await,
+        Command::Cancel(a) => cancel(&connect().await?, a, cli.json).await,
+        Command::Top(a) => top(&connect().await?, a, cli.json).await,
     }
 }
 
@@ -104,7 +106,11 @@ async fn enqueue(redis: &Redis, a: EnqueueArgs, as_json: bool) -> Result<(), Cli
         delay: ms(a.delay_ms),
         traceparent: None,
     };
-    let cursor = events_cursor(redis, p.keys()).await?;
+    // Where each place the job may land stands in its events, before the job is added.
+    let mut cursors = HashMap::new();
+    for keys in p.partitions().sources() {
+        cursors.insert(keys.name().to_owned(), events_cursor(redis, &keys).await?);
+    }
     let e = p.enqueue(&payload, &opts).await?;
     if !a.wait {
         if as_json {
@@ -128,9 +134,14 @@ async fn enqueue(redis: &Redis, a: EnqueueArgs, as_json: bool) -> Result<(), Cli
             e.id, a.queue, e.position
         );
     }
+    let (home, _) = p.locate(&e.id).await?;
+    let cursor = cursors
+        .remove(home.name())
+        .unwrap_or_else(|| "0-0".to_owned());
     let st = follow(
         redis,
         &p,
+        &home,
         &e.id,
         cursor,
         Duration::from_secs(a.wait_timeout_secs),
@@ -260,16 +271,37 @@ async fn status(redis: &Redis, a: JobArgs, as_json: bool) -> Result<(), CliError
     Ok(())
 }
 
-async fn watch(redis: &Redis, a: JobArgs, as_json: bool) -> Result<(), CliError> {
-    let (p, st) = locate(redis, &a.id, a.queue.as_deref()).await?;
+async fn cancel(redis: &Redis, a: JobArgs, as_json: bool) -> Result<(), CliError> {
+    let (p, _) = locate(redis, &a.id, a.queue.as_deref()).await?;
+    let state = p.cancel(&a.id).await?;
+    if as_json {
+        json(&serde_json::json!({"id": a.id, "queue": p.keys().name(), "state": state}));
+    } else {
+        let what = match state {
+            JobState::Cancelled => "cancelled: it will not run",
+            JobState::Cancelling => {
+                "cancelling: its worker stops it at the next lease renewal (see `fleetq status`)"
+            }
+            _ => "already ended; nothing to cancel",
+        };
+        println!("job {} in queue {}: {what}", a.id, p.keys().name());
+    }
+    Ok(())
+}
+
+async fn watch(redis: &Redis, a: WatchArgs, as_json: bool) -> Result<(), CliError> {
+    let (p, st) = locate(redis, &a.job.id, a.job.queue.as_deref()).await?;
     if st.state.is_terminal() {
         return finish(&st, as_json);
     }
-    let cursor = events_cursor(redis, p.keys()).await?;
+    // A split queue's job has its events in its partition.
+    let (home, _) = p.locate(&a.job.id).await?;
+    let cursor = events_cursor(redis, &home).await?;
     let st = follow(
         redis,
         &p,
-        &a.id,
+        &home,
+        &a.job.id,
         cursor,
         Duration::from_secs(a.timeout_secs),
         !as_json,
@@ -300,6 +332,7 @@ async fn events_cursor(redis: &Redis, keys: &QueueKeys) -> Result<String, CliErr
 async fn follow(
     redis: &Redis,
     p: &Producer,
+    keys: &QueueKeys,
     id: &str,
     mut cursor: String,
     timeout: Duration,
@@ -319,7 +352,6 @@ async fn follow(
         None
     };
     let deadline = Instant::now() + timeout;
-    let keys = p.keys().clone();
     let mut conn = redis
         .blocking_conn(&keys.events(), Duration::from_secs(2))
         .await?;
@@ -336,7 +368,7 @@ async fn follow(
                 ),
             ));
         }
-        let read = inspect::read_events(&mut conn, &keys, &cursor, Duration::from_secs(2)).await?;
+        let read = inspect::read_events(&mut conn, keys, &cursor, Duration::from_secs(2)).await?;
         let mut ended = false;
         for (eid, f) in read {
             cursor = eid;
@@ -742,22 +774,28 @@ async fn functions_cmd(
     }
 }
 
-async fn top(redis: &Redis, a: TopArgs) -> Result<(), CliError> {
+async fn top(redis: &Redis, a: TopArgs, as_json: bool) -> Result<(), CliError> {
     let mut n = 0u64;
     loop {
         let states = queue_states(redis).await?;
         let fleet = nodes::list(redis).await?;
         let now = nodes::server_ms(redis).await?;
-        // Clear the screen and draw from the top.
-        print!("\x1b[2J\x1b[H");
-        println!(
-            "fleetq top — {} queue(s), {} node(s) — every {} ms, Ctrl-C to leave\n",
-            states.len(),
-            fleet.len(),
-            a.interval_ms
-        );
-        println!("{}", queues_table(&states));
-        println!("{}", nodes_table(&fleet, now));
+        if as_json {
+            // One object per line (JSON lines), no screen codes.
+            let doc = serde_json::json!({"queues": states, "nodes": fleet, "server_ms": now});
+            println!("{doc}");
+        } else {
+            // Clear the screen and draw from the top.
+            print!("\x1b[2J\x1b[H");
+            println!(
+                "fleetq top — {} queue(s), {} node(s) — every {} ms, Ctrl-C to leave\n",
+                states.len(),
+                fleet.len(),
+                a.interval_ms
+            );
+            println!("{}", queues_table(&states));
+            println!("{}", nodes_table(&fleet, now));
+        }
         n += 1;
         if a.iterations.is_some_and(|max| n >= max) {
             return Ok(());

@@ -285,7 +285,17 @@ async fn errors_say_what_to_do_and_exit_with_their_codes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_command_has_help_with_examples() {
     for cmd in [
-        "demo", "enqueue", "status", "watch", "queues", "nodes", "dead", "top",
+        "demo",
+        "enqueue",
+        "status",
+        "watch",
+        "cancel",
+        "queues",
+        "nodes",
+        "dead",
+        "top",
+        "functions",
+        "partitions",
     ] {
         let r = fleetq(None, &[cmd, "--help"]).await;
         assert_eq!(r.code, Some(0), "{cmd}");
@@ -295,4 +305,82 @@ async fn every_command_has_help_with_examples() {
             r.stdout
         );
     }
+    // Each command lists only its own flags.
+    let status = fleetq(None, &["status", "--help"]).await;
+    assert!(
+        !status.stdout.contains("--timeout-secs"),
+        "{}",
+        status.stdout
+    );
+    let watch = fleetq(None, &["watch", "--help"]).await;
+    assert!(watch.stdout.contains("--timeout-secs"), "{}", watch.stdout);
+}
+
+/// `cancel` by id alone, `top --json` as one JSON object, `watch` and `enqueue --wait` on a
+/// queue split in partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_top_json_and_a_split_queue() {
+    let s = Stack::start().await;
+    let url = s.server.url();
+    let p = s.producer("later").await;
+    // A waiting job (no worker reads this queue).
+    let e = p
+        .enqueue(&json!({}), &fleetq_broker::EnqueueOptions::default())
+        .await
+        .unwrap();
+    let r = fleetq(Some(&url), &["cancel", &e.id, "--json"]).await;
+    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(r.json()["state"], "cancelled", "{}", r.stdout);
+    assert_eq!(r.json()["queue"], "later");
+    let r = fleetq(Some(&url), &["cancel", "no-such-job"]).await;
+    assert_eq!(r.code, Some(4), "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("no job"), "{}", r.stderr);
+
+    let r = fleetq(Some(&url), &["top", "--json", "--iterations", "1"]).await;
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(
+        !r.stdout.contains('\x1b'),
+        "screen codes in JSON: {:?}",
+        r.stdout
+    );
+    let top = r.json();
+    assert!(top["queues"].is_array() && top["nodes"].is_array(), "{top}");
+
+    let r = fleetq(Some(&url), &["partitions", "split", "3", "--json"]).await;
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(
+        r.json()["streams"],
+        json!(["split#0", "split#1", "split#2"])
+    );
+    let r = fleetq(Some(&url), &["partitions", "split", "65"]).await;
+    assert_eq!(r.code, Some(5), "{}", r.stderr);
+    assert!(r.stderr.contains("at most 64"), "{}", r.stderr);
+    let worker = s.worker(
+        worker_config("split", "gpu-1", 2),
+        FnHandler::new(|job, _| async move { Outcome::Succeeded(job.payload) }),
+    );
+    let r = fleetq(
+        Some(&url),
+        &["enqueue", "split", r#"{"n":1}"#, "--wait", "--json"],
+    )
+    .await;
+    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+    let done = r.json();
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let id = done["id"].as_str().unwrap().to_owned();
+    let r = fleetq(Some(&url), &["watch", &id, "--queue", "split", "--json"]).await;
+    assert_eq!(r.json()["state"], "succeeded", "{}", r.stdout);
+    let r = fleetq(Some(&url), &["queues", "--json"]).await;
+    let listed = r.json();
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["queue"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"split") && !names.iter().any(|n| n.contains('#')),
+        "{names:?}"
+    );
+    worker.stop().await;
 }
