@@ -105,21 +105,20 @@ where
     S: Future<Output = ()> + Send + 'static,
 {
     config.validate()?;
-    let addr: Option<SocketAddr> = listener.local_addr().ok();
-    if let Some(addr) = addr {
-        config.validate_listen(addr)?;
-    }
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Config(format!("cannot read the listener's address: {e}")))?;
+    config.validate_listen(addr)?;
     if config.open_api && config.token().is_none() {
         tracing::warn!(
-            listen = ?addr,
-            "THE API IS OPEN: /v1 serves anyone who reaches {} without a token (--open-api); set FLEETQ_API_TOKEN unless a network boundary you trust guards the port",
-            addr.map_or_else(|| "the listener".to_owned(), |a| a.to_string())
+            listen = %addr,
+            "THE API IS OPEN: /v1 serves anyone who reaches {addr} without a token (--open-api); set FLEETQ_API_TOKEN unless a network boundary you trust guards the port"
         );
     }
     // Dropped when `run` returns (early `?` included), which ends the waiter task.
     let shutdown = crate::shutdown::Shutdown::new(shutdown);
     let stop = shutdown.token();
-    tracing::info!(listen = ?addr, queues = ?config.queues, auth = config.api_token.is_some(), "broker started");
+    tracing::info!(listen = %addr, queues = ?config.queues, auth = config.token().is_some(), "broker started");
     let library = tokio::spawn(load_library(redis.clone(), stop.clone()));
     let maint = tokio::spawn(maintenance::run(
         redis.clone(),
