@@ -16,6 +16,7 @@
 //! - [`maintenance`] — promote due retries, expire waiting jobs past their queue timeout.
 //! - [`metrics`] — the broker's Prometheus metrics, read from Redis.
 //! - [`http`] — the HTTP API (axum) with `/metrics`, health checks and OpenAPI.
+//! - [`listener`] — the HTTP listener: connection cap, header and idle timeouts, graceful close.
 //! - [`service`] — the `fleetq-broker` service: maintenance loop and HTTP server.
 //! - [`shutdown`] — the SIGTERM/Ctrl-C signal and a shutdown future seen as a token.
 //! - [`nodes`] — the fleet's node records; operator suspend and resume.
@@ -33,6 +34,7 @@ pub mod http;
 pub mod inspect;
 pub mod job;
 pub mod keys;
+pub mod listener;
 pub mod liveness;
 pub mod local_redis;
 pub mod maintenance;

@@ -386,6 +386,7 @@ async fn http_api_round_trip_for_every_endpoint() {
         .contains("size limit"));
     let r = authed(http.post(url("/v1/queues/img/jobs")))
         .body("{\"payload\": {")
+        .header("content-type", "application/json")
         .send()
         .await
         .unwrap();
@@ -544,6 +545,7 @@ async fn http_api_round_trip_for_every_endpoint() {
     assert_eq!(dead[0]["nodes"], json!(["a", "b", "c"]));
     let id0 = dead[0]["dead_id"].as_str().unwrap();
     let r: Value = authed(http.post(url(&format!("/v1/queues/img/dead/{id0}/retry"))))
+        .header("content-type", "application/json")
         .send()
         .await
         .unwrap()
@@ -561,6 +563,7 @@ async fn http_api_round_trip_for_every_endpoint() {
     assert_eq!(st["state"], "waiting");
     assert_eq!(
         authed(http.post(url(&format!("/v1/queues/img/dead/{id0}/retry"))))
+            .header("content-type", "application/json")
             .send()
             .await
             .unwrap()
@@ -571,7 +574,11 @@ async fn http_api_round_trip_for_every_endpoint() {
         "/v1/queues/img/dead/not-an-id/retry",
         "/v1/queues/img/dead/1-x/retry",
     ] {
-        let r = authed(http.post(url(bad))).send().await.unwrap();
+        let r = authed(http.post(url(bad)))
+            .header("content-type", "application/json")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 400, "{bad}");
         let body: Value = r.json().await.unwrap();
         assert!(

@@ -192,11 +192,28 @@ fn promtool_accepts_the_config_and_the_rules() {
 #[test]
 fn compose_file_is_valid_and_every_service_is_built_or_pulled() {
     need("docker-compose", "apt-get install -y docker-compose");
-    let out = Command::new("docker-compose")
-        .args(["-f", "docker-compose.yml", "config"])
-        .current_dir(root())
-        .output()
-        .unwrap();
+    // No .env of the checkout's: the broker's token comes from here or not at all.
+    let no_env = tempfile::NamedTempFile::new().unwrap();
+    let config = |token: Option<&str>| {
+        let mut cmd = Command::new("docker-compose");
+        cmd.arg("--env-file")
+            .arg(no_env.path())
+            .args(["-f", "docker-compose.yml", "config"])
+            .current_dir(root())
+            .env_remove("FLEETQ_API_TOKEN");
+        if let Some(t) = token {
+            cmd.env("FLEETQ_API_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    let refused = config(None);
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("set FLEETQ_API_TOKEN"),
+        "the stack should not start without an API token:\n{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let out = config(Some("compose-test-token"));
     assert!(
         out.status.success(),
         "docker-compose config:\n{}",
@@ -230,6 +247,11 @@ fn compose_file_is_valid_and_every_service_is_built_or_pulled() {
             "{name:?} has no health check"
         );
     }
+    assert_eq!(
+        services["broker"]["environment"]["FLEETQ_API_TOKEN"].as_str(),
+        Some("compose-test-token")
+    );
+    assert!(services["broker"]["environment"]["REDIS_URL"].is_string());
     let redis_cmd = serde_yaml::to_string(&services["redis"]["command"]).unwrap();
     assert!(
         redis_cmd.contains("appendonly") && redis_cmd.contains("noeviction"),

@@ -8,12 +8,15 @@ use anyhow::Context as _;
 use clap::Parser;
 use fleetq_broker::flags::CommonFlags;
 use fleetq_broker::http::DEFAULT_MAX_BODY_BYTES;
+use fleetq_broker::listener::{
+    HttpLimits, DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+};
 use fleetq_broker::maintenance::DEFAULT_INTERVAL;
 use fleetq_broker::service::{BrokerConfig, DEFAULT_LISTEN};
 
 /// Run the fleetq broker: promotes retries, expires old jobs, serves /metrics and the HTTP API.
 ///
-/// Example: fleetq-broker --listen 0.0.0.0:8080 --api-token "$TOKEN"
+/// Example: fleetq-broker --listen 0.0.0.0:8080 --api-token "$(openssl rand -hex 32)"
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -22,9 +25,24 @@ struct Args {
     /// HTTP address for the API, /metrics and health checks (loopback unless you say so).
     #[arg(long, env = "FLEETQ_LISTEN", default_value = DEFAULT_LISTEN)]
     listen: SocketAddr,
-    /// Bearer token required on /v1 routes; unset: no auth.
+    /// Bearer token required on /v1 routes. Required when --listen is not loopback (unless
+    /// --open-api); unset on loopback: /v1 answers only requests addressed to a loopback name.
     #[arg(long, env = "FLEETQ_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
+    /// Serve /v1 without a token on a listener that is not loopback: anyone who reaches the
+    /// port may enqueue, cancel, retry and purge. Only behind a network boundary you trust.
+    #[arg(long, env = "FLEETQ_OPEN_API", value_parser = clap::builder::BoolishValueParser::new())]
+    open_api: bool,
+    /// Milliseconds a client has to send a request's headers, from when the connection opens
+    /// or its previous answer was sent; also the keep-alive idle timeout.
+    #[arg(long, env = "FLEETQ_HTTP_HEADER_TIMEOUT_MS", default_value_t = DEFAULT_HEADER_TIMEOUT.as_millis() as u64)]
+    http_header_timeout_ms: u64,
+    /// Milliseconds a client has to send a request's body, from its headers.
+    #[arg(long, env = "FLEETQ_HTTP_BODY_TIMEOUT_MS", default_value_t = DEFAULT_BODY_TIMEOUT.as_millis() as u64)]
+    http_body_timeout_ms: u64,
+    /// Most HTTP connections open at once; more wait in the listen backlog.
+    #[arg(long, env = "FLEETQ_HTTP_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    http_max_connections: usize,
     /// Queues to tend and report, comma-separated; empty: every queue found.
     #[arg(long, env = "FLEETQ_QUEUES", value_delimiter = ',')]
     queues: Vec<String>,
@@ -47,10 +65,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let config = BrokerConfig {
         queues: args.queues.into_iter().filter(|q| !q.is_empty()).collect(),
         api_token: args.api_token,
+        open_api: args.open_api,
+        http: HttpLimits {
+            header_timeout: Duration::from_millis(args.http_header_timeout_ms),
+            body_timeout: Duration::from_millis(args.http_body_timeout_ms),
+            max_connections: args.http_max_connections,
+        },
         max_body_bytes: args.max_body_bytes,
         maintenance_interval: Duration::from_millis(args.maintenance_interval_ms),
     };
     config.validate()?;
+    config.validate_listen(args.listen)?;
     // Bind first: a port in use is a mistake to report at once, not after Redis is up.
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
