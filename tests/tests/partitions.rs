@@ -50,6 +50,33 @@ async fn spread_queue(cluster: &RedisCluster) -> String {
     unreachable!()
 }
 
+/// A queue in 3 partitions on 3 primaries of `cluster`, with the library loaded.
+struct Split {
+    url: String,
+    redis: Redis,
+    queue: String,
+    base: QueueKeys,
+    split: Partitions,
+}
+
+impl Split {
+    async fn on(cluster: &RedisCluster) -> Self {
+        let url = cluster.seed_url();
+        let redis = Redis::connect(&url).await.unwrap();
+        functions::load_all(&redis.conn()).await.unwrap();
+        let queue = spread_queue(cluster).await;
+        let base = QueueKeys::new(&queue).unwrap();
+        let split = partitions::set(&redis, &base, 3).await.unwrap();
+        Self {
+            url,
+            redis,
+            queue,
+            base,
+            split,
+        }
+    }
+}
+
 async fn entries_added(redis: &Redis, keys: &QueueKeys) -> u64 {
     let info: Vec<redis::Value> = redis::cmd("XINFO")
         .arg("STREAM")
@@ -69,12 +96,13 @@ async fn entries_added(redis: &Redis, keys: &QueueKeys) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_partitions_over_three_primaries_run_every_job_once() {
     let cluster = RedisCluster::start().await;
-    let url = cluster.seed_url();
-    let redis = Redis::connect(&url).await.unwrap();
-    functions::load_all(&redis.conn()).await.unwrap();
-    let queue = spread_queue(&cluster).await;
-    let base = QueueKeys::new(&queue).unwrap();
-    let split = partitions::set(&redis, &base, 3).await.unwrap();
+    let Split {
+        url,
+        redis,
+        queue,
+        base,
+        split,
+    } = Split::on(&cluster).await;
     assert_eq!(split.count(), 3);
     // The config written on the queue is copied to its partitions.
     let _: () = redis::cmd("HSET")
@@ -245,12 +273,13 @@ async fn one_slot_waits_on_every_partition_and_holds_at_most_one_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_under_a_split_queue_loses_and_doubles_nothing() {
     let cluster = RedisCluster::start().await;
-    let url = cluster.seed_url();
-    let redis = Redis::connect(&url).await.unwrap();
-    functions::load_all(&redis.conn()).await.unwrap();
-    let queue = spread_queue(&cluster).await;
-    let base = QueueKeys::new(&queue).unwrap();
-    let split = partitions::set(&redis, &base, 3).await.unwrap();
+    let Split {
+        url,
+        redis,
+        queue,
+        split,
+        ..
+    } = Split::on(&cluster).await;
     let _workers: Vec<WorkerProcess> = (0..2)
         .map(|i| WorkerProcess::spawn(&url, &queue, &format!("gpu-{i}"), 2, &[]))
         .collect();
