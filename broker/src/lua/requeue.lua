@@ -101,9 +101,10 @@ local function requeue(K, job_id, entry_id, set, delay, now)
   local keep = requeue_fields(K, job_id, entry_id, set)
   local jk = job_key(K, job_id)
   if #keep > 2 * ENTRY_ADD_MAX then
-    local reason = 'entry has ' .. (#keep / 2) .. ' fields, more than the ' .. ENTRY_FIELDS_MAX ..
+    local fields = entry_fields(K, entry_id) or {}
+    local reason = 'entry has ' .. (#fields / 2) .. ' fields, more than the ' .. ENTRY_FIELDS_MAX ..
       ' a job may carry; put large or many inputs in the payload, or pass a reference to them'
-    dead_letter(K, job_id, entry_fields(K, entry_id), 'malformed', reason, set.attempts or 0,
+    dead_letter(K, job_id, fields, 'malformed', reason, set.attempts or 0,
       redis.call('HGET', jk, 'nodes') or '')
     drop_entry(K, entry_id)
     finish(K, job_id, 'dead', { 'error', reason, 'reason', 'malformed' })
