@@ -133,6 +133,17 @@ pub fn lua_tables() -> Vec<(&'static str, String)> {
     vec![
         ("__FLEETQ_ENTRY_NUMBERS__", table(ENTRY_NUMBERS)),
         ("__FLEETQ_CONFIG_NUMBERS__", table(CONFIG_NUMBERS)),
+        (
+            "__FLEETQ_CONFIG_ORDER__",
+            format!(
+                "{{ {} }}",
+                CONFIG_NUMBERS
+                    .iter()
+                    .map(|f| format!("'{}'", f.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
         ("__FLEETQ_MAX_DIGITS__", MAX_DIGITS.to_string()),
         ("__FLEETQ_ENTRY_FIELDS_MAX__", ENTRY_FIELDS_MAX.to_string()),
     ]

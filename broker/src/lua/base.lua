@@ -85,6 +85,8 @@ local TERMINAL = { succeeded = true, failed = true, dead = true, expired = true,
 -- within its field's { min, max }. Lua's tonumber alone would take all of those.
 local ENTRY_NUMBERS = __FLEETQ_ENTRY_NUMBERS__
 local CONFIG_NUMBERS = __FLEETQ_CONFIG_NUMBERS__
+-- The config fields in the order Rust checks them (so both name the same bad one first).
+local CONFIG_ORDER = __FLEETQ_CONFIG_ORDER__
 local MAX_DIGITS = __FLEETQ_MAX_DIGITS__
 -- Most fields an entry may carry; the functions add none with more.
 local ENTRY_FIELDS_MAX = __FLEETQ_ENTRY_FIELDS_MAX__
@@ -120,8 +122,8 @@ local function open_queue(K)
   if call_config ~= nil and call_config.key == K.config then return K end
   local m = to_map(redis.call('HGETALL', K.config))
   local nums = {}
-  for name, range in pairs(CONFIG_NUMBERS) do
-    local v = m[name]
+  for _, name in ipairs(CONFIG_ORDER) do
+    local range, v = CONFIG_NUMBERS[name], m[name]
     if v ~= nil then
       nums[name] = whole(v, range)
       if nums[name] == nil then
