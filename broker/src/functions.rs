@@ -29,7 +29,7 @@ use crate::{Error, Result};
 /// The library's name in `FUNCTION LIST`.
 pub const LIBRARY_NAME: &str = "fleetq";
 /// Wire-protocol and library version; the major number is the protocol version.
-pub const LIBRARY_SEMVER: &str = "2.0.0";
+pub const LIBRARY_SEMVER: &str = "2.1.0";
 
 /// The Lua sources, in load order (helpers first). Each file documents its KEYS, ARGV and reply.
 pub const SOURCES: &[(&str, &str)] = &[
@@ -62,7 +62,7 @@ pub const SOURCES: &[(&str, &str)] = &[
 pub fn library_version() -> String {
     // FNV-1a: tiny, stable across builds and platforms.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for (_, src) in SOURCES {
+    for (_, src) in filled_sources() {
         for b in src.bytes() {
             hash ^= u64::from(b);
             hash = hash.wrapping_mul(0x0100_0000_01b3);
@@ -71,12 +71,27 @@ pub fn library_version() -> String {
     format!("{LIBRARY_SEMVER}+{:08x}", hash >> 32)
 }
 
+/// The sources with the tables of [`limits`](crate::limits) written in (the version not yet).
+fn filled_sources() -> Vec<(&'static str, String)> {
+    let tables = crate::limits::lua_tables();
+    SOURCES
+        .iter()
+        .map(|(name, src)| {
+            let filled = tables
+                .iter()
+                .fold((*src).to_owned(), |s, (hole, text)| s.replace(hole, text));
+            (*name, filled)
+        })
+        .collect()
+}
+
 /// The library text passed to `FUNCTION LOAD`.
 pub fn library_source() -> String {
+    let version = library_version();
     let mut out = format!("#!lua name={LIBRARY_NAME}\n");
-    for (name, src) in SOURCES {
+    for (name, src) in filled_sources() {
         out.push_str(&format!("\n-- ===== {name} =====\n"));
-        out.push_str(&src.replace("__FLEETQ_VERSION__", &library_version()));
+        out.push_str(&src.replace("__FLEETQ_VERSION__", &version));
         out.push('\n');
     }
     out

@@ -3,13 +3,15 @@
 //! A stream entry is a flat list of string fields. Only `payload` is required; see
 //! `docs/protocol.md` for every field. [`JobEntry::parse`] checks an entry the way a worker
 //! must before running it; an entry that fails the check is [`Malformed`] and goes to the
-//! dead letters with the reason, never crashing anything.
+//! dead letters with the reason, never crashing anything. Numbers follow the one rule of
+//! [`limits`](crate::limits), which the functions share.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::limits::{self, ENTRY_FIELDS_MAX};
 use crate::queue_config::QueueConfig;
 
 /// A stream entry as read from Redis: its id and its fields in order.
@@ -62,6 +64,14 @@ impl RawEntry {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Malformed {
+    /// More fields than an entry may carry ([`ENTRY_FIELDS_MAX`]).
+    #[error("entry has {count} fields, more than the {max} a job may carry; put large or many inputs in the payload, or pass a reference to them")]
+    TooManyFields {
+        /// Fields of the entry.
+        count: usize,
+        /// [`ENTRY_FIELDS_MAX`].
+        max: usize,
+    },
     /// A field name is not UTF-8.
     #[error("field name {0:?} is not UTF-8 (bad bytes shown as U+FFFD); write field names as UTF-8 text")]
     FieldNameNotUtf8(String),
@@ -78,6 +88,19 @@ pub enum Malformed {
         size: usize,
         /// The queue's `max_payload_bytes`.
         limit: usize,
+    },
+    /// A numeric field holds something else than a whole number of its range (see
+    /// [`limits`](crate::limits)).
+    #[error("field {field} must be a whole number from {min} to {max} (decimal digits only), got {value:?}")]
+    BadNumber {
+        /// Field name.
+        field: String,
+        /// The value found (cut to 100 bytes).
+        value: String,
+        /// Smallest value allowed.
+        min: u64,
+        /// Largest value allowed.
+        max: u64,
     },
     /// A known field holds a value of the wrong type.
     #[error("field {field} must be {expected}, got {value:?}")]
@@ -137,6 +160,12 @@ impl JobEntry {
     /// Checks an entry and turns it into a job. Unknown fields are ignored (a newer producer
     /// may add some); known fields must have the right type.
     pub fn parse(raw: &RawEntry, max_payload_bytes: usize) -> Result<Self, Malformed> {
+        if raw.fields.len() > ENTRY_FIELDS_MAX {
+            return Err(Malformed::TooManyFields {
+                count: raw.fields.len(),
+                max: ENTRY_FIELDS_MAX,
+            });
+        }
         if let Some(name) = raw.bad_name() {
             return Err(Malformed::FieldNameNotUtf8(
                 name.chars().take(100).collect(),
@@ -148,9 +177,11 @@ impl JobEntry {
         let payload = fields.payload(max_payload_bytes)?;
         let limits = fields.limits()?;
         let enqueued_ms = fields
-            .int("enqueued_ms")?
+            .num("enqueued_ms")?
             .unwrap_or_else(|| entry_ms(&raw.id));
         let prior_attempts = fields.count("attempts")?;
+        // Not used here, but read by the functions (positions): checked like the others.
+        fields.num("seq")?;
         Ok(JobEntry {
             entry_id: raw.id.clone(),
             job_id: fields
@@ -164,7 +195,7 @@ impl JobEntry {
             prior_attempts,
             enqueued_ms,
             avoid: fields.avoid()?,
-            avoid_until: fields.int("avoid_until")?.unwrap_or(0),
+            avoid_until: fields.num("avoid_until")?.unwrap_or(0),
             passes: fields.count("passes")?,
         })
     }
@@ -232,42 +263,36 @@ impl<'a> Fields<'a> {
         }
     }
 
-    /// A whole-number field.
-    fn int(&self, name: &str) -> Result<Option<u64>, Malformed> {
-        match self.0.get(name) {
-            None => Ok(None),
-            Some(v) => std::str::from_utf8(v)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-                .map(Some)
-                .ok_or_else(|| bad(name, "a whole number", v)),
-        }
+    /// A numeric field, by the rule and range of [`limits`](crate::limits).
+    fn num(&self, name: &str) -> Result<Option<u64>, Malformed> {
+        let Some(v) = self.0.get(name) else {
+            return Ok(None);
+        };
+        let field = limits::entry_field(name);
+        limits::whole(v, field.range())
+            .map(Some)
+            .ok_or_else(|| Malformed::BadNumber {
+                field: name.to_owned(),
+                value: shown(v),
+                min: field.min,
+                max: field.max,
+            })
     }
 
-    /// A counter field; missing is 0, and a value past `u32::MAX` saturates (it only grows).
+    /// A counter field (`attempts`, `passes`); missing is 0.
     fn count(&self, name: &str) -> Result<u32, Malformed> {
-        Ok(self
-            .int(name)?
-            .map_or(0, |v| u32::try_from(v).unwrap_or(u32::MAX)))
+        // In range, so it fits (the ranges are far below u32::MAX).
+        Ok(self.num(name)?.map_or(0, |v| v as u32))
     }
 
     /// A timeout field: a positive number of milliseconds.
     fn positive_ms(&self, name: &str) -> Result<Option<Duration>, Malformed> {
-        match self.int(name)? {
-            Some(0) => Err(bad(name, "a positive number of milliseconds", b"0")),
-            v => Ok(v.map(Duration::from_millis)),
-        }
+        Ok(self.num(name)?.map(Duration::from_millis))
     }
 
     fn max_attempts(&self) -> Result<Option<u32>, Malformed> {
-        const EXPECTED: &str = "a positive whole number";
-        match self.int("max_attempts")? {
-            Some(0) => Err(bad("max_attempts", EXPECTED, b"0")),
-            Some(v) => u32::try_from(v)
-                .map(Some)
-                .map_err(|_| bad("max_attempts", EXPECTED, v.to_string().as_bytes())),
-            None => Ok(None),
-        }
+        // In range, so it fits.
+        Ok(self.num("max_attempts")?.map(|v| v as u32))
     }
 
     fn limits(&self) -> Result<JobLimits, Malformed> {
@@ -314,7 +339,16 @@ impl<'a> Fields<'a> {
 pub const MAX_AVOID: usize = 8;
 
 fn bad(field: &str, expected: &'static str, value: &[u8]) -> Malformed {
-    let mut value = String::from_utf8_lossy(value).into_owned();
+    Malformed::BadField {
+        field: field.to_owned(),
+        expected,
+        value: shown(value),
+    }
+}
+
+/// A value as a reason shows it: lossy UTF-8, cut to 100 bytes.
+fn shown(value: &[u8]) -> String {
+    let mut value = String::from_utf8_lossy(&value[..value.len().min(400)]).into_owned();
     if value.len() > 100 {
         let mut cut = 100;
         while !value.is_char_boundary(cut) {
@@ -322,11 +356,7 @@ fn bad(field: &str, expected: &'static str, value: &[u8]) -> Malformed {
         }
         value.truncate(cut);
     }
-    Malformed::BadField {
-        field: field.to_owned(),
-        expected,
-        value,
-    }
+    value
 }
 
 /// The millisecond part of a stream entry id (its enqueue time).
@@ -595,6 +625,55 @@ mod tests {
             let err = JobEntry::parse(&raw(fields), 1024).unwrap_err().to_string();
             assert!(err.contains(want), "{err} lacks {want}");
         }
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_refused_naming_field_value_and_range() {
+        for (field, value) in [
+            ("queue_timeout_ms", "18446744073709551615"),
+            ("attempts", "4294967296"),
+            ("max_attempts", "0"),
+            ("max_attempts", "1000001"),
+            ("passes", "-1"),
+            ("enqueued_ms", "1.5"),
+            ("avoid_until", "inf"),
+            ("run_timeout_ms", "nan"),
+            ("start_timeout_ms", " 5"),
+            ("progress_timeout_ms", "+5"),
+            ("seq", "0x10"),
+            ("attempts", "1e3"),
+        ] {
+            let e = JobEntry::parse(&raw(&[("payload", "{}"), (field, value)]), 1024).unwrap_err();
+            let f = limits::entry_field(field);
+            let text = e.to_string();
+            assert!(matches!(&e, Malformed::BadNumber { .. }), "{text}");
+            let range = format!("from {} to {}", f.min, f.max);
+            assert!(
+                text.contains(field) && text.contains(value) && text.contains(&range),
+                "{text}"
+            );
+        }
+        let ok = raw(&[
+            ("payload", "{}"),
+            ("attempts", "2"),
+            ("max_attempts", "1000000"),
+        ]);
+        let j = JobEntry::parse(&ok, 1024).unwrap();
+        assert_eq!(
+            (j.prior_attempts, j.limits.max_attempts),
+            (2, Some(1_000_000))
+        );
+    }
+
+    #[test]
+    fn an_entry_of_too_many_fields_is_malformed_whatever_its_payload() {
+        let names: Vec<String> = (0..5000).map(|i| format!("f{i}")).collect();
+        let mut fields = vec![("payload", "{}")];
+        fields.extend(names.iter().map(|n| (n.as_str(), "x")));
+        let e = JobEntry::parse(&raw(&fields), 1024).unwrap_err();
+        assert!(e.to_string().contains("5001 fields"), "{e}");
+        fields.truncate(ENTRY_FIELDS_MAX);
+        assert!(JobEntry::parse(&raw(&fields), 1024).is_ok());
     }
 
     #[test]

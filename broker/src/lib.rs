@@ -5,6 +5,7 @@
 //! - [`keys`] — the Redis key layout (the only place keys are built).
 //! - [`job`] — the job envelope: entry fields, validation, states, status.
 //! - [`queue_config`] — queue defaults kept in Redis (timeouts, attempts, backoff, retention).
+//! - [`limits`] — one rule for every number in entries and configs, each field's range.
 //! - [`functions`] — the server-side Redis Functions library (Lua) and its loader.
 //! - [`calls`] — typed arguments and replies of the functions a worker calls.
 //! - [`connection`] — connections to Redis (TLS, passwords, timeouts), whatever the topology.
@@ -34,6 +35,7 @@ pub mod http;
 pub mod inspect;
 pub mod job;
 pub mod keys;
+pub mod limits;
 pub mod listener;
 pub mod liveness;
 pub mod local_redis;

@@ -1,6 +1,11 @@
 //! Queue defaults, kept in Redis (`fleetq:{q}:config`) so that producers in any language and
 //! every worker agree on them without sharing a config file. A job may override the timeouts
 //! and `max_attempts` with fields of its own.
+//!
+//! Every numeric field of the hash follows the one rule of [`limits`](crate::limits) and its
+//! range there ([`CONFIG_NUMBERS`]), here as in the functions: a value such as `nan`, `1.5`,
+//! `inf`, `-1` or `0x10` is refused with the field, the value and the range, by
+//! [`QueueConfig::from_map`] and by every function that reads the config, before it writes.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -8,6 +13,7 @@ use std::time::Duration;
 use redis::AsyncCommands;
 
 use crate::keys::QueueKeys;
+use crate::limits::{self, CONFIG_NUMBERS};
 use crate::{Error, Result};
 
 /// Default lease: a dead or frozen host's job moves on after about this long.
@@ -24,6 +30,14 @@ pub const DEFAULT_RETENTION: Duration = Duration::from_secs(3600);
 pub const DEFAULT_EVENTS_MAXLEN: u64 = 10_000;
 /// Default largest payload, in bytes.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+
+/// The error for config field `name` holding `value` where it must hold `expected`.
+fn refused(name: &str, expected: &str, value: &str) -> Error {
+    let shown: String = value.chars().take(100).collect();
+    Error::Config(format!(
+        "queue config field {name} must be {expected}, got {shown:?}; fix it with HSET fleetq:{{<queue>}}:config {name} <number>"
+    ))
+}
 
 /// The defaults of one queue. Every field maps to a field of the config hash
 /// (`lease_ms`, `max_attempts`, …) with the same name, times in milliseconds.
@@ -80,65 +94,71 @@ fn ms(d: Duration) -> String {
 impl QueueConfig {
     /// Reads the queue's config hash; absent fields take their defaults.
     pub async fn load<C: AsyncCommands>(conn: &mut C, keys: &QueueKeys) -> Result<Self> {
-        let map: HashMap<String, String> = conn
+        let raw: HashMap<String, Vec<u8>> = conn
             .hgetall(keys.config())
             .await
             .map_err(|e| Error::redis("read queue config", e))?;
+        // Bytes that are not UTF-8 become U+FFFD, which no number holds: refused by name.
+        let map = raw
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+            .collect();
         Self::from_map(&map)
     }
 
-    /// Parses config hash fields; an unparsable value is an error naming the field.
+    /// Parses config hash fields; a value that is not a whole number of its field's range
+    /// (every field of [`CONFIG_NUMBERS`], those this type does not hold too) is an error
+    /// naming the field, the value and the range. Fields of no meaning here are ignored.
     pub fn from_map(map: &HashMap<String, String>) -> Result<Self> {
-        let mut c = Self::default();
-        let num = |name: &str| -> Result<Option<u64>> {
-            match map.get(name) {
-                None => Ok(None),
-                Some(v) => v.trim().parse::<u64>().map(Some).map_err(|_| {
-                    Error::Config(format!(
-                        "queue config field {name} must be a whole number, got {v:?}; fix it with HSET"
-                    ))
-                }),
+        let mut nums: HashMap<&str, u64> = HashMap::new();
+        for field in CONFIG_NUMBERS {
+            if let Some(v) = map.get(field.name) {
+                let n = limits::whole(v.as_bytes(), field.range())
+                    .ok_or_else(|| refused(field.name, &field.expected(), v))?;
+                nums.insert(field.name, n);
             }
-        };
-        let dur = |name: &str| -> Result<Option<Duration>> {
-            Ok(num(name)?.filter(|v| *v > 0).map(Duration::from_millis))
-        };
-        if let Some(v) = dur("lease_ms")? {
+        }
+        let num = |name: &str| nums.get(name).copied();
+        let dur = |name: &str| num(name).filter(|v| *v > 0).map(Duration::from_millis);
+        let mut c = Self::default();
+        if let Some(v) = dur("lease_ms") {
             c.lease = v;
         }
-        if let Some(v) = num("max_attempts")? {
-            c.max_attempts = u32::try_from(v.max(1)).unwrap_or(u32::MAX);
+        if let Some(v) = num("max_attempts") {
+            // In range (at most 1000000), so it fits.
+            c.max_attempts = v.max(1) as u32;
         }
-        if let Some(v) = dur("backoff_base_ms")? {
+        if let Some(v) = dur("backoff_base_ms") {
             c.backoff_base = v;
         }
-        if let Some(v) = dur("backoff_max_ms")? {
+        if let Some(v) = dur("backoff_max_ms") {
             c.backoff_max = v;
         }
-        c.queue_timeout = dur("queue_timeout_ms")?;
-        c.start_timeout = dur("start_timeout_ms")?;
-        c.progress_timeout = dur("progress_timeout_ms")?;
-        c.run_timeout = dur("run_timeout_ms")?;
-        if let Some(v) = dur("retention_ms")? {
+        c.queue_timeout = dur("queue_timeout_ms");
+        c.start_timeout = dur("start_timeout_ms");
+        c.progress_timeout = dur("progress_timeout_ms");
+        c.run_timeout = dur("run_timeout_ms");
+        if let Some(v) = dur("retention_ms") {
             c.retention = v;
         }
-        if let Some(v) = num("events_maxlen")? {
+        if let Some(v) = num("events_maxlen") {
             c.events_maxlen = v;
         }
-        if let Some(v) = num("max_payload_bytes")? {
-            c.max_payload_bytes = usize::try_from(v).unwrap_or(usize::MAX);
+        if let Some(v) = num("max_payload_bytes") {
+            // In range (at most 512 MiB), so it fits.
+            c.max_payload_bytes = v as usize;
         }
         c.validate()?;
         Ok(c)
     }
 
-    /// Checks the values make sense together.
+    /// Checks every value lies in its field's range and the values make sense together.
     pub fn validate(&self) -> Result<()> {
-        if self.lease < Duration::from_millis(300) {
-            return Err(Error::Config(format!(
-                "lease_ms is {} ms; use at least 300 ms so renewals (every lease/3) keep up",
-                self.lease.as_millis()
-            )));
+        for (name, v) in self.to_fields() {
+            let field = limits::config_field(name);
+            if limits::whole(v.as_bytes(), field.range()).is_none() {
+                return Err(refused(name, &field.expected(), &v));
+            }
         }
         if self.backoff_max < self.backoff_base {
             return Err(Error::Config(
@@ -217,6 +237,34 @@ mod tests {
         assert!(err.contains("lease_ms"), "{err}");
         let map = HashMap::from([("lease_ms".to_owned(), "10".to_owned())]);
         assert!(QueueConfig::from_map(&map).is_err());
+    }
+
+    #[test]
+    fn only_whole_numbers_of_each_fields_range_pass() {
+        for (name, bad) in [
+            ("retention_ms", "nan"),
+            ("events_maxlen", "1.5"),
+            ("events_maxlen", "inf"),
+            ("run_timeout_ms", "-1"),
+            ("queue_timeout_ms", "18446744073709551615"),
+            ("max_attempts", "0x10"),
+            ("lease_ms", " 2000"),
+            ("max_payload_bytes", "0"),
+            // Not fields of this type, but of the hash: refused alike, as the functions do.
+            ("poison_nodes", "-1"),
+            ("failover_cooldown_ms", "1e3"),
+            ("partitions", "65"),
+        ] {
+            let map = HashMap::from([(name.to_owned(), bad.to_owned())]);
+            let err = QueueConfig::from_map(&map).unwrap_err().to_string();
+            let f = limits::config_field(name);
+            assert!(
+                err.contains(name) && err.contains(bad) && err.contains(&f.expected()),
+                "{err}"
+            );
+        }
+        let map = HashMap::from([("poison_nodes".to_owned(), "0".to_owned())]);
+        assert!(QueueConfig::from_map(&map).is_ok());
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub use fleetq_worker;
 
 pub mod chaos;
 pub mod cluster;
+pub mod entries;
 pub mod fake_comfy;
 pub mod proxy;
 pub mod sentinel;
@@ -348,6 +349,10 @@ pub fn bin_path(name: &str) -> PathBuf {
     } else {
         dir
     };
+    // This package's own binaries are built by `cargo test` itself.
+    if ["fleetq-test-worker", "fleetq-chaos", "fleetq-chaos-child"].contains(&name) {
+        return dir.join(name);
+    }
     BUILT.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
@@ -432,6 +437,14 @@ impl WorkerProcess {
                 );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The exit code when the process has exited (`-1` when a signal ended it), without waiting.
+    pub fn exited(&mut self) -> Option<i32> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(status.code().unwrap_or(-1)),
+            _ => None,
         }
     }
 

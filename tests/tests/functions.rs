@@ -771,7 +771,7 @@ async fn enqueue_refuses_bad_input_with_a_reason() {
     for (args, want) in [
         (vec!["{x"], "not valid JSON"),
         (vec!["{}", "colour", "red"], "unknown field"),
-        (vec!["{}", "max_attempts", "0"], "positive integer"),
+        (vec!["{}", "max_attempts", "0"], "from 1 to 1000000"),
         (vec!["{}", "id"], "pairs"),
     ] {
         let mut cmd = fcall("fleetq_enqueue", &keys);

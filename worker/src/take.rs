@@ -121,6 +121,7 @@ fn take_entry(raw: &RawEntry, job: &Result<JobEntry, Malformed>, queue: &QueueCo
             prior_attempts: j.prior_attempts,
             max_attempts: j.max_attempts(queue),
             queue_deadline_ms: match j.queue_timeout(queue) {
+                // Both in range (limits), so the sum cannot overflow.
                 Some(t) if j.prior_attempts == 0 => j.enqueued_ms + t.as_millis() as u64,
                 _ => 0,
             },
@@ -134,7 +135,9 @@ fn take_entry(raw: &RawEntry, job: &Result<JobEntry, Malformed>, queue: &QueueCo
             entry_id: raw.id.clone(),
             job_id: raw.job_id(),
             token,
-            max_attempts: u32::MAX,
+            // As many as a job may have: attempts never end a malformed entry before its
+            // dead letter does.
+            max_attempts: fleetq_broker::limits::MAX_ATTEMPTS as u32,
             enqueued_ms: entry_ms(&raw.id),
             ..TakeEntry::default()
         },

@@ -23,26 +23,28 @@ local function abandon_entry(K, consumer, entry_id, now)
   end
   local m = to_map(fields)
   local h = redis.call('HMGET', job_key(K, job_id), 'entry', 'attempts', 'max_attempts', 'nodes', 'state')
-  local used = tonumber(m['attempts']) or 0
+  -- An entry whose counts are not numbers of their range (never taken: no fleetq worker runs
+  -- it) goes back in line as it is; the worker that reads it next dead-letters it.
+  local used, max = entry_num(m, 'attempts', 0), entry_num(m, 'max_attempts', math.max(config_num(K, 'max_attempts', 3), 1))
   if h[1] == entry_id then used = tonumber(h[2]) or used end
-  local max = tonumber(h[3]) or tonumber(m['max_attempts']) or config_num(K, 'max_attempts', 3)
+  max = tonumber(h[3]) or max
   if TERMINAL[h[5]] or (h[1] and h[1] ~= entry_id) then
     local jk = job_key(K, job_id)
     drop_duplicate(K, jk, entry_id, redis.call('HMGET', jk, 'state', 'entry', 'cancel', 'nodes', 'started_ms', 'tombstone'))
     return 0, 0
   end
-  if used >= max then
+  if used and max and used >= max then
     end_exhausted(K, job_id, entry_id, fields, used, max, h[4] or '')
     return 0, 1
   end
-  requeue(K, job_id, entry_id, { attempts = tostring(used) }, 0, now)
-  redis.call('HSET', job_key(K, job_id), 'attempts', tostring(used))
+  if not requeue(K, job_id, entry_id, { attempts = used and tostring(used) or nil }, 0, now) then return 0, 1 end
+  if used then redis.call('HSET', job_key(K, job_id), 'attempts', tostring(used)) end
   emit(K, 'released', job_id, { 'node', '', 'reason', 'process gone' })
   return 1, 0
 end
 
 local function abandon(keys, args)
-  local K = queue_keys(keys[1])
+  local K = open_queue(queue_keys(keys[1]))
   local consumer = args[1]
   local now = now_ms()
   local ok, pending = pcall(redis.call, 'XPENDING', K.stream, GROUP, '-', '+', ABANDON_BATCH, consumer)

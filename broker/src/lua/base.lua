@@ -1,5 +1,6 @@
 -- base.lua: what every fleetq function stands on — the queue's key names, the per-call caches of
--- the server's time and the queue config, and small table helpers. Prepended to the library.
+-- the server's time and the queue config, the rule for numbers, and small table helpers.
+-- Prepended to the library.
 --
 -- Key layout: every function takes the queue's stream key `fleetq:{q}:stream` as KEYS[1]
 -- and derives the queue's other keys from it (they share the `{q}` hash tag, so they live
@@ -68,20 +69,88 @@ end
 local function job_key(K, job_id) return K.prefix .. 'job:' .. job_id end
 local function notify_key(K, job_id) return K.prefix .. 'notify:' .. job_id end
 
+-- A flat field/value array as a table; of two equal fields the first counts (as in Rust).
 local function to_map(flat)
   local m = {}
-  for i = 1, #flat, 2 do m[flat[i]] = flat[i + 1] end
+  for i = 1, #flat, 2 do
+    if m[flat[i]] == nil then m[flat[i]] = flat[i + 1] end
+  end
   return m
 end
 
 local TERMINAL = { succeeded = true, failed = true, dead = true, expired = true, cancelled = true }
 
--- A number from the queue's config hash (read once per call), or `default`.
+-- Numbers: one rule with Rust (broker/src/limits.rs writes these tables in). A number is 1 to
+-- MAX_DIGITS decimal digits and nothing else (no sign, space, point, exponent, 0x, nan, inf),
+-- within its field's { min, max }. Lua's tonumber alone would take all of those.
+local ENTRY_NUMBERS = __FLEETQ_ENTRY_NUMBERS__
+local CONFIG_NUMBERS = __FLEETQ_CONFIG_NUMBERS__
+-- The config fields in the order Rust checks them (so both name the same bad one first).
+local CONFIG_ORDER = __FLEETQ_CONFIG_ORDER__
+local MAX_DIGITS = __FLEETQ_MAX_DIGITS__
+-- Most fields an entry may carry; the functions add none with more.
+local ENTRY_FIELDS_MAX = __FLEETQ_ENTRY_FIELDS_MAX__
+
+-- Any duration in ms a caller passes (elapsed, delays): 0 to the longest a field may hold.
+local MS_RANGE = { 0, ENTRY_NUMBERS.delay_ms[2] }
+
+-- The number `s` holds by the rule, within `range`; nil otherwise.
+local function whole(s, range)
+  if type(s) ~= 'string' or #s == 0 or #s > MAX_DIGITS or not string.match(s, '^%d+$') then return nil end
+  local n = tonumber(s)
+  if n < range[1] or n > range[2] then return nil end
+  return n
+end
+
+-- An entry field's number: `default` when absent, nil when present but not a number of its
+-- range (the worker dead-letters such an entry as malformed).
+local function entry_num(m, name, default)
+  local v = m[name]
+  if v == nil then return default end
+  return whole(v, ENTRY_NUMBERS[name])
+end
+
+-- A value as shown in a message: at most 100 bytes, control bytes as '?'.
+local function shown(v)
+  return '"' .. string.gsub(string.sub(tostring(v), 1, 100), '%c', '?') .. '"'
+end
+
+-- Reads and checks the queue's config hash, once per call; returns K. Every function that
+-- uses the config calls it first, so a bad value fails the call before anything is written:
+-- the same values Rust refuses (QueueConfig::from_map), with the field, value and range.
+local function open_queue(K)
+  if call_config ~= nil and call_config.key == K.config then return K end
+  local m = to_map(redis.call('HGETALL', K.config))
+  local nums = {}
+  for _, name in ipairs(CONFIG_ORDER) do
+    local range, v = CONFIG_NUMBERS[name], m[name]
+    if v ~= nil then
+      nums[name] = whole(v, range)
+      if nums[name] == nil then
+        return error(redis.error_reply('fleetq: queue config field ' .. name .. ' must be a whole number from ' .. range[1] ..
+          ' to ' .. range[2] .. ' (decimal digits only), got ' .. shown(v) .. '; fix it with HSET ' ..
+          K.config .. ' ' .. name .. ' <number>'))
+      end
+    end
+  end
+  local base, max = nums['backoff_base_ms'] or 0, nums['backoff_max_ms'] or 0
+  if base == 0 then base = 1000 end
+  if max == 0 then max = 60000 end
+  if max < base then
+    return error(redis.error_reply('fleetq: queue config field backoff_max_ms is below backoff_base_ms (' .. max ..
+      ' < ' .. base .. '); raise it with HSET ' .. K.config .. ' backoff_max_ms <number>'))
+  end
+  call_config = { key = K.config, nums = nums }
+  return K
+end
+
+-- A number from the queue's config (checked by open_queue at the top of the call), or
+-- `default` when the field is absent.
 local function config_num(K, name, default)
   if call_config == nil or call_config.key ~= K.config then
-    call_config = { key = K.config, map = to_map(redis.call('HGETALL', K.config)) }
+    return error('fleetq: internal: the queue config of ' .. K.config .. ' was not read at the top of this call')
   end
-  local v = tonumber(call_config.map[name])
+  local v = call_config.nums[name]
   if v == nil then return default end
   return v
 end

@@ -13,7 +13,7 @@
 -- reaches it: deleting entries that were never delivered would spoil the O(1) queue position.
 
 local function cancel(keys, args)
-  local K = queue_keys(keys[1])
+  local K = open_queue(queue_keys(keys[1]))
   local job_id = args[1]
   local jk = job_key(K, job_id)
   local h = redis.call('HMGET', jk, 'state', 'entry')

@@ -40,11 +40,11 @@ local function may_complete(K, consumer, entry_id, token, jk, outcome)
 end
 
 local function complete(keys, args)
-  local K = queue_keys(keys[1])
+  local K = open_queue(queue_keys(keys[1]))
   local consumer, entry_id, token, job_id = args[1], args[2], args[3] or '', args[4]
   local outcome, data = args[5], args[6] or ''
   local timeout_kind, stage = args[9] or '', args[10] or ''
-  local elapsed = tonumber(args[11]) or 0
+  local elapsed = whole(args[11], MS_RANGE) or 0
   local stages = args[12] or ''
   if not OUTCOMES[outcome] then
     return redis.error_reply('fleetq: unknown outcome "' .. outcome .. '"; use succeeded, failed, retry, dead, cancelled or release')
@@ -145,10 +145,12 @@ local function complete(keys, args)
       done = tonumber(attempts) or 0
       if outcome == 'release' then done = math.max(done - 1, 0) end
     else
-      done = tonumber(m['attempts']) or 0
+      -- A bad count on the entry stays as it is: the worker that reads it next dead-letters it.
+      done = entry_num(m, 'attempts', 0)
     end
-    local set = { attempts = tostring(done) }
-    local delay = tonumber(args[7]) or 0
+    local set = { attempts = done and tostring(done) or nil }
+    done = done or 0
+    local delay = whole(args[7], MS_RANGE) or 0
     if outcome == 'retry' then
       local cooldown = config_num(K, 'failover_cooldown_ms', DEFAULT_FAILOVER_COOLDOWN_MS)
       local avoid = split_csv(m['avoid'])
@@ -165,7 +167,7 @@ local function complete(keys, args)
     else
       delay = 0
     end
-    requeue(K, job_id, entry_id, set, delay, now)
+    if not requeue(K, job_id, entry_id, set, delay, now) then return reply end
     redis.call('HSET', jk, 'attempts', tostring(done))
     if outcome == 'retry' then
       redis.call('HSET', jk, 'error', data)

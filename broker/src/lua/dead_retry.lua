@@ -12,7 +12,7 @@
 -- Reply    how many were deleted.
 
 local function dead_retry(keys, args)
-  local K = queue_keys(keys[1])
+  local K = open_queue(queue_keys(keys[1]))
   local r = redis.call('XRANGE', K.dead, args[1], args[1])
   if #r == 0 then return { '', '' } end
   local m = to_map(r[1][2])
@@ -57,7 +57,12 @@ local function dead_purge(keys, args)
     redis.call('DEL', K.dead)
     return n
   end
-  return redis.call('XDEL', K.dead, unpack(args))
+  -- In slices: unpack of thousands of ids would overflow Lua's stack.
+  local n = 0
+  for i = 1, #args, 1000 do
+    n = n + redis.call('XDEL', K.dead, unpack(args, i, math.min(i + 999, #args)))
+  end
+  return n
 end
 
 register('fleetq_dead_retry', dead_retry)

@@ -10,7 +10,8 @@
 --          position: 1-based place among waiting jobs (0 when not waiting);
 --          created: 1 when this call added the job, 0 when the id already existed.
 -- Errors   'fleetq: …' when the payload is not JSON, too large, or a field is unknown or
---          not a positive integer where one is required.
+--          not a whole number of its range (broker/src/limits.rs) where one is required;
+--          when the queue config holds a bad value (nothing is written then).
 
 local ENQUEUE_FIELDS = {
   id = 'string', workflow = 'string', traceparent = 'string',
@@ -20,7 +21,7 @@ local ENQUEUE_FIELDS = {
 local DEFAULT_MAX_PAYLOAD_BYTES = 1048576
 
 local function enqueue(keys, args)
-  local K = queue_keys(keys[1])
+  local K = open_queue(queue_keys(keys[1]))
   local payload = args[1]
   if payload == nil or payload == '' then
     return redis.error_reply('fleetq: payload is missing; pass the job payload as a JSON text in ARGV[1]')
@@ -38,23 +39,24 @@ local function enqueue(keys, args)
   end
   local fields = { 'payload', payload }
   local job_id, delay = nil, 0
+  local given = {}
   for i = 2, #args, 2 do
     local f, v = args[i], args[i + 1]
     local kind = ENQUEUE_FIELDS[f]
     if kind == nil then
-      return redis.error_reply('fleetq: unknown field "' .. f .. '"; see docs/protocol.md for the job fields')
+      return redis.error_reply('fleetq: unknown field ' .. shown(f) .. '; see docs/protocol.md for the job fields')
     end
-    if kind == 'int' and (not string.match(v, '^%d+$') or (f ~= 'delay_ms' and tonumber(v) == 0)) then
-      return redis.error_reply('fleetq: field ' .. f .. ' must be a positive integer, got "' .. v .. '"')
+    if given[f] then
+      return redis.error_reply('fleetq: field ' .. f .. ' is given twice; pass each field once')
+    end
+    given[f] = true
+    local range = ENTRY_NUMBERS[f]
+    if kind == 'int' and whole(v, range) == nil then
+      return redis.error_reply('fleetq: field ' .. f .. ' must be a whole number from ' .. range[1] .. ' to ' ..
+        range[2] .. ' (decimal digits only), got ' .. shown(v))
     end
     if kind == 'string' and (v == '' or #v > 200) then
       return redis.error_reply('fleetq: field ' .. f .. ' must be 1 to 200 bytes')
-    end
-    if kind == 'int' and #v > 10 then
-      return redis.error_reply('fleetq: field ' .. f .. ' is too large, got "' .. v .. '"')
-    end
-    if f == 'max_attempts' and tonumber(v) > 1000000 then
-      return redis.error_reply('fleetq: field max_attempts must be at most 1000000, got "' .. v .. '"')
     end
     if f == 'id' then job_id = v end
     if f == 'delay_ms' then

@@ -23,7 +23,7 @@
 local function dead_letter_lapsed(K, now)
   local lease = config_num(K, 'lease_ms', DEFAULT_LEASE_MS)
   if not may_judge(K, lease, now) then return 0 end
-  local max_default = config_num(K, 'max_attempts', 3)
+  local max_default = math.max(config_num(K, 'max_attempts', 3), 1)
   local ended = 0
   local due = redis.call('ZRANGE', K.leases, '-inf', now, 'BYSCORE', 'LIMIT', 0, 100)
   for _, entry_id in ipairs(due) do
@@ -33,8 +33,8 @@ local function dead_letter_lapsed(K, now)
       local job_id = job_id_of(entry_id, fields)
       local h = redis.call('HMGET', job_key(K, job_id), 'entry', 'attempts', 'max_attempts', 'nodes')
       local used = tonumber(h[2]) or 0
-      local max = tonumber(h[3]) or tonumber(to_map(fields)['max_attempts']) or max_default
-      if h[1] == entry_id and used >= max then
+      local max = tonumber(h[3]) or entry_num(to_map(fields), 'max_attempts', max_default)
+      if h[1] == entry_id and max and used >= max then
         blame_lease(K, entry_id, owner, now)
         end_exhausted(K, job_id, entry_id, fields, used, max, h[4] or '')
         ended = ended + 1
@@ -45,8 +45,8 @@ local function dead_letter_lapsed(K, now)
 end
 
 local function expire(keys, args)
-  local K = queue_keys(keys[1])
-  local limit = tonumber(args[1]) or 1000
+  local K = open_queue(queue_keys(keys[1]))
+  local limit = whole(args[1], { 1, 100000 }) or 1000
   local g = group_state(K)
   if g == nil then return { 0, 0 } end
   local last = g['last-delivered-id']
@@ -58,10 +58,12 @@ local function expire(keys, args)
   local expired = 0
   for _, e in ipairs(r) do
     local m = to_map(e[2])
-    local timeout = tonumber(m['queue_timeout_ms']) or default
-    local enqueued = tonumber(m['enqueued_ms']) or tonumber(string.match(e[1], '^(%d+)'))
-    if timeout > 0 and (tonumber(m['attempts']) or 0) == 0 and enqueued + timeout < now then
-      local job_id = m['id'] or e[1]
+    local timeout = entry_num(m, 'queue_timeout_ms', default)
+    local enqueued = entry_num(m, 'enqueued_ms', tonumber(string.match(e[1], '^(%d+)')))
+    -- An entry with a bad number is the worker's to dead-letter (malformed), not this step's
+    -- to expire.
+    if timeout and enqueued and entry_num(m, 'attempts', 0) == 0 and timeout > 0 and enqueued + timeout < now then
+      local job_id = job_id_of(e[1], e[2])
       local jk = job_key(K, job_id)
       local h = redis.call('HMGET', jk, 'state', 'started_ms', 'entry')
       -- Not a job that already started, nor an older duplicate of a job with the same id.

@@ -31,8 +31,12 @@ local function node_beat(keys, args)
 end
 
 local function node_state(keys, args)
-  local K = queue_keys(keys[1])
-  local node, until_ms, reason = args[1], tonumber(args[2]) or 0, args[3] or ''
+  local K = open_queue(queue_keys(keys[1]))
+  local node, until_ms, reason = args[1], whole(args[2], ENTRY_NUMBERS.avoid_until), args[3] or ''
+  if until_ms == nil then
+    return redis.error_reply('fleetq: fleetq_node_state: until ' .. shown(args[2]) ..
+      ' is not a time in ms from 0 to ' .. ENTRY_NUMBERS.avoid_until[2])
+  end
   if until_ms > 0 then
     redis.call('HSET', K.suspended, node, tostring(until_ms))
     stat(K, 'node:' .. node .. ':suspensions')

@@ -18,6 +18,8 @@ end
 -- 1-based position of a waiting entry (how many undelivered entries are at or before it),
 -- or 0 when the entry has already been delivered to a worker.
 local function position_of(K, entry_id, seq)
+  -- A `seq` that is not a number of its range (a plain XADD may carry anything) is ignored.
+  if type(seq) == 'string' then seq = whole(seq, ENTRY_NUMBERS.seq) end
   local g = group_state(K)
   if g ~= nil then
     if not id_lt(g['last-delivered-id'], entry_id) then return 0 end

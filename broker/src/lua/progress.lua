@@ -16,7 +16,7 @@
 -- event. Workers throttle their calls.
 
 local function progress(keys, args)
-  local K = queue_keys(keys[1])
+  local K = open_queue(queue_keys(keys[1]))
   local consumer, entry_id, token, job_id, kind = args[1], args[2], args[3], args[4], args[5]
   local jk = job_key(K, job_id)
   if not owns(K, entry_id, consumer, token, jk) then return 'lost' end

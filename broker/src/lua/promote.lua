@@ -17,8 +17,8 @@ local function promote_one(K, job_id)
   if saved then ok, fields = pcall(cjson.decode, saved) end
   redis.call('ZREM', K.delayed, job_id)
   if not saved then return end
-  if not ok or type(fields) ~= 'table' or #fields > 2 * ENTRY_FIELDS_MAX then
-    local reason = 'malformed: its saved retry fields are not a JSON array of at most ' .. ENTRY_FIELDS_MAX .. ' fields'
+  if not ok or type(fields) ~= 'table' or #fields > 2 * ENTRY_ADD_MAX then
+    local reason = 'malformed: its saved retry fields are not a JSON array of at most ' .. ENTRY_ADD_MAX .. ' fields'
     dead_letter(K, job_id, {}, 'malformed', reason, 0, '')
     finish(K, job_id, 'dead', { 'error', reason, 'reason', 'malformed' })
     emit(K, 'dead', job_id, { 'reason', 'malformed' })
@@ -42,8 +42,8 @@ local function promote_due(K, now, limit)
 end
 
 local function promote(keys, args)
-  local K = queue_keys(keys[1])
-  local moved, next_due = promote_due(K, now_ms(), tonumber(args[1]) or 100)
+  local K = open_queue(queue_keys(keys[1]))
+  local moved, next_due = promote_due(K, now_ms(), whole(args[1], { 1, 100000 }) or 100)
   return { moved, next_due }
 end
 

@@ -80,8 +80,14 @@ local function next_wake(K, next_due, now, lease)
 end
 
 local function reclaim(keys, args)
-  local K = queue_keys(keys[1])
-  local consumer, lease, want = args[1], tonumber(args[2]), tonumber(args[3])
+  local K = open_queue(queue_keys(keys[1]))
+  local consumer = args[1]
+  local lease, want = whole(args[2], CONFIG_NUMBERS.lease_ms), whole(args[3], { 0, 100000 })
+  if lease == nil or want == nil then
+    return redis.error_reply('fleetq: fleetq_reclaim: lease ' .. shown(args[2]) .. ' or count ' .. shown(args[3]) ..
+      ' is not a whole number of its range (lease ' .. CONFIG_NUMBERS.lease_ms[1] .. ' to ' ..
+      CONFIG_NUMBERS.lease_ms[2] .. ' ms, count 0 to 100000)')
+  end
   local now = now_ms()
   seen(K, args[4])
   local judge = may_judge(K, lease, now)

@@ -12,10 +12,41 @@ local function entry_fields(K, entry_id)
   return r[1][2]
 end
 
--- The job id of an entry: its `id` field, else the entry id itself.
+-- Is `s` UTF-8, as Rust's str::from_utf8 decides (no overlong forms, surrogates or values
+-- past U+10FFFF)?
+local function is_utf8(s)
+  local i, n = 1, #s
+  while i <= n do
+    local c = string.byte(s, i)
+    local len, lo, hi = 1, 0x80, 0xBF
+    if c >= 0xC2 and c <= 0xDF then len = 2
+    elseif c >= 0xE0 and c <= 0xEF then
+      len = 3
+      if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F end
+    elseif c >= 0xF0 and c <= 0xF4 then
+      len = 4
+      if c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end
+    elseif c >= 0x80 then return false end
+    if i + len - 1 > n then return false end
+    for j = i + 1, i + len - 1 do
+      local b = string.byte(s, j)
+      if b < lo or b > hi then return false end
+      lo, hi = 0x80, 0xBF
+    end
+    i = i + len
+  end
+  return true
+end
+
+-- The job id of an entry, as the worker reads it (RawEntry::job_id): its first `id` field
+-- when that is 1 to 200 bytes of UTF-8, else the entry id itself.
 local function job_id_of(entry_id, fields)
   for i = 1, #fields, 2 do
-    if fields[i] == 'id' then return fields[i + 1] end
+    if fields[i] == 'id' then
+      local v = fields[i + 1]
+      if #v >= 1 and #v <= 200 and is_utf8(v) then return v end
+      return entry_id
+    end
   end
   return entry_id
 end

@@ -14,7 +14,11 @@
 
 local function renew(keys, args)
   local K = queue_keys(keys[1])
-  local consumer, lease = args[1], tonumber(args[2])
+  local consumer, lease = args[1], whole(args[2], CONFIG_NUMBERS.lease_ms)
+  if lease == nil then
+    return redis.error_reply('fleetq: fleetq_renew: lease ' .. shown(args[2]) .. ' is not a whole number from ' ..
+      CONFIG_NUMBERS.lease_ms[1] .. ' to ' .. CONFIG_NUMBERS.lease_ms[2] .. ' ms')
+  end
   local now = now_ms()
   seen(K, args[3])
   worker_called(K, lease, now)

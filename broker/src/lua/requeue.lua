@@ -5,15 +5,17 @@
 -- Most fields of an entry copied to its dead letter; an entry with more (hostile input) keeps
 -- the first ones and says how many were left out.
 local DEAD_FIELDS_MAX = 64
--- Most fields an entry put back in line may carry (a valid job has far fewer).
-local ENTRY_FIELDS_MAX = 100
+-- Most fields an entry put back in line may carry: the ENTRY_FIELDS_MAX a valid job may have,
+-- and room for those fleetq adds (id, enqueued_ms, attempts, avoid, avoid_until, passes, seq).
+local ENTRY_ADD_MAX = ENTRY_FIELDS_MAX + 8
 
 -- Add an entry to the stream, stamping it with its sequence number `seq` (the stream's
 -- entries-added counter after the add) so that its queue position is O(1) to compute.
--- Returns the new entry id and its seq.
+-- Returns the new entry id and its seq. Callers check the field count first (the error
+-- below is a last guard, before anything is written).
 local function add_entry(K, flat)
-  if #flat > 2 * ENTRY_FIELDS_MAX then
-    return error('fleetq: an entry of ' .. (#flat / 2) .. ' fields cannot be added; at most ' .. ENTRY_FIELDS_MAX)
+  if #flat > 2 * ENTRY_ADD_MAX then
+    return error('fleetq: an entry of ' .. (#flat / 2) .. ' fields cannot be added; at most ' .. ENTRY_ADD_MAX)
   end
   local added = 0
   if redis.call('EXISTS', K.stream) == 1 then
@@ -93,9 +95,22 @@ end
 -- Put a delivered entry's job back in line as a new entry: at once (delay 0) or through the
 -- delayed set. `set` holds fields to set on the new entry (attempts, avoid, …). The new entry
 -- is written before the old one is acknowledged and deleted, so a failure leaves the old one.
+-- An entry with more fields than an entry may carry (one no fleetq worker runs) is
+-- dead-lettered instead, reason malformed: returns false then, true when it went back in line.
 local function requeue(K, job_id, entry_id, set, delay, now)
   local keep = requeue_fields(K, job_id, entry_id, set)
   local jk = job_key(K, job_id)
+  if #keep > 2 * ENTRY_ADD_MAX then
+    local fields = entry_fields(K, entry_id) or {}
+    local reason = 'entry has ' .. (#fields / 2) .. ' fields, more than the ' .. ENTRY_FIELDS_MAX ..
+      ' a job may carry; put large or many inputs in the payload, or pass a reference to them'
+    dead_letter(K, job_id, fields, 'malformed', reason, set.attempts or 0,
+      redis.call('HGET', jk, 'nodes') or '')
+    drop_entry(K, entry_id)
+    finish(K, job_id, 'dead', { 'error', reason, 'reason', 'malformed' })
+    emit(K, 'dead', job_id, { 'reason', 'malformed' })
+    return false
+  end
   if delay <= 0 then
     local new_id, seq = add_entry(K, keep)
     stat(K, 'readded')
@@ -107,6 +122,7 @@ local function requeue(K, job_id, entry_id, set, delay, now)
     redis.call('ZADD', K.delayed, now + delay, job_id)
   end
   drop_entry(K, entry_id)
+  return true
 end
 
 -- The job ended or was replaced, but its entry was still delivered: drop it. `h` is the job

@@ -115,40 +115,76 @@ local function take_owned(K, T, e, deliveries)
   elseif deliveries == 1 and avoided_here(K, T, e)
     and other_node_eligible(K, T.node, e.avoid_until > T.now and e.avoid or {}, e.workflow, T.now) then
     local delay = math.min(PASS_DELAY_MS * 2 ^ e.passes, PASS_DELAY_MAX_MS)
-    requeue(K, e.job_id, e.entry_id, { passes = tostring(e.passes + 1) }, delay, T.now)
+    if not requeue(K, e.job_id, e.entry_id, { passes = tostring(e.passes + 1) }, delay, T.now) then
+      return 'dead', used
+    end
     stat(K, 'passed')
     return 'pass', delay
   end
   return 'run', take_run(K, T, e, h, used, deliveries)
 end
 
+-- The numbers among an entry's values (offset in its stride, name, range): checked by the rule
+-- of base.lua before anything is written. The worker derives them from an entry it checked.
+local TAKE_NUMBERS = {
+  { 3, 'prior_attempts', ENTRY_NUMBERS.attempts },
+  -- Up to 2^32-1: what a worker passes for an entry it found malformed.
+  { 4, 'max_attempts', { 1, 4294967295 } },
+  { 5, 'queue_deadline_ms', { 0, 2 * ENTRY_NUMBERS.enqueued_ms[2] } },
+  { 6, 'enqueued_ms', ENTRY_NUMBERS.enqueued_ms },
+  { 8, 'avoid_until_ms', ENTRY_NUMBERS.avoid_until },
+  { 10, 'passes', ENTRY_NUMBERS.passes },
+}
+
+-- One entry's values, or nil and what is wrong with them.
 local function take_entry(args, i)
+  local token = args[i + 2]
+  if token ~= '' and not string.match(token, TOKEN_PATTERN) then
+    return nil, shown(token) .. ' is not a token of 16 hex digits'
+  end
+  local n = {}
+  for _, t in ipairs(TAKE_NUMBERS) do
+    n[t[2]] = whole(args[i + t[1]], t[3])
+    if n[t[2]] == nil then
+      return nil, t[2] .. ' ' .. shown(args[i + t[1]]) .. ' of entry ' .. shown(args[i]) ..
+        ' is not a whole number from ' .. t[3][1] .. ' to ' .. t[3][2]
+    end
+  end
   return {
-    entry_id = args[i], job_id = args[i + 1], token = args[i + 2],
-    prior = tonumber(args[i + 3]) or 0, max_attempts = tonumber(args[i + 4]) or 1,
-    deadline = tonumber(args[i + 5]) or 0, enqueued = args[i + 6],
-    avoid = split_csv(args[i + 7]), avoid_until = tonumber(args[i + 8]) or 0,
-    workflow = args[i + 9] or '', passes = tonumber(args[i + 10]) or 0,
+    entry_id = args[i], job_id = args[i + 1], token = token,
+    prior = n.prior_attempts, max_attempts = n.max_attempts,
+    deadline = n.queue_deadline_ms, enqueued = args[i + 6],
+    avoid = split_csv(args[i + 7]), avoid_until = n.avoid_until_ms,
+    workflow = args[i + 9] or '', passes = n.passes,
   }
 end
 
 local function take(keys, args)
-  local K = queue_keys(keys[1])
+  local K = open_queue(queue_keys(keys[1]))
   if (#args - 4) % TAKE_STRIDE ~= 0 then
     return redis.error_reply('fleetq: fleetq_take takes 4 values and then ' .. TAKE_STRIDE ..
       ' per entry; got ' .. #args .. ' (a worker of another protocol version?)')
   end
-  local T = { consumer = args[1], node = args[2], lease = tonumber(args[3]), started_now = args[4] == '1',
-    now = now_ms() }
+  local T = { consumer = args[1], node = args[2], lease = whole(args[3], CONFIG_NUMBERS.lease_ms),
+    started_now = args[4] == '1', now = now_ms() }
+  if T.lease == nil then
+    return redis.error_reply('fleetq: fleetq_take: lease ' .. shown(args[3]) .. ' is not a whole number from ' ..
+      CONFIG_NUMBERS.lease_ms[1] .. ' to ' .. CONFIG_NUMBERS.lease_ms[2] .. ' ms')
+  end
+  -- Every entry is checked before anything is written.
+  local entries = {}
+  for i = 5, #args, TAKE_STRIDE do
+    local e, wrong = take_entry(args, i)
+    if e == nil then
+      return redis.error_reply('fleetq: fleetq_take: ' .. wrong ..
+        ' (a worker of another protocol version?); upgrade the worker with the library')
+    end
+    entries[#entries + 1] = e
+  end
   seen(K, T.node)
   worker_called(K, T.lease, T.now)
   local out = {}
-  for i = 5, #args, TAKE_STRIDE do
-    local e = take_entry(args, i)
-    if e.token ~= '' and not string.match(e.token, TOKEN_PATTERN) then
-      return redis.error_reply('fleetq: fleetq_take: "' .. tostring(e.token) .. '" is not a token of 16 hex digits ' ..
-        '(a worker of another protocol version?); upgrade the worker with the library')
-    end
+  for _, e in ipairs(entries) do
     local owner, deliveries = pending_owner(K, e.entry_id)
     if owner ~= T.consumer or e.token == '' then
       out[#out + 1] = { e.entry_id, 'lost', deliveries, 0 }
