@@ -96,6 +96,12 @@ impl Error {
         }
     }
 
+    /// True when a function refused the call because of a bad value in the queue's config
+    /// hash: trying again succeeds once an operator fixes it (the error says how).
+    pub fn is_bad_config(&self) -> bool {
+        matches!(self, Error::Rejected(m) if m.starts_with("queue config field"))
+    }
+
     /// True when trying again later may succeed: the connection was refused, dropped or
     /// timed out, or the server is loading its data set, busy with a script, read-only (a
     /// replica or a failover in progress), out of memory, or its cluster/master is down

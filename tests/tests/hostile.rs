@@ -625,3 +625,60 @@ async fn a_bad_config_value_fails_every_function_before_it_writes() {
         .unwrap();
     assert!(ttl > 0, "the ended job's hash expires: {ttl}");
 }
+
+/// A result computed while the queue's config holds a bad value is kept: the worker tries
+/// again until the config is fixed, then records it (one attempt, nothing run twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_computed_under_a_bad_config_is_recorded_once_it_is_fixed() {
+    let s = Stack::start().await;
+    let keys = QueueKeys::new("q").unwrap();
+    let cfg = QueueConfig {
+        lease: Duration::from_secs(30),
+        ..quick_config()
+    };
+    s.configure("q", &cfg).await;
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let worker = s.worker(
+        worker_config("q", "gpu-1", 1),
+        FnHandler::new(move |job, _| {
+            let g = g.clone();
+            async move {
+                let _ = g.acquire().await;
+                Outcome::Succeeded(job.payload)
+            }
+        }),
+    );
+    let p = s.producer("q").await;
+    let e = p
+        .enqueue(&json!({"n": 1}), &EnqueueOptions::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the job running", || async {
+        p.status(&e.id).await.unwrap().state == JobState::Running
+    })
+    .await;
+    let mut c = direct_connection(&s.server.url()).await;
+    let _: () = redis::cmd("HSET")
+        .arg(keys.config())
+        .arg("retention_ms")
+        .arg("nan")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    gate.add_permits(1);
+    // The commit is refused for the config's sake meanwhile; nothing ends the job.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let _: () = redis::cmd("HSET")
+        .arg(keys.config())
+        .arg("retention_ms")
+        .arg(3_600_000)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let st = p.wait(&e.id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(st.state, JobState::Succeeded, "{st:?}");
+    assert_eq!(st.attempts, 1, "{st:?}");
+    assert_eq!(st.result, Some(json!({"n": 1})));
+    worker.stop().await;
+}

@@ -73,7 +73,9 @@ impl Committer {
                 }
                 Err(e) => e,
             };
-            if !e.is_transient() {
+            // A bad queue config stops every function until fixed: keep the result and try
+            // again, as through an outage.
+            if !e.is_transient() && !e.is_bad_config() {
                 tracing::error!(job = %job.holding.job_id, error = %e,
                     "cannot record the end of the job; its lease will run out and another host will run it again");
                 return None;
