@@ -366,23 +366,23 @@ pub struct EnqueueRequest {
     #[serde(default, deserialize_with = "whole_number")]
     pub max_attempts: Option<u32>,
     /// Expire when not started within this, ms.
-    #[schema(minimum = 1, maximum = 9999999999_u64)]
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_u64)] // limits::MAX_MS
     #[serde(default, deserialize_with = "whole_number")]
     pub queue_timeout_ms: Option<u64>,
     /// Taken but not started within this → timeout, ms.
-    #[schema(minimum = 1, maximum = 9999999999_u64)]
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_u64)] // limits::MAX_MS
     #[serde(default, deserialize_with = "whole_number")]
     pub start_timeout_ms: Option<u64>,
     /// No progress for this long → timeout, ms.
-    #[schema(minimum = 1, maximum = 9999999999_u64)]
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_u64)] // limits::MAX_MS
     #[serde(default, deserialize_with = "whole_number")]
     pub progress_timeout_ms: Option<u64>,
     /// Cap on one attempt, ms.
-    #[schema(minimum = 1, maximum = 9999999999_u64)]
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_u64)] // limits::MAX_MS
     #[serde(default, deserialize_with = "whole_number")]
     pub run_timeout_ms: Option<u64>,
     /// Run no earlier than this from now, ms.
-    #[schema(minimum = 0, maximum = 9999999999_u64)]
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_u64)] // limits::MAX_MS
     #[serde(default, deserialize_with = "whole_number")]
     pub delay_ms: Option<u64>,
     /// W3C trace context (printable ASCII).
@@ -1036,6 +1036,24 @@ mod tests {
             }
             _ => {}
         }
+    }
+
+    #[test]
+    fn the_documents_number_ranges_are_the_functions() {
+        let doc = serde_json::to_value(openapi()).unwrap();
+        let props = &doc["components"]["schemas"]["EnqueueRequest"]["properties"];
+        let mut checked = 0;
+        for field in crate::limits::ENTRY_NUMBERS {
+            let Some(p) = props.get(field.name) else {
+                continue;
+            };
+            let range = field.range();
+            assert_eq!(p["maximum"], *range.end(), "{}", field.name);
+            assert_eq!(p["minimum"], *range.start(), "{}", field.name);
+            checked += 1;
+        }
+        // max_attempts, four timeouts, delay_ms.
+        assert_eq!(checked, 6, "{props}");
     }
 
     #[test]
