@@ -1,9 +1,9 @@
 //! A minimal local Redis Cluster for the cluster scenario: 3 primaries, no replicas, each a
 //! `redis-server` (`LocalRedis`, persistence off) in its own temporary directory on a free
 //! loopback port. Slots are assigned in three ranges (`CLUSTER ADDSLOTSRANGE`), in the
-//! order of the nodes' ports, and the nodes are joined with `CLUSTER MEET`; [`Cluster::start`]
-//! returns once every node reports `cluster_state:ok` with 3 primaries, with the function
-//! library loaded on each. Every node is killed and its directory removed when dropped.
+//! order of the nodes' ports, and the nodes are joined with `CLUSTER MEET` (each node's bus
+//! on a port of its own, chosen free); [`Cluster::start`] returns once every node reports
+//! `cluster_state:ok` with 3 primaries, with the function library loaded on each. Every node is killed and its directory removed when dropped.
 
 use std::time::{Duration, Instant};
 
@@ -24,11 +24,17 @@ const FORM_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the nodes are asked whether the cluster is formed.
 const FORM_POLL: Duration = Duration::from_millis(50);
 
+/// Attempts at starting a node, each with a fresh bus port.
+const NODE_START_TRIES: usize = 3;
+
 /// One primary: its process and a plain connection to it alone (for `INFO` and `CLUSTER`).
 #[derive(Debug)]
 struct Node {
     /// Killed and its directory removed when dropped.
     local: LocalRedis,
+    /// Its cluster bus port, chosen free (Redis's default, port + 10 000, may be taken or
+    /// past 65 535).
+    bus_port: u16,
     /// A standalone handle on this node only.
     redis: Redis,
 }
@@ -50,15 +56,19 @@ impl Cluster {
     pub async fn start() -> anyhow::Result<Self> {
         let mut locals = Vec::with_capacity(PRIMARIES);
         for _ in 0..PRIMARIES {
-            locals.push(LocalRedis::start_with(node_options()).context("start a cluster node")?);
+            locals.push(start_node()?);
         }
-        locals.sort_by_key(LocalRedis::port);
+        locals.sort_by_key(|(local, _)| local.port());
         let mut nodes = Vec::with_capacity(PRIMARIES);
-        for local in locals {
+        for (local, bus_port) in locals {
             let redis = Redis::connect(&local.url())
                 .await
                 .with_context(|| format!("connect to cluster node {}", local.port()))?;
-            nodes.push(Node { local, redis });
+            nodes.push(Node {
+                local,
+                bus_port,
+                redis,
+            });
         }
         for (node, (first, last)) in nodes.iter().zip(SLOT_RANGES) {
             let _: () = redis::cmd("CLUSTER")
@@ -74,6 +84,7 @@ impl Cluster {
                 .arg("MEET")
                 .arg("127.0.0.1")
                 .arg(other.local.port())
+                .arg(other.bus_port)
                 .query_async(&mut nodes[0].redis.conn())
                 .await
                 .with_context(|| format!("CLUSTER MEET 127.0.0.1 {}", other.local.port()))?;
@@ -124,12 +135,39 @@ impl Cluster {
     }
 }
 
-/// `redis-server` settings of a node: cluster mode, its `nodes.conf` in its own directory.
-fn node_options() -> LocalRedisOptions {
+/// Starts one node and returns it with its bus port; a bus port taken before the node binds
+/// it is replaced by another, up to [`NODE_START_TRIES`] times.
+fn start_node() -> anyhow::Result<(LocalRedis, u16)> {
+    let mut last = None;
+    for _ in 0..NODE_START_TRIES {
+        let bus_port = free_port()?;
+        match LocalRedis::start_with(node_options(bus_port)) {
+            Ok(local) => return Ok((local, bus_port)),
+            Err(e) => last = Some(e),
+        }
+    }
+    match last {
+        Some(e) => Err(e).context("start a cluster node"),
+        None => bail!("start a cluster node: no attempt made"),
+    }
+}
+
+/// A loopback port free now.
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .context("find a free loopback port for a cluster bus")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// `redis-server` settings of a node: cluster mode, its `nodes.conf` in its own directory,
+/// its bus on `bus_port`.
+fn node_options(bus_port: u16) -> LocalRedisOptions {
+    let bus_port = bus_port.to_string();
     let extra = [
         ("cluster-enabled", "yes"),
         ("cluster-config-file", "nodes.conf"),
         ("cluster-node-timeout", NODE_TIMEOUT_MS),
+        ("cluster-port", bus_port.as_str()),
     ];
     LocalRedisOptions {
         extra: extra
