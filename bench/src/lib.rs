@@ -1,11 +1,13 @@
 //! fleetq-bench: what a job costs, what an idle worker costs, how fast a job starts and how
 //! fast a dead or frozen host's job moves on — measured against a private `redis-server`, and
-//! set beside what Redis itself allows (the floor).
+//! set beside what Redis itself allows (the floor); and how a hot queue's partitions spread
+//! over a private Redis Cluster.
 //!
 //! - [`suite`] — [`Options`] and [`run`]: every scenario in order, one [`Report`].
 //! - [`plan`] — the sizes and windows of a full run and of a `--quick` one.
 //! - [`report`] — the figures, the targets with pass/miss, the table and the JSON line.
 //! - [`server`] — a fresh `redis-server` per scenario (persistence off) and what is read from it.
+//! - [`cluster`] — a local Redis Cluster of 3 primaries for the cluster scenario.
 //! - [`commandstats`] — `INFO commandstats` snapshots, deltas, and which commands only
 //!   clients send.
 //! - [`payload`] — the 200-byte no-op job payload.
@@ -13,7 +15,7 @@
 //!   stop, kill and freeze.
 //! - [`bench_worker`] — the hidden `worker` subcommand that such a process runs.
 //! - [`poll`] — waiting for a condition with a deadline.
-//! - [`scenarios`] — enqueue, end to end, floor, memory, idle, dispatch, recovery.
+//! - [`scenarios`] — enqueue, end to end, floor, memory, idle, dispatch, recovery, cluster.
 //!
 //! # Running it from a test
 //!
@@ -42,6 +44,7 @@
 //! test), not a library for users, and every failure is reported with the step it happened in.
 
 pub mod bench_worker;
+pub mod cluster;
 pub mod commandstats;
 pub mod payload;
 pub mod plan;

@@ -15,6 +15,11 @@ pub const FLOOR_READ_COUNT: usize = WORKER_SLOTS;
 pub const DISPATCH_RATE: u32 = 200;
 /// Wait after the idle workers' node records exist, before the idle window opens.
 pub const IDLE_SETTLE: Duration = Duration::from_secs(2);
+/// Worker processes of the cluster scenario: one per primary, so that with 3 partitions
+/// every primary has readers, and few enough that on 2 cores they leave Redis room.
+pub const CLUSTER_WORKERS: usize = 3;
+/// Slots of each worker process in the cluster scenario (as in the end-to-end one).
+pub const CLUSTER_WORKER_SLOTS: usize = WORKER_SLOTS;
 /// How long the job that a recovery scenario strands runs (longer than the whole scenario).
 pub const RECOVERY_JOB: Duration = Duration::from_secs(120);
 
@@ -41,6 +46,9 @@ pub struct Plan {
     pub idle_window: Duration,
     /// Open-loop arrival window of the dispatch scenario. Full 10 s, quick 3 s.
     pub dispatch_window: Duration,
+    /// Jobs per drain of the cluster scenario (once with 1 partition, once with 3). Full
+    /// 30 000, quick 3 000.
+    pub cluster_jobs: usize,
 }
 
 impl Plan {
@@ -56,6 +64,7 @@ impl Plan {
             idle_workers: 20,
             idle_window: Duration::from_secs(20),
             dispatch_window: Duration::from_secs(10),
+            cluster_jobs: 30_000,
         }
     }
 
@@ -71,6 +80,7 @@ impl Plan {
             idle_workers: 5,
             idle_window: Duration::from_secs(4),
             dispatch_window: Duration::from_secs(3),
+            cluster_jobs: 3_000,
         }
     }
 

@@ -9,6 +9,7 @@ use comfy_table::{ContentArrangement, Table};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::scenarios::cluster::ClusterResult;
 use crate::scenarios::dispatch::DispatchResult;
 use crate::scenarios::e2e::E2eResult;
 use crate::scenarios::enqueue::EnqueueResult;
@@ -33,6 +34,10 @@ pub const TARGET_RECOVERY_OVER_LEASE_S: f64 = 1.0;
 /// so the broker need not wait for the lease).
 pub const TARGET_RECOVERY_KILL_S: f64 = 1.5;
 
+/// Target: with 3 partitions on 3 primaries, the busiest primary's share of the Redis CPU
+/// of the drain, less than (with 1 partition it is about 1.0).
+pub const TARGET_BUSIEST_PRIMARY_SHARE: f64 = 0.6;
+
 /// Every figure of one run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
@@ -54,6 +59,8 @@ pub struct Report {
     pub dispatch: DispatchResult,
     /// Time to move a dead or frozen host's job.
     pub recovery: RecoveryResult,
+    /// A hot queue on a 3-primary cluster, 1 partition against 3.
+    pub cluster: ClusterResult,
 }
 
 /// One target and whether this run met it.
@@ -70,9 +77,22 @@ pub struct TargetCheck {
 }
 
 impl Report {
-    /// Failed correctness checks; empty when every job succeeded exactly once.
-    pub fn problems(&self) -> &[String] {
-        &self.e2e.problems
+    /// Failed correctness checks (end to end, then cluster); empty when every job succeeded
+    /// exactly once.
+    pub fn problems(&self) -> Vec<String> {
+        let cluster = self
+            .cluster
+            .problems
+            .iter()
+            .map(|p| format!("cluster, {p}"));
+        self.e2e.problems.iter().cloned().chain(cluster).collect()
+    }
+
+    /// The busiest primary's share of Redis CPU with 3 partitions (1.0 when not measured).
+    pub fn split_busiest_share(&self) -> f64 {
+        self.cluster
+            .run(3)
+            .map_or(1.0, |r| r.busiest_primary_cpu_share)
     }
 
     /// `e2e_jobs_per_sec / floor_jobs_per_sec`.
@@ -137,6 +157,12 @@ impl Report {
                 format!("≤ {recovery_limit:.0} s (lease + 1)"),
                 self.recovery.hang_s <= recovery_limit,
             ),
+            check(
+                "cluster, 3 partitions: busiest primary's share of Redis CPU",
+                format!("{:.2}", self.split_busiest_share()),
+                format!("< {TARGET_BUSIEST_PRIMARY_SHARE:.1}"),
+                self.split_busiest_share() < TARGET_BUSIEST_PRIMARY_SHARE,
+            ),
         ]
     }
 
@@ -164,6 +190,40 @@ impl Report {
             "dispatch_p99_ms": round(self.dispatch.p99_ms, 3),
             "recovery_kill_s": round(self.recovery.kill_s, 3),
             "recovery_hang_s": round(self.recovery.hang_s, 3),
+            "cluster": self.cluster_json(),
+        })
+    }
+
+    /// The `cluster` object of [`Report::to_json`].
+    fn cluster_json(&self) -> serde_json::Value {
+        let c = &self.cluster;
+        let runs: Vec<serde_json::Value> = c
+            .runs
+            .iter()
+            .map(|r| {
+                let by_primary: Vec<f64> = r
+                    .redis_cpu_us_per_job_by_primary
+                    .iter()
+                    .map(|v| round(*v, 1))
+                    .collect();
+                json!({
+                    "partitions": r.partitions,
+                    "jobs_per_sec": round(r.jobs_per_sec, 1),
+                    "seconds": round(r.seconds, 3),
+                    "redis_cpu_us_per_job_by_primary": by_primary,
+                    "busiest_primary_cpu_share": round(r.busiest_primary_cpu_share, 3),
+                    "worker_cpu_us_per_job": round(r.worker_cpu_us_per_job, 1),
+                })
+            })
+            .collect();
+        json!({
+            "primaries": c.primaries,
+            "jobs": c.jobs,
+            "workers": c.workers,
+            "slots": c.slots,
+            "runs": runs,
+            "speedup_3_over_1": round(c.speedup_3_over_1, 3),
+            "exactly_once": c.problems.is_empty(),
         })
     }
 
@@ -322,6 +382,43 @@ impl Report {
             format!("recovery after SIGSTOP (lease {:.0} s)", r.lease_s),
             format!("{:.2} s", r.hang_s),
             Some(6),
+        );
+        let c = &self.cluster;
+        for r in &c.runs {
+            let cpu: Vec<String> = r
+                .redis_cpu_us_per_job_by_primary
+                .iter()
+                .map(|v| format!("{v:.1}"))
+                .collect();
+            row(
+                format!(
+                    "cluster ({} primaries): {} no-op jobs, {} partition(s), {} worker processes × {} slots",
+                    c.primaries, c.jobs, r.partitions, c.workers, c.slots
+                ),
+                format!("{:.0} jobs/s ({:.2} s)", r.jobs_per_sec, r.seconds),
+                None,
+            );
+            row(
+                format!(
+                    "  Redis CPU per job by primary; busiest primary's share ({} partition(s))",
+                    r.partitions
+                ),
+                format!("{} µs; {:.2}", cpu.join(" / "), r.busiest_primary_cpu_share),
+                (r.partitions == 3).then_some(7),
+            );
+            row(
+                format!(
+                    "  worker processes' CPU per job, all together ({} partition(s))",
+                    r.partitions
+                ),
+                format!("{:.1} µs", r.worker_cpu_us_per_job),
+                None,
+            );
+        }
+        row(
+            "cluster: jobs/s with 3 partitions / with 1 (this run; bound by the cores here)".into(),
+            format!("{:.2}", c.speedup_3_over_1),
+            None,
         );
         let problems = self.problems();
         row(

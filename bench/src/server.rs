@@ -1,12 +1,14 @@
 //! A fresh `redis-server` per scenario (loopback, free port, no persistence: `LocalRedis`),
 //! so that no scenario's keys, memory or counters leak into another's, and what the
-//! scenarios read from it: counters, memory, command statistics, node records.
+//! scenarios read from it: counters, memory, command statistics, node records. The free
+//! functions at the end take any [`Redis`] handle, so the cluster scenario uses them too.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use fleetq_broker::keys::GROUP;
 use fleetq_broker::{LocalRedis, QueueConfig, QueueKeys, Redis};
+use redis::aio::ConnectionLike;
 
 use crate::commandstats::CommandStats;
 
@@ -67,80 +69,17 @@ impl Server {
 
     /// Creates the queue's consumer group (as a running fleet would have).
     pub async fn create_group(&self, keys: &QueueKeys) -> anyhow::Result<()> {
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(keys.stream())
-            .arg(GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut self.redis.conn())
-            .await
-            .context("XGROUP CREATE")?;
-        Ok(())
+        create_group(&self.redis, keys).await
     }
 
-    /// Makes the queue's group look like one a worker has read from: one plain entry is
-    /// added, read by a throwaway consumer, acknowledged and deleted, and the consumer
-    /// removed. The stream is empty again, but the group's `entries-read` is now known.
-    ///
-    /// Why: Redis (7.0) reports `entries-read` as unknown for a group that has never
-    /// delivered an entry, and `fleetq_enqueue` then computes the new job's position with an
-    /// `XRANGE … COUNT 1000` instead of in O(1) — about 1 ms per enqueue on a backlog (see
-    /// the enqueue scenario's cold figure). Every queue a worker has read from is past this.
+    /// See [`prime_group`].
     pub async fn prime_group(&self, keys: &QueueKeys) -> anyhow::Result<()> {
-        const PRIMER: &str = "bench-primer";
-        let mut conn = self.redis.conn();
-        let id: String = redis::cmd("XADD")
-            .arg(keys.stream())
-            .arg("*")
-            .arg("payload")
-            .arg("{}")
-            .query_async(&mut conn)
-            .await
-            .context("XADD the primer entry")?;
-        let _: redis::Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(GROUP)
-            .arg(PRIMER)
-            .arg("COUNT")
-            .arg(1)
-            .arg("STREAMS")
-            .arg(keys.stream())
-            .arg(">")
-            .query_async(&mut conn)
-            .await
-            .context("XREADGROUP the primer entry")?;
-        let _: () = redis::pipe()
-            .cmd("XACK")
-            .arg(keys.stream())
-            .arg(GROUP)
-            .arg(&id)
-            .ignore()
-            .cmd("XDEL")
-            .arg(keys.stream())
-            .arg(&id)
-            .ignore()
-            .cmd("XGROUP")
-            .arg("DELCONSUMER")
-            .arg(keys.stream())
-            .arg(GROUP)
-            .arg(PRIMER)
-            .ignore()
-            .query_async(&mut conn)
-            .await
-            .context("drop the primer entry")?;
-        Ok(())
+        prime_group(&self.redis, keys).await
     }
 
     /// A counter of the queue's stats hash, 0 when absent.
     pub async fn stat(&self, keys: &QueueKeys, field: &str) -> anyhow::Result<i64> {
-        let v: Option<i64> = redis::cmd("HGET")
-            .arg(keys.stats())
-            .arg(field)
-            .query_async(&mut self.redis.conn())
-            .await
-            .with_context(|| format!("HGET stats {field}"))?;
-        Ok(v.unwrap_or(0))
+        stat(&self.redis, keys, field).await
     }
 
     /// `used_memory` from `INFO memory`, bytes.
@@ -156,22 +95,9 @@ impl Server {
             .context("INFO memory has no used_memory")
     }
 
-    /// CPU time the server has used so far (`used_cpu_user + used_cpu_sys` of `INFO cpu`).
+    /// CPU time the server has used so far (see [`cpu_time`]).
     pub async fn cpu_time(&self) -> anyhow::Result<Duration> {
-        let info: String = redis::cmd("INFO")
-            .arg("cpu")
-            .query_async(&mut self.redis.conn())
-            .await
-            .context("INFO cpu")?;
-        let secs = |key: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .with_context(|| format!("INFO cpu has no {key}"))
-        };
-        Ok(Duration::from_secs_f64(
-            secs("used_cpu_user:")? + secs("used_cpu_sys:")?,
-        ))
+        cpu_time(&mut self.redis.conn()).await
     }
 
     /// `INFO commandstats` now.
@@ -194,25 +120,134 @@ impl Server {
 
     /// `XLEN` of the queue's stream.
     pub async fn stream_len(&self, keys: &QueueKeys) -> anyhow::Result<u64> {
-        redis::cmd("XLEN")
-            .arg(keys.stream())
-            .query_async(&mut self.redis.conn())
-            .await
-            .context("XLEN")
+        stream_len(&self.redis, keys).await
     }
 
     /// Entries in the group's pending list (0 without a group).
     pub async fn pending(&self, keys: &QueueKeys) -> anyhow::Result<u64> {
-        let summary: redis::RedisResult<(u64, redis::Value, redis::Value, redis::Value)> =
-            redis::cmd("XPENDING")
-                .arg(keys.stream())
-                .arg(GROUP)
-                .query_async(&mut self.redis.conn())
-                .await;
-        match summary {
-            Ok((n, ..)) => Ok(n),
-            Err(e) if e.code() == Some("NOGROUP") => Ok(0),
-            Err(e) => Err(e).context("XPENDING"),
-        }
+        pending(&self.redis, keys).await
+    }
+}
+
+// What follows works on any handle, one server or a cluster (keyed commands are routed).
+
+/// Creates the queue's consumer group (as a running fleet would have).
+pub async fn create_group(redis: &Redis, keys: &QueueKeys) -> anyhow::Result<()> {
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(keys.stream())
+        .arg(GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut redis.conn())
+        .await
+        .context("XGROUP CREATE")?;
+    Ok(())
+}
+
+/// Makes the queue's group look like one a worker has read from: one plain entry is
+/// added, read by a throwaway consumer, acknowledged and deleted, and the consumer
+/// removed. The stream is empty again, but the group's `entries-read` is now known.
+///
+/// Why: Redis (7.0) reports `entries-read` as unknown for a group that has never
+/// delivered an entry, and `fleetq_enqueue` then computes the new job's position with an
+/// `XRANGE … COUNT 1000` instead of in O(1) — about 1 ms per enqueue on a backlog (see
+/// the enqueue scenario's cold figure). Every queue a worker has read from is past this.
+pub async fn prime_group(redis: &Redis, keys: &QueueKeys) -> anyhow::Result<()> {
+    const PRIMER: &str = "bench-primer";
+    let mut conn = redis.conn();
+    let id: String = redis::cmd("XADD")
+        .arg(keys.stream())
+        .arg("*")
+        .arg("payload")
+        .arg("{}")
+        .query_async(&mut conn)
+        .await
+        .context("XADD the primer entry")?;
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(GROUP)
+        .arg(PRIMER)
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg(keys.stream())
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .context("XREADGROUP the primer entry")?;
+    let _: () = redis::pipe()
+        .cmd("XACK")
+        .arg(keys.stream())
+        .arg(GROUP)
+        .arg(&id)
+        .ignore()
+        .cmd("XDEL")
+        .arg(keys.stream())
+        .arg(&id)
+        .ignore()
+        .cmd("XGROUP")
+        .arg("DELCONSUMER")
+        .arg(keys.stream())
+        .arg(GROUP)
+        .arg(PRIMER)
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .context("drop the primer entry")?;
+    Ok(())
+}
+
+/// A counter of the queue's stats hash, 0 when absent.
+pub async fn stat(redis: &Redis, keys: &QueueKeys, field: &str) -> anyhow::Result<i64> {
+    let v: Option<i64> = redis::cmd("HGET")
+        .arg(keys.stats())
+        .arg(field)
+        .query_async(&mut redis.conn())
+        .await
+        .with_context(|| format!("HGET stats {field}"))?;
+    Ok(v.unwrap_or(0))
+}
+
+/// CPU time the server behind `conn` has used so far (`used_cpu_user + used_cpu_sys` of
+/// `INFO cpu`).
+pub async fn cpu_time<C: ConnectionLike + Send>(conn: &mut C) -> anyhow::Result<Duration> {
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(conn)
+        .await
+        .context("INFO cpu")?;
+    let secs = |key: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .with_context(|| format!("INFO cpu has no {key}"))
+    };
+    Ok(Duration::from_secs_f64(
+        secs("used_cpu_user:")? + secs("used_cpu_sys:")?,
+    ))
+}
+
+/// `XLEN` of the queue's stream.
+pub async fn stream_len(redis: &Redis, keys: &QueueKeys) -> anyhow::Result<u64> {
+    redis::cmd("XLEN")
+        .arg(keys.stream())
+        .query_async(&mut redis.conn())
+        .await
+        .context("XLEN")
+}
+
+/// Entries in the group's pending list (0 without a group).
+pub async fn pending(redis: &Redis, keys: &QueueKeys) -> anyhow::Result<u64> {
+    let summary: redis::RedisResult<(u64, redis::Value, redis::Value, redis::Value)> =
+        redis::cmd("XPENDING")
+            .arg(keys.stream())
+            .arg(GROUP)
+            .query_async(&mut redis.conn())
+            .await;
+    match summary {
+        Ok((n, ..)) => Ok(n),
+        Err(e) if e.code() == Some("NOGROUP") => Ok(0),
+        Err(e) => Err(e).context("XPENDING"),
     }
 }

@@ -1,5 +1,5 @@
-//! The whole benchmark: every scenario in turn, each on its own fresh `redis-server`, one
-//! [`Report`] at the end.
+//! The whole benchmark: every scenario in turn, each on its own fresh `redis-server` (the
+//! cluster scenario on its own cluster), one [`Report`] at the end.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -8,7 +8,7 @@ use anyhow::Context;
 
 use crate::plan::Plan;
 use crate::report::Report;
-use crate::scenarios::{dispatch, e2e, enqueue, floor, idle, memory, recovery};
+use crate::scenarios::{cluster, dispatch, e2e, enqueue, floor, idle, memory, recovery};
 
 /// How to run the benchmark.
 #[derive(Debug, Clone)]
@@ -68,6 +68,11 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         .context("dispatch scenario")?;
     tracing::info!("recovery after SIGKILL and SIGSTOP (default 10 s lease)");
     let recovery = recovery::run(exe).await.context("recovery scenario")?;
+    tracing::info!(
+        jobs = plan.cluster_jobs,
+        "a hot queue on a 3-primary cluster: 1 partition, then 3"
+    );
+    let cluster = cluster::run(&plan, exe).await.context("cluster scenario")?;
 
     Ok(Report {
         quick: plan.quick,
@@ -79,5 +84,6 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         idle,
         dispatch,
         recovery,
+        cluster,
     })
 }

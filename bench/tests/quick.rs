@@ -29,4 +29,16 @@ async fn quick_benchmark_runs_every_scenario_correctly() {
             "{key} missing from {json}"
         );
     }
+    let cluster = &json["cluster"];
+    assert_eq!(cluster["exactly_once"], true, "{cluster}");
+    let runs = cluster["runs"].as_array().expect("cluster runs");
+    let partitions: Vec<u64> = runs
+        .iter()
+        .filter_map(|r| r["partitions"].as_u64())
+        .collect();
+    assert_eq!(partitions, [1, 3], "{cluster}");
+    for run in runs {
+        let by_primary = run["redis_cpu_us_per_job_by_primary"].as_array();
+        assert_eq!(by_primary.map(Vec::len), Some(3), "{run}");
+    }
 }

@@ -37,7 +37,7 @@ const STATUS_SAMPLES: usize = 1000;
 /// Commands listed in the report.
 const TOP_COMMANDS: usize = 12;
 /// Stats counters that must stay 0 when every job succeeds at its first attempt.
-const MUST_BE_ZERO: &[&str] = &[
+pub(crate) const MUST_BE_ZERO: &[&str] = &[
     "failed",
     "dead",
     "expired",

@@ -1,5 +1,5 @@
-//! The scenarios. Each starts its own `redis-server` (see [`crate::server`]) and returns its
-//! figures; none depends on another's state.
+//! The scenarios. Each starts its own `redis-server` (see [`crate::server`]), or its own
+//! cluster ([`crate::cluster`]), and returns its figures; none depends on another's state.
 //!
 //! - [`enqueue`] — producer throughput: one job at a time, and pipelined batches.
 //! - [`e2e`] — N no-op jobs through one worker process with 8 slots: throughput, Redis
@@ -9,7 +9,9 @@
 //! - [`idle`] — Redis commands per idle worker per second.
 //! - [`dispatch`] — enqueue→start latency at a fixed arrival rate with idle slots.
 //! - [`recovery`] — time until a killed or frozen host's job runs elsewhere.
+//! - [`cluster`] — a hot queue on a 3-primary Redis Cluster, 1 partition against 3.
 
+pub mod cluster;
 pub mod dispatch;
 pub mod e2e;
 pub mod enqueue;
