@@ -323,32 +323,22 @@ impl<H: Handler> Intake<H> {
         self.hand_over(0, entries).await
     }
 
-    /// A partitioned queue: unless every waiter just ended with nothing new, mark each
-    /// stream's last entry and sweep; when the sweep brings nothing, wait on every stream.
+    /// A partitioned queue: unless every waiter just ended with nothing new, sweep; when the
+    /// sweep brings nothing, mark each stream's last entry and sweep once more (an entry
+    /// added meanwhile is in that sweep or newer than its mark), then wait on every stream.
+    /// Marks cost a command per stream, so they are only read on the way to waiting.
     async fn read_many(&mut self, stop: &CancellationToken) -> Result<(), Failed> {
         let n = self.sources.len();
         if !std::mem::take(&mut self.idle) {
+            if self.sweep().await? {
+                return Ok(());
+            }
             for i in 0..n {
-                // Before the sweep: an entry added after it is newer than the mark.
                 if self.sources[i].waiter.is_none() {
                     self.sources[i].mark = Some(self.last_id(i).await.on(i)?);
                 }
             }
-            let mut got = false;
-            for k in 0..n {
-                let i = (self.turn + k) % n;
-                let free = self.slots.available_permits();
-                if free == 0 {
-                    break;
-                }
-                let entries = self.read_now(i, free).await.on(i)?;
-                if !entries.is_empty() {
-                    got = true;
-                    self.dispatch(i, entries).await.on(i)?;
-                }
-            }
-            self.turn = (self.turn + 1) % n;
-            if got {
+            if self.sweep().await? {
                 return Ok(());
             }
         }
@@ -369,6 +359,27 @@ impl<H: Handler> Intake<H> {
             _ = stop.cancelled() => {}
         }
         Ok(())
+    }
+
+    /// Reads every stream without blocking, each in turn asked for the slots still free (the
+    /// first stream of the turn rotating), and dispatches; true when any brought entries.
+    async fn sweep(&mut self) -> Result<bool, Failed> {
+        let n = self.sources.len();
+        let mut got = false;
+        for k in 0..n {
+            let i = (self.turn + k) % n;
+            let free = self.slots.available_permits();
+            if free == 0 {
+                break;
+            }
+            let entries = self.read_now(i, free).await.on(i)?;
+            if !entries.is_empty() {
+                got = true;
+                self.dispatch(i, entries).await.on(i)?;
+            }
+        }
+        self.turn = (self.turn + 1) % n;
+        Ok(got)
     }
 
     /// Reads up to `free` entries of stream `i` without blocking.
