@@ -24,6 +24,16 @@ fn quick_config() -> QueueConfig {
     }
 }
 
+/// A fresh server with queue `q` (quick config, group created), a direct connection and the
+/// queue's keys.
+async fn queue_q() -> (Stack, MultiplexedConnection, QueueKeys) {
+    let s = Stack::start().await;
+    s.configure("q", &quick_config()).await;
+    s.create_group("q").await;
+    let c = direct_connection(&s.server.url()).await;
+    (s, c, QueueKeys::new("q").unwrap())
+}
+
 /// A plain XADD of raw fields, as a foreign producer would; the entry id.
 async fn xadd(
     c: &mut MultiplexedConnection,
@@ -163,11 +173,7 @@ async fn entries_of_5000_fields_are_dead_lettered_and_their_batch_runs() {
 /// dead-lettered, reason malformed. Reclaim, expire and status read it as any other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn functions_that_requeue_dead_letter_an_entry_of_5000_fields() {
-    let s = Stack::start().await;
-    s.configure("q", &quick_config()).await;
-    s.create_group("q").await;
-    let mut c = direct_connection(&s.server.url()).await;
-    let keys = QueueKeys::new("q").unwrap();
+    let (s, mut c, keys) = queue_q().await;
     let released = xadd(&mut c, &keys, &wide("{}", 5000)).await;
     let abandoned = xadd(&mut c, &keys, &wide("{}", 5000)).await;
     let _: redis::Value = redis::cmd("XREADGROUP")
@@ -332,11 +338,7 @@ async fn numbers_out_of_range_are_dead_lettered_naming_field_value_and_range() {
 /// Rust, for the number and for the job id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expire_reads_entry_numbers_by_the_rule_and_the_first_of_equal_fields() {
-    let s = Stack::start().await;
-    s.configure("q", &quick_config()).await;
-    s.create_group("q").await;
-    let mut c = direct_connection(&s.server.url()).await;
-    let keys = QueueKeys::new("q").unwrap();
+    let (s, mut c, keys) = queue_q().await;
     for (id, timeout) in [
         ("hex", "0x10"),
         ("neg", "-1"),
@@ -437,11 +439,7 @@ async fn snapshot(c: &mut MultiplexedConnection, keys: &QueueKeys) -> BTreeMap<S
 /// the value is repaired, the same calls go through and the job taken before runs on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_config_value_fails_every_function_before_it_writes() {
-    let s = Stack::start().await;
-    s.configure("q", &quick_config()).await;
-    s.create_group("q").await;
-    let mut c = direct_connection(&s.server.url()).await;
-    let keys = QueueKeys::new("q").unwrap();
+    let (_server, mut c, keys) = queue_q().await;
     let enqueue = |id: &str| {
         fcall("fleetq_enqueue", &keys)
             .arg("{}")
