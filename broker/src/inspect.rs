@@ -374,6 +374,26 @@ pub async fn purge_dead(redis: &Redis, keys: &QueueKeys, ids: &[String]) -> Resu
 /// An event of a queue: its id in the events stream and its fields (`type`, `job`, …).
 pub type Event = (String, HashMap<String, String>);
 
+/// The id of the last entry of stream `key` (`0-0` when it has none or does not exist): where
+/// a read of what comes next starts (`XREAD … <id>`).
+pub async fn last_entry_id<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    key: &str,
+) -> redis::RedisResult<String> {
+    let last: Vec<(String, redis::Value)> = redis::cmd("XREVRANGE")
+        .arg(key)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    Ok(last
+        .into_iter()
+        .next()
+        .map_or_else(|| "0-0".to_owned(), |(id, _)| id))
+}
+
 /// The queue's events after `after` (an event id, `0-0` for all), blocking up to `block` for
 /// the first one; empty when none came. `conn` must be a blocking connection
 /// ([`Redis::blocking_conn`]) whose response timeout exceeds `block`.

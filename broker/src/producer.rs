@@ -250,20 +250,17 @@ impl Producer {
         step: &'static str,
     ) -> Result<(&QueueKeys, JobStatus)> {
         let homes = self.homes(id);
-        let mut found = None;
         for keys in &homes {
             let mut cmd = fcall(function, keys);
             cmd.arg(id);
             let flat: Vec<(String, String)> =
                 functions::call(&mut self.redis.conn(), &cmd, step).await?;
             let status = JobStatus::from_fields(id, flat);
-            let known = status.state != JobState::NotFound;
-            found = Some((*keys, status));
-            if known {
-                break;
+            if status.state != JobState::NotFound {
+                return Ok((*keys, status));
             }
         }
-        Ok(found.unwrap_or_else(|| (&self.keys, JobStatus::from_fields(id, Vec::new()))))
+        Ok((homes[0], JobStatus::from_fields(id, Vec::new())))
     }
 
     /// The wait pool of one queue or partition.

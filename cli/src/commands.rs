@@ -312,19 +312,9 @@ async fn watch(redis: &Redis, a: WatchArgs, as_json: bool) -> Result<(), CliErro
 
 /// The id of the newest event of the queue (where following starts).
 async fn events_cursor(redis: &Redis, keys: &QueueKeys) -> Result<String, CliError> {
-    let last: Vec<(String, HashMap<String, String>)> = redis::cmd("XREVRANGE")
-        .arg(keys.events())
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(&mut redis.conn())
+    Ok(inspect::last_entry_id(&mut redis.conn(), &keys.events())
         .await
-        .map_err(|e| fleetq_broker::Error::redis("read events", e))?;
-    Ok(last
-        .into_iter()
-        .next()
-        .map_or_else(|| "0-0".to_owned(), |(id, _)| id))
+        .map_err(|e| fleetq_broker::Error::redis("read events", e))?)
 }
 
 /// Follows job `id` through the queue's events (blocking reads, no polling) until it ends,

@@ -316,6 +316,17 @@ pub async fn direct_connection(url: &str) -> redis::aio::MultiplexedConnection {
         .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"))
 }
 
+/// A queue config for tests that wait on leases and retries: a 2 s lease, retries after
+/// 50–200 ms, the rest as by default.
+pub fn quick_queue_config() -> QueueConfig {
+    QueueConfig {
+        lease: Duration::from_secs(2),
+        backoff_base: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(200),
+        ..QueueConfig::default()
+    }
+}
+
 /// Polls `cond` every 20 ms until it is true or `timeout` passes; panics with `what` then.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut cond: F)
 where

@@ -6,18 +6,9 @@
 use std::time::Duration;
 
 use fleetq_broker::{EnqueueOptions, JobState, QueueConfig, QueueKeys};
-use fleetq_tests::{eventually, worker_config, FnHandler, Stack};
+use fleetq_tests::{eventually, quick_queue_config, worker_config, FnHandler, Stack};
 use fleetq_worker::Outcome;
 use serde_json::json;
-
-fn quick_config() -> QueueConfig {
-    QueueConfig {
-        lease: Duration::from_secs(2),
-        backoff_base: Duration::from_millis(50),
-        backoff_max: Duration::from_millis(200),
-        ..QueueConfig::default()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enqueue_run_result() {
@@ -139,7 +130,7 @@ async fn position_of_the_kth_waiting_job_is_k() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_with_backoff_then_dead_letter() {
     let s = Stack::start().await;
-    s.configure("q", &quick_config()).await;
+    s.configure("q", &quick_queue_config()).await;
     let p = s.producer("q").await;
     let h = FnHandler::new(|job, _| async move {
         Outcome::Retry(format!("boom on attempt {}", job.attempt))
@@ -234,7 +225,7 @@ async fn malformed_entries_are_dead_lettered_while_good_jobs_flow() {
         "q",
         &QueueConfig {
             max_payload_bytes: 1000,
-            ..quick_config()
+            ..quick_queue_config()
         },
     )
     .await;
@@ -308,7 +299,7 @@ async fn cancel_waiting_and_running_jobs() {
         "q",
         &QueueConfig {
             lease: Duration::from_millis(600),
-            ..quick_config()
+            ..quick_queue_config()
         },
     )
     .await;
@@ -424,7 +415,7 @@ async fn position_is_exact_before_the_first_delivery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_field_name_that_is_not_utf8_is_dead_lettered_and_its_batch_runs() {
     let s = Stack::start().await;
-    s.configure("q", &quick_config()).await;
+    s.configure("q", &quick_queue_config()).await;
     s.create_group("q").await;
     let p = s.producer("q").await;
     let keys = QueueKeys::new("q").unwrap();

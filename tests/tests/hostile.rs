@@ -10,28 +10,33 @@ use std::time::Duration;
 use fleetq_broker::calls::Token;
 use fleetq_broker::functions::fcall;
 use fleetq_broker::{limits, EnqueueOptions, JobState, QueueConfig, QueueKeys};
-use fleetq_tests::{direct_connection, eventually, worker_config, FnHandler, Stack};
+use fleetq_tests::{
+    direct_connection, eventually, quick_queue_config, worker_config, FnHandler, Stack,
+};
 use fleetq_worker::Outcome;
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
-
-fn quick_config() -> QueueConfig {
-    QueueConfig {
-        lease: Duration::from_secs(2),
-        backoff_base: Duration::from_millis(50),
-        backoff_max: Duration::from_millis(200),
-        ..QueueConfig::default()
-    }
-}
 
 /// A fresh server with queue `q` (quick config, group created), a direct connection and the
 /// queue's keys.
 async fn queue_q() -> (Stack, MultiplexedConnection, QueueKeys) {
     let s = Stack::start().await;
-    s.configure("q", &quick_config()).await;
+    s.configure("q", &quick_queue_config()).await;
     s.create_group("q").await;
     let c = direct_connection(&s.server.url()).await;
     (s, c, QueueKeys::new("q").unwrap())
+}
+
+/// How many replies Redis has refused with a `fleetq:` error so far (`INFO errorstats` names them `fleetq_`).
+async fn fleetq_errors(c: &mut MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("errorstats")
+        .query_async(c)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("errorstat_fleetq_:count="))
+        .map_or(0, |n| n.trim().parse().unwrap())
 }
 
 /// A plain XADD of raw fields, as a foreign producer would; the entry id.
@@ -111,7 +116,7 @@ async fn job_field(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_of_5000_fields_are_dead_lettered_and_their_batch_runs() {
     let s = Stack::start().await;
-    s.configure("q", &quick_config()).await;
+    s.configure("q", &quick_queue_config()).await;
     s.create_group("q").await;
     let mut c = direct_connection(&s.server.url()).await;
     let p = s.producer("q").await;
@@ -267,7 +272,7 @@ async fn functions_that_requeue_dead_letter_an_entry_of_5000_fields() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn numbers_out_of_range_are_dead_lettered_naming_field_value_and_range() {
     let s = Stack::start().await;
-    s.configure("q", &quick_config()).await;
+    s.configure("q", &quick_queue_config()).await;
     s.create_group("q").await;
     let mut c = direct_connection(&s.server.url()).await;
     let p = s.producer("q").await;
@@ -632,7 +637,7 @@ async fn a_result_computed_under_a_bad_config_is_recorded_once_it_is_fixed() {
     let keys = QueueKeys::new("q").unwrap();
     let cfg = QueueConfig {
         lease: Duration::from_secs(30),
-        ..quick_config()
+        ..quick_queue_config()
     };
     s.configure("q", &cfg).await;
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
@@ -664,9 +669,15 @@ async fn a_result_computed_under_a_bad_config_is_recorded_once_it_is_fixed() {
         .query_async(&mut c)
         .await
         .unwrap();
+    let refused_before = fleetq_errors(&mut c).await;
     gate.add_permits(1);
-    // The commit is refused for the config's sake meanwhile; nothing ends the job.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The commit is refused for the config's sake (a function error, counted by Redis), and
+    // nothing ends the job meanwhile.
+    eventually(Duration::from_secs(10), "the commit refused", || async {
+        fleetq_errors(&mut direct_connection(&s.server.url()).await).await > refused_before
+    })
+    .await;
+    assert_eq!(p.status(&e.id).await.unwrap().state, JobState::Running);
     let _: () = redis::cmd("HSET")
         .arg(keys.config())
         .arg("retention_ms")

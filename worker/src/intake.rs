@@ -397,27 +397,20 @@ impl<H: Handler> Intake<H> {
     async fn last_id(&mut self, i: usize) -> Result<String, Error> {
         let stream = self.sources[i].rt.keys().stream();
         let mut conn = self.take_reader(i).await?;
-        let last: Vec<(String, redis::Value)> = redis::cmd("XREVRANGE")
-            .arg(&stream)
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut conn)
+        let last = fleetq_broker::inspect::last_entry_id(&mut conn, &stream)
             .await
             .map_err(|e| fleetq_broker::Error::redis("read the last entry id", e))?;
         self.sources[i].reader = Some(conn);
-        Ok(last
-            .into_iter()
-            .next()
-            .map_or_else(|| "0-0".to_owned(), |(id, _)| id))
+        Ok(last)
     }
 
     /// Starts the waiter of stream `i`: `XREAD BLOCK` for an entry newer than its mark.
     async fn start_waiter(&mut self, i: usize) -> Result<(), Error> {
         let block = self.block_for(i);
         let s = &mut self.sources[i];
-        let mark = s.mark.clone().unwrap_or_else(|| "$".to_owned());
+        // Without a mark (none read yet), any entry wakes it: a spurious wake costs a sweep,
+        // a missed entry would wait for the block to end.
+        let mark = s.mark.clone().unwrap_or_else(|| "0-0".to_owned());
         let stream = s.rt.keys().stream();
         let mut conn = match s.waiter_conn.take() {
             Some(c) => c,

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use fleetq_broker::partitions::{self, Partitions};
-use fleetq_broker::{EnqueueOptions, JobState, Producer, QueueKeys};
+use fleetq_broker::{EnqueueOptions, Producer, QueueKeys};
 use serde::Serialize;
 
 use crate::cluster::{Cluster, PRIMARIES};
@@ -321,13 +321,6 @@ async fn check(
     if handled != n as u64 {
         problems.push(format!("the handlers ran {handled} times for {n} jobs"));
     }
-    let step = (n / STATUS_SAMPLES).max(1);
-    for id in ids.iter().step_by(step) {
-        let status = producer.status(id).await?;
-        if status.state != JobState::Succeeded {
-            problems.push(format!("job {id} is {}", status.state.name()));
-            break;
-        }
-    }
+    super::check_sampled_statuses(producer, ids, STATUS_SAMPLES, &mut problems).await?;
     Ok(problems)
 }

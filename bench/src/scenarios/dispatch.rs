@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use fleetq_broker::{EnqueueOptions, Producer, QueueConfig, QueueKeys, Redis};
-use redis::streams::{StreamRangeReply, StreamReadReply};
+use redis::streams::StreamReadReply;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -191,19 +191,9 @@ async fn started_events(
     stop: CancellationToken,
 ) -> anyhow::Result<HashMap<String, Instant>> {
     let mut conn = redis.blocking_conn(&keys.events(), EVENTS_BLOCK).await?;
-    let last: StreamRangeReply = redis::cmd("XREVRANGE")
-        .arg(keys.events())
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(&mut conn)
+    let mut from = fleetq_broker::inspect::last_entry_id(&mut conn, &keys.events())
         .await
         .context("XREVRANGE events")?;
-    let mut from = last
-        .ids
-        .first()
-        .map_or_else(|| "0-0".to_owned(), |e| e.id.clone());
     let mut started = HashMap::new();
     while !stop.is_cancelled() {
         let reply: Option<StreamReadReply> = redis::cmd("XREAD")

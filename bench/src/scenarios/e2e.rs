@@ -19,7 +19,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use fleetq_broker::{JobState, Producer, QueueKeys};
+use fleetq_broker::{Producer, QueueKeys};
 use serde::Serialize;
 
 use crate::commandstats::CommandStats;
@@ -218,14 +218,7 @@ async fn check(
     if ok != n as u64 {
         problems.push(format!("{ok} succeeded job hashes for {n} jobs"));
     }
-    let step = (n / STATUS_SAMPLES).max(1);
-    for id in ids.iter().step_by(step) {
-        let status = producer.status(id).await?;
-        if status.state != JobState::Succeeded {
-            problems.push(format!("job {id} is {}", status.state.name()));
-            break;
-        }
-    }
+    super::check_sampled_statuses(producer, ids, STATUS_SAMPLES, &mut problems).await?;
     Ok(problems)
 }
 

@@ -29,3 +29,22 @@ pub(crate) fn rate(jobs: usize, elapsed: std::time::Duration) -> f64 {
         0.0
     }
 }
+
+/// Reads about `samples` statuses of `ids` (evenly spread) with `fleetq_status` and adds a
+/// problem for the first job that is not `succeeded`.
+pub(crate) async fn check_sampled_statuses(
+    producer: &fleetq_broker::Producer,
+    ids: &[String],
+    samples: usize,
+    problems: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let step = (ids.len() / samples).max(1);
+    for id in ids.iter().step_by(step) {
+        let status = producer.status(id).await?;
+        if status.state != fleetq_broker::JobState::Succeeded {
+            problems.push(format!("job {id} is {}", status.state.name()));
+            break;
+        }
+    }
+    Ok(())
+}
