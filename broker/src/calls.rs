@@ -78,19 +78,22 @@ pub struct TakeEntry {
     pub passes: u32,
 }
 
-/// `fleetq_take` for a batch of entries.
+/// `fleetq_take` for a batch of entries. `beat`: note the caller alive on the queue (a worker
+/// sends it at most every lease/4; see take.lua).
 pub fn take(
     keys: &QueueKeys,
     caller: &Caller,
     lease: Duration,
     started_now: bool,
+    beat: bool,
     entries: &[TakeEntry],
 ) -> redis::Cmd {
     let mut cmd = fcall("fleetq_take", keys);
     cmd.arg(&caller.consumer)
         .arg(&caller.node)
         .arg(lease.as_millis() as u64)
-        .arg(u8::from(started_now));
+        .arg(u8::from(started_now))
+        .arg(u8::from(beat));
     for e in entries {
         cmd.arg(&e.entry_id)
             .arg(&e.job_id)
@@ -314,36 +317,63 @@ pub struct Ending {
     pub stages_json: String,
 }
 
-/// `fleetq_complete` of one held entry.
-pub fn complete(
-    keys: &QueueKeys,
-    consumer: &str,
-    held: &Holding,
-    commit: &Commit,
-    ending: &Ending,
-) -> redis::Cmd {
-    let (outcome, data, delay, reason) = match commit {
-        Commit::Succeeded(r) => ("succeeded", r.as_str(), 0, ""),
-        Commit::Failed(e) => ("failed", e.as_str(), 0, ""),
-        Commit::Retry { error, delay } => ("retry", error.as_str(), delay.as_millis() as u64, ""),
-        Commit::Dead { reason, error } => ("dead", error.as_str(), 0, reason.as_str()),
-        Commit::Cancelled => ("cancelled", "", 0, ""),
-        Commit::Release => ("release", "", 0, ""),
-    };
+/// The end of one attempt, as `fleetq_complete` records it.
+#[derive(Debug, Clone, Copy)]
+pub struct Completion<'a> {
+    /// The entry and the take it ends.
+    pub held: &'a Holding,
+    /// The attempt's number (`fleetq_take`'s reply); 0 for a release of an entry never taken.
+    pub attempt: u32,
+    /// What to record.
+    pub commit: &'a Commit,
+    /// How the attempt ended.
+    pub ending: &'a Ending,
+}
+
+/// `fleetq_complete` of a batch of held entries (each one fenced on its own).
+pub fn complete(keys: &QueueKeys, caller: &Caller, batch: &[Completion<'_>]) -> redis::Cmd {
     let mut cmd = fcall("fleetq_complete", keys);
-    cmd.arg(consumer)
-        .arg(&held.entry_id)
-        .arg(held.token.as_str())
-        .arg(&held.job_id)
-        .arg(outcome)
-        .arg(data)
-        .arg(delay)
-        .arg(reason)
-        .arg(ending.timeout.unwrap_or(""))
-        .arg(ending.stage.as_deref().unwrap_or(""))
-        .arg(ending.elapsed_ms)
-        .arg(&ending.stages_json);
+    cmd.arg(&caller.consumer).arg(&caller.node);
+    for c in batch {
+        let (outcome, data, delay, reason) = match c.commit {
+            Commit::Succeeded(r) => ("succeeded", r.as_str(), 0, ""),
+            Commit::Failed(e) => ("failed", e.as_str(), 0, ""),
+            Commit::Retry { error, delay } => {
+                ("retry", error.as_str(), delay.as_millis() as u64, "")
+            }
+            Commit::Dead { reason, error } => ("dead", error.as_str(), 0, reason.as_str()),
+            Commit::Cancelled => ("cancelled", "", 0, ""),
+            Commit::Release => ("release", "", 0, ""),
+        };
+        cmd.arg(&c.held.entry_id)
+            .arg(c.held.token.as_str())
+            .arg(&c.held.job_id)
+            .arg(outcome)
+            .arg(data)
+            .arg(delay)
+            .arg(reason)
+            .arg(c.ending.timeout.unwrap_or(""))
+            .arg(c.ending.stage.as_deref().unwrap_or(""))
+            .arg(c.ending.elapsed_ms)
+            .arg(&c.ending.stages_json)
+            .arg(c.attempt);
+    }
     cmd
+}
+
+/// Parses the reply of [`complete`] for a batch of `n` entries.
+pub fn parse_complete(words: Vec<String>, n: usize) -> Result<Vec<Committed>> {
+    if words.len() != n {
+        return Err(Error::Protocol {
+            step: "complete",
+            detail: format!(
+                "{} replies for {n} entries: the server's fleetq library is of another version; \
+                 load this one with `fleetq functions load` or restart the broker",
+                words.len()
+            ),
+        });
+    }
+    words.iter().map(|w| Committed::parse(w)).collect()
 }
 
 /// What `fleetq_complete` said.

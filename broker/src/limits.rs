@@ -89,6 +89,7 @@ pub const CONFIG_NUMBERS: &[Field] = &[
     Field::new("failover_cooldown_ms", 0, MAX_MS),
     Field::new("poison_nodes", 0, 1000),
     Field::new("partitions", 0, 64),
+    Field::new("routine_events", 0, 1),
 ];
 
 /// The entry field `name`. Panics for a name not in [`ENTRY_NUMBERS`] (a bug of this crate,

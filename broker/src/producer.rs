@@ -235,6 +235,14 @@ impl Producer {
         Ok(self.find(id, "fleetq_status", "status").await?.1)
     }
 
+    /// Job `id`'s status, and the caller counted as watching it: its routine events (`started`
+    /// aside, see `routine_events` in [`QueueConfig`](crate::QueueConfig)) are written to the
+    /// events stream until it ends, and its end is pushed to its notify list (as for
+    /// [`Producer::wait`]).
+    pub async fn watch(&self, id: &str) -> Result<JobStatus> {
+        Ok(self.find(id, "fleetq_watch", "watch").await?.1)
+    }
+
     /// Job `id`'s status with the queue or partition that holds it (its events are there).
     pub async fn locate(&self, id: &str) -> Result<(QueueKeys, JobStatus)> {
         let (keys, st) = self.find(id, "fleetq_status", "status").await?;

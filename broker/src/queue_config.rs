@@ -67,6 +67,10 @@ pub struct QueueConfig {
     pub events_maxlen: u64,
     /// `max_payload_bytes`. Default [`DEFAULT_MAX_PAYLOAD_BYTES`].
     pub max_payload_bytes: usize,
+    /// `routine_events` (0 or 1): also write the events every job goes through (`queued`,
+    /// `taken`, `started`, `succeeded`) for every job, not only for the jobs someone watches.
+    /// Default off: those four cost a write per job each, and `wait`/`watch` do not need them.
+    pub routine_events: bool,
 }
 
 impl Default for QueueConfig {
@@ -83,6 +87,7 @@ impl Default for QueueConfig {
             retention: DEFAULT_RETENTION,
             events_maxlen: DEFAULT_EVENTS_MAXLEN,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            routine_events: false,
         }
     }
 }
@@ -141,6 +146,7 @@ impl QueueConfig {
         if let Some(v) = dur("retention_ms") {
             c.retention = v;
         }
+        c.routine_events = num("routine_events") == Some(1);
         if let Some(v) = num("events_maxlen") {
             c.events_maxlen = v;
         }
@@ -183,6 +189,7 @@ impl QueueConfig {
             ("retention_ms", ms(self.retention)),
             ("events_maxlen", self.events_maxlen.to_string()),
             ("max_payload_bytes", self.max_payload_bytes.to_string()),
+            ("routine_events", u8::from(self.routine_events).to_string()),
         ]
     }
 

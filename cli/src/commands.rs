@@ -345,6 +345,9 @@ async fn follow(
     let mut conn = redis
         .blocking_conn(&keys.events(), Duration::from_secs(2))
         .await?;
+    // Counted as watching: the job's end is written as an event even on a queue without
+    // routine events.
+    p.watch(id).await?;
     loop {
         if Instant::now() > deadline {
             if let Some(pb) = &pb {

@@ -169,6 +169,8 @@ pub async fn run(
         backoff_base: Duration::from_millis(100),
         backoff_max: Duration::from_millis(400),
         retention: Duration::from_secs(600),
+        // The live view follows every job through its events.
+        routine_events: true,
         ..QueueConfig::default()
     }
     .store(&mut redis.conn(), &keys)

@@ -341,10 +341,13 @@ fn each_line_allows_exactly_what_its_role_sends() {
     let mut covered = BTreeSet::new();
     for (role, template) in templates {
         let row = &rows[role];
+        // XACKDEL is sent only on servers that have it (Redis ≥ 8.2), where the guide says to
+        // add it; Redis 7.0 refuses a line that names it.
         let inner: BTreeSet<String> = row
             .functions
             .iter()
             .flat_map(|f| lua.function_sends(f))
+            .filter(|c| c != "xackdel")
             .collect();
         assert_eq!(
             row.inner, inner,

@@ -270,6 +270,15 @@ async fn metrics_have_the_right_values_and_agree_with_redis() {
 async fn two_brokers_promote_and_expire_each_job_exactly_once() {
     const N: usize = 20;
     let s = Stack::start().await;
+    // Every promotion's `queued` event is counted below.
+    s.configure(
+        "q",
+        &QueueConfig {
+            routine_events: true,
+            ..QueueConfig::default()
+        },
+    )
+    .await;
     let p = s.producer("q").await;
     let keys = QueueKeys::new("q").unwrap();
     s.create_group("q").await;

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use fleetq_broker::calls::{
-    self, Caller, Commit, Committed, Ending, HoldReply, Holding, ProgressKind, ReclaimReply,
-    TakeDecision, TakeEntry, TakeReply, Token,
+    self, Caller, Commit, Committed, Completion, Ending, HoldReply, Holding, ProgressKind,
+    ReclaimReply, TakeDecision, TakeEntry, TakeReply, Token,
 };
 use fleetq_broker::connection::SharedConn as ConnectionManager;
 use fleetq_broker::functions;
@@ -93,6 +93,7 @@ async fn take_with(
         &caller(consumer),
         Duration::from_millis(lease_ms),
         true,
+        true,
         entries,
     );
     let rows = functions::call(c, &cmd, "take").await.unwrap();
@@ -138,9 +139,22 @@ async fn complete(
     h: &Holding,
     commit: &Commit,
 ) -> Committed {
-    let cmd = calls::complete(keys, consumer, h, commit, &Ending::default());
-    let r: String = functions::call(c, &cmd, "complete").await.unwrap();
-    Committed::parse(&r).unwrap()
+    // The attempt the take answered, as a worker passes it back.
+    let attempt: Option<u32> = redis::cmd("HGET")
+        .arg(keys.job(&h.job_id))
+        .arg("attempt")
+        .query_async(c)
+        .await
+        .unwrap();
+    let batch = [Completion {
+        held: h,
+        attempt: attempt.unwrap_or(0),
+        commit,
+        ending: &Ending::default(),
+    }];
+    let cmd = calls::complete(keys, &caller(consumer), &batch);
+    let r: Vec<String> = functions::call(c, &cmd, "complete").await.unwrap();
+    calls::parse_complete(r, 1).unwrap()[0]
 }
 
 async fn progress(

@@ -212,8 +212,9 @@ async fn functions_that_requeue_dead_letter_an_entry_of_5000_fields() {
         .unwrap();
     assert_eq!(status[..2], ["state", "taken"]);
     // c1 gives back what it read but never took (as at shutdown).
-    let reply: String = fcall("fleetq_complete", &keys)
+    let reply: Vec<String> = fcall("fleetq_complete", &keys)
         .arg("c1")
+        .arg("n1")
         .arg(&released)
         .arg("")
         .arg(&released)
@@ -225,10 +226,11 @@ async fn functions_that_requeue_dead_letter_an_entry_of_5000_fields() {
         .arg("")
         .arg(0)
         .arg("")
+        .arg(0)
         .query_async(&mut c)
         .await
         .unwrap();
-    assert_eq!(reply, "ok");
+    assert_eq!(reply, ["ok"]);
     // c2's process is gone.
     let (requeued, dead): (u64, u64) = fcall("fleetq_abandon", &keys)
         .arg("c2")
@@ -475,6 +477,7 @@ async fn a_bad_config_value_fails_every_function_before_it_writes() {
             .arg("n1")
             .arg(2000)
             .arg(1)
+            .arg(1)
             .arg(entry)
             .arg(job)
             .arg(token.as_str())
@@ -491,6 +494,7 @@ async fn a_bad_config_value_fails_every_function_before_it_writes() {
     let complete = |entry: &str, job: &str, token: &Token, outcome: &str| {
         fcall("fleetq_complete", &keys)
             .arg("c1")
+            .arg("n1")
             .arg(entry)
             .arg(token.as_str())
             .arg(job)
@@ -502,6 +506,7 @@ async fn a_bad_config_value_fails_every_function_before_it_writes() {
             .arg("")
             .arg(0)
             .arg("")
+            .arg(1)
             .clone()
     };
     let _: redis::Value = take(&entries[0], "a", &ta)
@@ -512,11 +517,11 @@ async fn a_bad_config_value_fails_every_function_before_it_writes() {
         .query_async(&mut c)
         .await
         .unwrap();
-    let r: String = complete(&entries[2], "d", &td, "dead")
+    let r: Vec<String> = complete(&entries[2], "d", &td, "dead")
         .query_async(&mut c)
         .await
         .unwrap();
-    assert_eq!(r, "ok");
+    assert_eq!(r, ["ok"]);
     let dead_id: String = {
         let r: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
             .arg(keys.dead())
@@ -612,11 +617,11 @@ async fn a_bad_config_value_fails_every_function_before_it_writes() {
         .await
         .unwrap();
     assert!(format!("{r:?}").contains("run"), "{r:?}");
-    let r: String = complete(&entries[0], "a", &ta, "succeeded")
+    let r: Vec<String> = complete(&entries[0], "a", &ta, "succeeded")
         .query_async(&mut c)
         .await
         .unwrap();
-    assert_eq!(r, "ok");
+    assert_eq!(r, ["ok"]);
     assert_eq!(
         job_field(&mut c, &keys, "a", "state").await.as_deref(),
         Some("succeeded")

@@ -174,7 +174,7 @@ pub(crate) async fn run<H: Handler>(
         backoff: queue.backoff(attempt, rand::random::<f64>()),
     };
     let v = verdict(&ended, &facts);
-    record(&rt, &held, &ended, v, ending).await;
+    record(&rt, &held, attempt, &ended, v, ending).await;
     rt.held.remove(&held);
     metrics.busy.dec();
 }
@@ -234,7 +234,14 @@ async fn race<H: Handler>(
 }
 
 /// Commits the verdict and counts it.
-async fn record<H>(rt: &Runtime<H>, held: &HeldJob, ended: &Ended, v: Verdict, mut ending: Ending) {
+async fn record<H>(
+    rt: &Runtime<H>,
+    held: &HeldJob,
+    attempt: u32,
+    ended: &Ended,
+    v: Verdict,
+    mut ending: Ending,
+) {
     let metrics = &rt.node.metrics;
     if let Some(kind) = v.timeout {
         tracing::warn!(job = %held.holding.job_id, kind = kind.name(), stage = ?ending.stage, "timeout fired; stopping the attempt");
@@ -246,7 +253,7 @@ async fn record<H>(rt: &Runtime<H>, held: &HeldJob, ended: &Ended, v: Verdict, m
         metrics.timeout("lease");
     }
     let Some(commit) = v.commit else { return };
-    let Some(committed) = rt.committer.commit(held, &commit, &ending).await else {
+    let Some(committed) = rt.committer.commit(held, attempt, &commit, &ending).await else {
         return;
     };
     if let (Commit::Retry { delay, .. }, Committed::Ok) = (&commit, committed) {

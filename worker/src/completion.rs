@@ -1,7 +1,12 @@
-//! Fenced completion: every end of an attempt is one `fleetq_complete` call that first checks
-//! this worker still holds the entry (consumer and token), then records the result or error,
-//! acknowledges, deletes the entry and emits the event — all or nothing. A late result from a
+//! Fenced completion: every end of an attempt goes through `fleetq_complete`, which first
+//! checks this worker still holds the entry (its token), then records the result or error,
+//! acknowledges and deletes the entry — all or nothing for each entry. A late result from a
 //! host that lost its lease is refused ("fenced"), counted and logged.
+//!
+//! Ends are batched: the attempts that end while a call is on its way (or in the same turn of
+//! the scheduler) go together in the next call, so Redis does its per-call work (the config,
+//! the clock, the acknowledgement and deletion, the counters) once per batch. One call is on
+//! its way at a time per stream; a batch holds at most [`MAX_BATCH`] ends.
 //!
 //! A computed result is never thrown away while it can still be recorded: a commit that fails
 //! for a transient reason (Redis down, loading, read-only during a failover) is tried again,
@@ -9,39 +14,81 @@
 //! worker's hard stop. Only a release (nothing computed to keep) gives up once its lease has
 //! surely run out.
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use fleetq_broker::calls;
+use fleetq_broker::calls::{self, Caller, Completion, Holding};
 pub(crate) use fleetq_broker::calls::{Commit, Committed, Ending};
 use fleetq_broker::functions;
 use fleetq_broker::retry::{Backoff, OutageLog};
 use fleetq_broker::{QueueKeys, Redis};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::lease::HeldJob;
 
+/// Most attempt ends in one `fleetq_complete` call.
+pub(crate) const MAX_BATCH: usize = 128;
+
+/// One end waiting for the next call, with where its answer goes.
+struct Request {
+    holding: Holding,
+    attempt: u32,
+    commit: Commit,
+    ending: Ending,
+    reply: oneshot::Sender<Result<Committed, Arc<fleetq_broker::Error>>>,
+}
+
 /// Where and as whom commits are made.
 #[derive(Debug, Clone)]
 pub(crate) struct Committer {
-    pub(crate) redis: Redis,
-    pub(crate) keys: QueueKeys,
-    pub(crate) consumer: String,
     pub(crate) lease: std::time::Duration,
     /// Cancelled when the worker stops for good: commits still failing then are given up.
     pub(crate) hard_stop: CancellationToken,
+    batches: mpsc::UnboundedSender<Request>,
 }
 
 impl Committer {
-    /// One `fleetq_complete` call.
+    /// A committer for the stream `keys`, with its batching task (which ends when the last
+    /// clone of the committer is dropped). Needs a Tokio runtime.
+    pub(crate) fn new(
+        redis: Redis,
+        keys: QueueKeys,
+        caller: Caller,
+        lease: std::time::Duration,
+    ) -> Self {
+        let (batches, rx) = mpsc::unbounded_channel();
+        tokio::spawn(send_batches(redis, keys, caller, rx));
+        Self {
+            lease,
+            hard_stop: CancellationToken::new(),
+            batches,
+        }
+    }
+
+    /// Records one end in the next batch's `fleetq_complete` call, once.
     pub(crate) async fn commit_once(
         &self,
         job: &HeldJob,
+        attempt: u32,
         commit: &Commit,
         ending: &Ending,
-    ) -> Result<Committed, fleetq_broker::Error> {
-        let cmd = calls::complete(&self.keys, &self.consumer, &job.holding, commit, ending);
-        let word: String = functions::call(&mut self.redis.conn(), &cmd, "complete").await?;
-        let committed = Committed::parse(&word)?;
+    ) -> Result<Committed, Arc<fleetq_broker::Error>> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request {
+            holding: job.holding.clone(),
+            attempt,
+            commit: commit.clone(),
+            ending: ending.clone(),
+            reply,
+        };
+        let gone = || {
+            Arc::new(fleetq_broker::Error::Config(
+                "the worker's commit task has stopped".into(),
+            ))
+        };
+        self.batches.send(request).map_err(|_| gone())?;
+        let committed = answer.await.map_err(|_| gone())??;
         let id = &job.holding.job_id;
         match committed {
             Committed::Fenced => {
@@ -60,13 +107,14 @@ impl Committer {
     pub(crate) async fn commit(
         &self,
         job: &HeldJob,
+        attempt: u32,
         commit: &Commit,
         ending: &Ending,
     ) -> Option<Committed> {
         let mut backoff = Backoff::default();
         let mut outage = OutageLog::default();
         loop {
-            let e = match self.commit_once(job, commit, ending).await {
+            let e = match self.commit_once(job, attempt, commit, ending).await {
                 Ok(c) => {
                     let _ = outage.recovered();
                     return Some(c);
@@ -83,7 +131,7 @@ impl Committer {
             if self.give_up(job, commit) {
                 return None;
             }
-            let _ = outage.failed("record the end of a job", &e);
+            let _ = outage.failed("record the end of a job", &*e);
             tokio::select! {
                 _ = tokio::time::sleep(backoff.next()) => {}
                 _ = self.hard_stop.cancelled() => {}
@@ -105,5 +153,56 @@ impl Committer {
             return true;
         }
         false
+    }
+}
+
+/// The batching task of one stream: takes the ends waiting, sends them in one call, hands
+/// each its answer (all of them the same error when the call failed: each end's own loop then
+/// decides to try again).
+async fn send_batches(
+    redis: Redis,
+    keys: QueueKeys,
+    caller: Caller,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        // The slots that finish in the same turn join this call.
+        tokio::task::yield_now().await;
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let items: Vec<Completion<'_>> = batch
+            .iter()
+            .map(|r| Completion {
+                held: &r.holding,
+                attempt: r.attempt,
+                commit: &r.commit,
+                ending: &r.ending,
+            })
+            .collect();
+        let cmd = calls::complete(&keys, &caller, &items);
+        let answered: Result<Vec<Committed>, fleetq_broker::Error> =
+            match functions::call::<Vec<String>>(&mut redis.conn(), &cmd, "complete").await {
+                Ok(words) => calls::parse_complete(words, batch.len()),
+                Err(e) => Err(e),
+            };
+        match answered {
+            Ok(words) => {
+                for (r, c) in batch.drain(..).zip(words) {
+                    let _ = r.reply.send(Ok(c));
+                }
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                for r in batch.drain(..) {
+                    let _ = r.reply.send(Err(e.clone()));
+                }
+            }
+        }
     }
 }

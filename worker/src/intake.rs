@@ -552,14 +552,14 @@ impl<H: Handler> Intake<H> {
     ) {
         let entry = match job {
             Ok(entry) => entry,
-            Err(malformed) => return dead_letter(rt, t, malformed).await,
+            Err(malformed) => return dead_letter(rt, t, attempt, malformed).await,
         };
         let Ok(permit) = self.slots.clone().try_acquire_owned() else {
             // Cannot happen: no more is read than there are free slots. Give it back.
             tracing::error!(job = %t.holding.job_id, "no free slot for a job read for a free slot; releasing it");
             let held = HeldJob::new(t.holding);
             rt.committer
-                .commit(&held, &Commit::Release, &Ending::default())
+                .commit(&held, attempt, &Commit::Release, &Ending::default())
                 .await;
             return;
         };
@@ -587,7 +587,7 @@ fn count_settled<H>(rt: &Runtime<H>, decision: TakeDecision) {
     }
 }
 
-async fn dead_letter<H>(rt: &Runtime<H>, t: Taken, malformed: Malformed) {
+async fn dead_letter<H>(rt: &Runtime<H>, t: Taken, attempt: u32, malformed: Malformed) {
     tracing::warn!(entry = %t.holding.entry_id, reason = %malformed, "malformed entry sent to the dead letters");
     let commit = Commit::Dead {
         reason: fleetq_broker::calls::DeadReason::Malformed,
@@ -598,7 +598,7 @@ async fn dead_letter<H>(rt: &Runtime<H>, t: Taken, malformed: Malformed) {
     rt.held.insert(held.clone());
     let committed = rt
         .committer
-        .commit(&held, &commit, &Ending::default())
+        .commit(&held, attempt, &commit, &Ending::default())
         .await;
     rt.held.remove(&held);
     if committed == Some(fleetq_broker::calls::Committed::Ok) {

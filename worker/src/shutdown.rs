@@ -91,7 +91,7 @@ pub(crate) async fn release<H>(rt: &Runtime<H>, entries: Vec<(String, String)>, 
         let job = HeldJob::new(holding);
         if let Err(e) = rt
             .committer
-            .commit_once(&job, &Commit::Release, &Ending::default())
+            .commit_once(&job, 0, &Commit::Release, &Ending::default())
             .await
         {
             tracing::warn!(entry = %job.holding.entry_id, error = %e, when,

@@ -107,6 +107,25 @@ pub(crate) struct Taker {
     pub(crate) lease: std::time::Duration,
     /// The handler does not report its start: the job counts as started when taken.
     pub(crate) starts_at_once: bool,
+    /// When a take last noted this worker alive on the queue (see [`Taker::beat_due`]).
+    pub(crate) last_beat: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+}
+
+impl Taker {
+    /// Whether this take should note the worker alive on the queue (the nodes zset and the
+    /// queue's last worker call): at most every lease/4, so a busy queue pays it rarely.
+    fn beat_due(&self) -> bool {
+        let now = std::time::Instant::now();
+        let mut last = self
+            .last_beat
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let due = last.is_none_or(|t| now.duration_since(t) >= self.lease / 4);
+        if due {
+            *last = Some(now);
+        }
+        due
+    }
 }
 
 /// The values `fleetq_take` needs about one entry (a malformed one is taken too, so that it
@@ -166,6 +185,7 @@ pub(crate) async fn take(
         &taker.caller,
         taker.lease,
         taker.starts_at_once,
+        taker.beat_due(),
         &args,
     );
     let rows = functions::call(&mut taker.redis.conn(), &cmd, "take").await?;

@@ -208,14 +208,9 @@ impl<H: Handler> Shared<H> {
                 caller: caller.clone(),
                 lease,
                 starts_at_once: !self.handler.reports_start(),
+                last_beat: Arc::default(),
             },
-            committer: Committer {
-                redis: self.redis.clone(),
-                keys: keys.clone(),
-                consumer: self.consumer.clone(),
-                lease,
-                hard_stop: CancellationToken::new(),
-            },
+            committer: Committer::new(self.redis.clone(), keys.clone(), caller.clone(), lease),
             renewer: Renewer {
                 redis: self.redis.clone(),
                 keys,

@@ -39,6 +39,7 @@ local function cancel(keys, args)
     finish(K, job_id, 'cancelled')
     -- The entry stays until a worker reaches it; count it so `waiting` can leave it out.
     redis.call('HSET', jk, 'tombstone', '1')
+    mark_entry(K, entry)
     -- Kept until a worker drops the entry, or the entry would run once the hash expired.
     redis.call('PERSIST', jk)
     stat(K, 'tombstones')

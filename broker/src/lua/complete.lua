@@ -1,22 +1,28 @@
--- fleetq_complete: end one attempt of a job, fenced by ownership — all or nothing.
+-- fleetq_complete: end attempts of jobs, each fenced by ownership — a batch in one call.
 --
 -- KEYS[1]  queue stream key
 -- ARGV[1]  consumer name of the caller
--- ARGV[2]  entry id
--- ARGV[3]  token (the caller's, from its fleetq_take; '' only to release an entry the caller
---          read but never took, at shutdown)
--- ARGV[4]  job id
--- ARGV[5]  outcome: succeeded | failed | retry | dead | cancelled | release
--- ARGV[6]  data: the result JSON (succeeded) or the error message (failed, retry, dead)
--- ARGV[7]  retry delay in ms (retry only)
--- ARGV[8]  reason code (dead only): attempts_exhausted, malformed, …
--- ARGV[9]  timeout kind that ended the attempt, or '' (start|progress|run)
--- ARGV[10] stage the attempt was in when it ended, or ''
--- ARGV[11] elapsed ms of the attempt
--- ARGV[12] stages of the attempt, JSON array of {name, start_ms, duration_ms}, or ''
--- Reply    'ok'; 'poison' when a retry was turned into a dead letter because the job has now
---          failed on poison_nodes distinct nodes (the node is not to blame); 'fenced' when the
---          caller no longer owns the entry (nothing is written but the `fenced` counter).
+-- ARGV[2]  node name of the caller
+-- ARGV[3…] per entry, 12 values:
+--          entry id;
+--          token (the caller's, from its fleetq_take; '' only to release an entry the caller
+--          read but never took, at shutdown);
+--          job id;
+--          outcome: succeeded | failed | retry | dead | cancelled | release;
+--          data: the result JSON (succeeded) or the error message (failed, retry, dead);
+--            '' for cancelled and release;
+--          retry delay in ms (retry; '0' otherwise);
+--          reason code (dead: attempts_exhausted, malformed, …; '' otherwise);
+--          timeout kind that ended the attempt, or '' (start|progress|run);
+--          stage the attempt was in when it ended, or '';
+--          elapsed ms of the attempt;
+--          stages of the attempt, JSON array of {name, start_ms, duration_ms}, or '';
+--          the attempt's number (fleetq_take's reply; '0' for a release without a token)
+-- Reply    per entry, in order: 'ok'; 'poison' when a retry was turned into a dead letter
+--          because the job has now failed on poison_nodes distinct nodes (the node is not to
+--          blame); 'fenced' when the caller no longer holds the entry (nothing is written for
+--          it but the `fenced` counter). Entries are independent: one fenced entry does not
+--          stop the others. Every entry is checked before anything is written.
 --
 -- Attempts: an attempt that ended (succeeded, failed, retry, dead, cancelled) counts, started or
 -- not; a released one does not.
@@ -26,6 +32,14 @@
 -- this node (and, for a job with a workflow, blocking this node for that workflow) for
 -- failover_cooldown_ms; release gives an unfinished job back at once without counting the
 -- attempt (shutdown).
+--
+-- Cost: a first attempt's success — the common case — is written without reading its job
+-- record: per batch one HMGET of the holds hash (tokens and waiters), one XACK and one XDEL
+-- (one XACKDEL on Redis 8.2), one ZREM, one HDEL and two HINCRBY; per job one HSET and one
+-- PEXPIRE. Every other ending reads the record and takes the full path.
+
+local COMPLETE_HEADER = 2
+local COMPLETE_STRIDE = 12
 
 local OUTCOMES = { succeeded = 1, failed = 1, retry = 1, dead = 1, cancelled = 1, release = 1 }
 
@@ -33,22 +47,20 @@ local OUTCOMES = { succeeded = 1, failed = 1, retry = 1, dead = 1, cancelled = 1
 -- at shutdown of an entry read but never taken): it owns the entry in the pending list and
 -- the job record does not name it as this entry's holder.
 local function may_complete(K, consumer, entry_id, token, jk, outcome)
-  if token ~= '' then return owns(K, entry_id, consumer, token, jk) end
+  if token ~= '' then return owns(K, entry_id, consumer, token) end
   if outcome ~= 'release' or pending_owner(K, entry_id) ~= consumer then return false end
   local h = redis.call('HMGET', jk, 'entry', 'consumer')
   return h[1] ~= entry_id or h[2] == false
 end
 
-local function complete(keys, args)
-  local K = open_queue(queue_keys(keys[1]))
-  local consumer, entry_id, token, job_id = args[1], args[2], args[3] or '', args[4]
-  local outcome, data = args[5], args[6] or ''
-  local timeout_kind, stage = args[9] or '', args[10] or ''
-  local elapsed = whole(args[11], MS_RANGE) or 0
-  local stages = args[12] or ''
-  if not OUTCOMES[outcome] then
-    return redis.error_reply('fleetq: unknown outcome "' .. outcome .. '"; use succeeded, failed, retry, dead, cancelled or release')
-  end
+-- The full path for one entry `c` (see complete_entry for its fields).
+local function complete_one(K, consumer, c)
+  local entry_id, token, job_id = c.entry_id, c.token, c.job_id
+  local outcome, data = c.outcome, c.data
+  local timeout_kind, stage = c.timeout, c.stage
+  local elapsed = c.elapsed
+  local stages = c.stages
+  local reason_arg = c.reason
   local jk = job_key(K, job_id)
   if not may_complete(K, consumer, entry_id, token, jk, outcome) then
     stat(K, 'fenced')
@@ -87,14 +99,14 @@ local function complete(keys, args)
 
   -- A retry (or the last attempt's failure) of a job that has now failed on poison_nodes
   -- distinct nodes is poison: the job is to blame, not the node.
-  if outcome == 'retry' or (outcome == 'dead' and args[8] == 'attempts_exhausted') then
+  if outcome == 'retry' or (outcome == 'dead' and reason_arg == 'attempts_exhausted') then
     local failed = split_csv(h[4])
     if node ~= '' and not contains(failed, node) then failed[#failed + 1] = node end
     redis.call('HSET', jk, 'failed_nodes', table.concat(failed, ','))
     local m_nodes = config_num(K, 'poison_nodes', DEFAULT_POISON_NODES)
     if m_nodes > 0 and #failed >= m_nodes then
       outcome = 'dead'
-      args[8] = 'poison'
+      reason_arg = 'poison'
       data = 'poison: failed on ' .. #failed .. ' distinct nodes (' .. table.concat(failed, ', ') .. '); last error: ' .. data
       reply = 'poison'
     end
@@ -114,16 +126,16 @@ local function complete(keys, args)
 
   if outcome == 'succeeded' then
     drop_entry(K, entry_id)
-    finish(K, job_id, 'succeeded', { 'result', data, unpack(counted) })
+    local watched = finish(K, job_id, 'succeeded', { 'result', data, unpack(counted) })
     stat(K, 'node:' .. node .. ':succeeded')
-    emit(K, 'succeeded', job_id, { 'node', node })
+    emit(K, 'succeeded', job_id, { 'node', node }, watched)
   elseif outcome == 'failed' then
     drop_entry(K, entry_id)
     finish(K, job_id, 'failed', { 'error', data, unpack(counted) })
     stat(K, 'node:' .. node .. ':failed')
     emit(K, 'failed', job_id, { 'node', node, 'error', data })
   elseif outcome == 'dead' then
-    local reason = args[8] or ''
+    local reason = reason_arg
     if reason == '' then reason = 'failed' end
     dead_letter(K, job_id, fields, reason, data, attempts, nodes)
     drop_entry(K, entry_id)
@@ -150,7 +162,7 @@ local function complete(keys, args)
     end
     local set = { attempts = done and tostring(done) or nil }
     done = done or 0
-    local delay = whole(args[7], MS_RANGE) or 0
+    local delay = c.delay
     if outcome == 'retry' then
       local cooldown = config_num(K, 'failover_cooldown_ms', DEFAULT_FAILOVER_COOLDOWN_MS)
       local avoid = split_csv(m['avoid'])
@@ -183,6 +195,88 @@ local function complete(keys, args)
     emit(K, 'timeout', job_id, { 'node', node, 'kind', timeout_kind, 'stage', stage, 'elapsed_ms', tostring(elapsed) })
   end
   return reply
+end
+
+-- One entry's 12 values from ARGV[i…], checked; nil and what is wrong when they are not.
+local function complete_entry(args, i)
+  local c = { entry_id = args[i], token = args[i + 1], job_id = args[i + 2], outcome = args[i + 3],
+    data = args[i + 4], reason = args[i + 6], timeout = args[i + 7], stage = args[i + 8], stages = args[i + 10] }
+  if not OUTCOMES[c.outcome] then
+    return nil, 'unknown outcome ' .. shown(c.outcome) .. '; use succeeded, failed, retry, dead, cancelled or release'
+  end
+  c.delay = whole(args[i + 5], MS_RANGE)
+  c.elapsed = whole(args[i + 9], MS_RANGE)
+  c.attempt = whole(args[i + 11], { 0, 4294967295 })
+  if c.delay == nil or c.elapsed == nil or c.attempt == nil then
+    return nil, 'delay ' .. shown(args[i + 5]) .. ', elapsed ' .. shown(args[i + 9]) .. ' or attempt ' ..
+      shown(args[i + 11]) .. ' of entry ' .. shown(c.entry_id) .. ' is not a whole number of its range'
+  end
+  return c
+end
+
+-- Records the first-attempt successes `fast` ({ c, waiters } each, tokens already checked)
+-- of the caller's node `node`, with one write of each kind for the batch.
+local function finish_succeeded(K, node, fast)
+  local now, retention = tostring(now_ms()), retention_ms(K)
+  local ids, holds = {}, {}
+  for _, f in ipairs(fast) do
+    local c, waiters = f[1], f[2]
+    local jk = job_key(K, c.job_id)
+    if c.stages ~= '' then
+      redis.call('HSET', jk, 'state', 'succeeded', 'ended_ms', now, 'result', c.data, 'attempts', '1', 'stages', c.stages)
+    else
+      redis.call('HSET', jk, 'state', 'succeeded', 'ended_ms', now, 'result', c.data, 'attempts', '1')
+    end
+    redis.call('PEXPIRE', jk, retention)
+    if waiters > 0 then
+      wake_waiters(K, c.job_id, 'succeeded', waiters)
+      holds[#holds + 1] = 'w:' .. c.job_id
+    end
+    emit(K, 'succeeded', c.job_id, { 'node', node }, waiters > 0)
+    ids[#ids + 1] = c.entry_id
+    holds[#holds + 1] = c.entry_id
+  end
+  ack_delete(K, ids)
+  redis.call('ZREM', K.leases, unpack(ids))
+  redis.call('HDEL', K.holds, unpack(holds))
+  stat(K, 'succeeded', #fast)
+  stat(K, 'node:' .. node .. ':succeeded', #fast)
+end
+
+local function complete(keys, args)
+  local K = open_queue(queue_keys(keys[1]))
+  if #args < COMPLETE_HEADER or (#args - COMPLETE_HEADER) % COMPLETE_STRIDE ~= 0 then
+    return redis.error_reply('fleetq: fleetq_complete takes ' .. COMPLETE_HEADER .. ' values and then ' ..
+      COMPLETE_STRIDE .. ' per entry; got ' .. #args .. ' (a worker of another protocol version?)')
+  end
+  local consumer, node = args[1], args[2]
+  local entries, wanted = {}, {}
+  for i = COMPLETE_HEADER + 1, #args, COMPLETE_STRIDE do
+    local c, wrong = complete_entry(args, i)
+    if c == nil then return redis.error_reply('fleetq: fleetq_complete: ' .. wrong) end
+    entries[#entries + 1] = c
+    wanted[#wanted + 1] = c.entry_id
+    wanted[#wanted + 1] = 'w:' .. c.job_id
+  end
+  if #entries == 0 then return {} end
+  -- One read for the batch: each entry's token and the number of callers waiting on its job.
+  local h = redis.call('HMGET', K.holds, unpack(wanted))
+  local out, fast, fenced = {}, {}, 0
+  for i, c in ipairs(entries) do
+    local held, waiters = h[2 * i - 1], tonumber(h[2 * i]) or 0
+    if c.token ~= '' and held ~= hold_value(c.token, consumer) then
+      fenced = fenced + 1
+      out[i] = 'fenced'
+    elseif c.token ~= '' and c.outcome == 'succeeded' and c.attempt == 1 and c.timeout == '' then
+      fast[#fast + 1] = { c, waiters }
+      out[i] = 'ok'
+    else
+      out[i] = complete_one(K, consumer, c)
+    end
+  end
+  if #fast > 0 then finish_succeeded(K, node, fast) end
+  if fenced > 0 then stat(K, 'fenced', fenced) end
+  return out
 end
 
 register('fleetq_complete', complete, DRAIN)

@@ -72,6 +72,7 @@ local function expire(keys, args)
         end_expired(K, job_id, enqueued, timeout)
         -- The entry stays until a worker reaches it (see fleetq_cancel): keep the hash till then.
         redis.call('HSET', jk, 'tombstone', '1')
+        mark_entry(K, e[1])
         redis.call('PERSIST', jk)
         stat(K, 'tombstones')
         expired = expired + 1

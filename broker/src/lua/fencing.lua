@@ -1,9 +1,16 @@
 -- fencing.lua: who holds a delivered entry, and whether a holder's silence means it is gone.
 --
 -- A holder is the consumer that owns the entry in the group's pending list *and* presents
--- the token it chose when it took the entry (stored in the job hash as `token`). The token is
--- new for every take, so no rollback of the data set (AOF everysec, an async replica promoted)
--- can make two runs share one: a run whose token is not the job's current one is fenced.
+-- the token it chose when it took the entry (stored in the queue's holds hash,
+-- `fleetq:{q}:holds`, field <entry id>, value '<token> <consumer>'). The token is new for every take, so no rollback of
+-- the data set (AOF everysec, an async replica promoted) can make two runs share one: a run
+-- whose token is not the entry's current one is fenced. Every step that takes an entry away
+-- from its holder (a new take, a reclaim's blame, a drop, a requeue) removes or replaces it.
+--
+-- The holds hash also carries, for the hot path's sake (one HMGET per batch instead of a read
+-- of every job hash): `w:<job id>`, the number of callers waiting on the job (fleetq_watch),
+-- and for an entry not yet taken, the value '-' when its job hash says more than the entry
+-- does (cancelled or expired while waiting), so that fleetq_take reads that hash first.
 --
 -- Leases: every take and renewal writes the holder's deadline (server ms) to the leases zset.
 -- An entry is stale when its deadline (or, for an entry delivered but never taken, its idle
@@ -21,11 +28,24 @@ local function pending_owner(K, entry_id)
   return r[1][2], tonumber(r[1][4]), tonumber(r[1][3])
 end
 
--- The fencing check: `consumer` still owns the entry and `token` is the job's current token.
-local function owns(K, entry_id, consumer, token, jk)
-  if token == nil or token == '' then return false end
+-- The mark of an entry whose job hash must be read before it is taken (see above).
+local MARKED = '-'
+
+-- What the holds hash keeps for the holder `consumer` of a take with `token`.
+local function hold_value(token, consumer)
+  return token .. ' ' .. consumer
+end
+
+-- The fencing check: `consumer` still owns the entry and `token` is its current token.
+local function owns(K, entry_id, consumer, token)
+  if token == nil or token == '' or token == MARKED then return false end
   if pending_owner(K, entry_id) ~= consumer then return false end
-  return redis.call('HGET', jk, 'token') == token
+  return redis.call('HGET', K.holds, entry_id) == hold_value(token, consumer)
+end
+
+-- Marks a waiting entry whose job hash now says more than the entry (see above).
+local function mark_entry(K, entry_id)
+  redis.call('HSET', K.holds, entry_id, MARKED)
 end
 
 -- Records the holder's lease deadline.

@@ -19,7 +19,7 @@ local function progress(keys, args)
   local K = open_queue(queue_keys(keys[1]))
   local consumer, entry_id, token, job_id, kind = args[1], args[2], args[3], args[4], args[5]
   local jk = job_key(K, job_id)
-  if not owns(K, entry_id, consumer, token, jk) then return 'lost' end
+  if not owns(K, entry_id, consumer, token) then return 'lost' end
   local now = now_ms()
   local p, stages = args[6] or '', args[7] or ''
   if p ~= '' then redis.call('HSET', jk, 'progress', p, 'progress_ms', tostring(now)) end

@@ -51,7 +51,25 @@ local function job_id_of(entry_id, fields)
   return entry_id
 end
 
--- End a job: set its terminal state, wake its waiters, start its retention clock.
+-- How long an ended job's hash is kept.
+local function retention_ms(K)
+  local retention = config_num(K, 'retention_ms', DEFAULT_RETENTION_MS)
+  if retention <= 0 then retention = DEFAULT_RETENTION_MS end
+  return retention
+end
+
+-- Wakes the `n` callers waiting on a job that ended as `state` (fleetq_watch counted them in
+-- the holds hash): one value each in its notify list, which they block on.
+local function wake_waiters(K, job_id, state, n)
+  local nk = notify_key(K, job_id)
+  local args = { 'RPUSH', nk }
+  for _ = 1, n do args[#args + 1] = state end
+  redis.call(unpack(args))
+  redis.call('PEXPIRE', nk, 60000)
+end
+
+-- End a job: set its terminal state, wake its waiters, start its retention clock. Returns
+-- true when someone was waiting on it (its routine events are then written too).
 local function finish(K, job_id, state, fields)
   local jk = job_key(K, job_id)
   local args = { 'HSET', jk, 'state', state, 'ended_ms', tostring(now_ms()) }
@@ -64,17 +82,15 @@ local function finish(K, job_id, state, fields)
   else
     redis.call('HDEL', jk, 'retry', 'cancel')
   end
-  local waiters = tonumber(redis.call('HGET', jk, 'waiters')) or 0
+  local wf = 'w:' .. job_id
+  local waiters = tonumber(redis.call('HGET', K.holds, wf)) or 0
   if waiters > 0 then
-    local nk = notify_key(K, job_id)
-    for _ = 1, waiters do redis.call('RPUSH', nk, state) end
-    redis.call('PEXPIRE', nk, 60000)
-    redis.call('HDEL', jk, 'waiters')
+    wake_waiters(K, job_id, state, waiters)
+    redis.call('HDEL', K.holds, wf)
   end
-  local retention = config_num(K, 'retention_ms', DEFAULT_RETENTION_MS)
-  if retention <= 0 then retention = DEFAULT_RETENTION_MS end
-  redis.call('PEXPIRE', jk, retention)
+  redis.call('PEXPIRE', jk, retention_ms(K))
   stat(K, state)
+  return waiters > 0
 end
 
 -- Append one attempt record to the job's history (JSON array, last HISTORY_MAX kept).

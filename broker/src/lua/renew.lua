@@ -26,7 +26,7 @@ local function renew(keys, args)
   for i = 4, #args, 3 do
     local entry_id, token, job_id = args[i], args[i + 1], args[i + 2]
     local jk = job_key(K, job_id)
-    if owns(K, entry_id, consumer, token, jk) then
+    if owns(K, entry_id, consumer, token) then
       redis.call('XCLAIM', K.stream, GROUP, consumer, 0, entry_id, 'JUSTID')
       set_lease(K, entry_id, now + lease)
       if redis.call('HGET', jk, 'cancel') == '1' then

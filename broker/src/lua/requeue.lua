@@ -36,11 +36,27 @@ local function add_entry(K, flat)
   return id, seq
 end
 
--- Remove a delivered entry from the group and the stream (the entry is finished).
+-- Acknowledges and deletes delivered entries (a list of ids) in one step: XACKDEL where the
+-- server has it (Redis 8.2), else XACK and XDEL.
+local function has_xackdel()
+  return (tonumber(redis.REDIS_VERSION_NUM) or 0) >= 0x080200
+end
+
+local function ack_delete(K, ids)
+  if has_xackdel() then
+    redis.call('XACKDEL', K.stream, GROUP, 'IDS', #ids, unpack(ids))
+  else
+    redis.call('XACK', K.stream, GROUP, unpack(ids))
+    redis.call('XDEL', K.stream, unpack(ids))
+  end
+end
+
+-- Remove a delivered entry from the group and the stream (the entry is finished), with its
+-- lease and its holder's token.
 local function drop_entry(K, entry_id)
-  redis.call('XACK', K.stream, GROUP, entry_id)
-  redis.call('XDEL', K.stream, entry_id)
+  ack_delete(K, { entry_id })
   redis.call('ZREM', K.leases, entry_id)
+  redis.call('HDEL', K.holds, entry_id)
 end
 
 -- Copy an entry to the dead-letter stream with its reason (at most DEAD_FIELDS_MAX fields).
@@ -115,10 +131,10 @@ local function requeue(K, job_id, entry_id, set, delay, now)
     local new_id, seq = add_entry(K, keep)
     stat(K, 'readded')
     redis.call('HSET', jk, 'state', 'waiting', 'entry', new_id, 'seq', tostring(seq))
-    redis.call('HDEL', jk, 'consumer', 'due_ms', 'retry', 'token')
+    redis.call('HDEL', jk, 'consumer', 'due_ms', 'retry')
   else
     redis.call('HSET', jk, 'state', 'retrying', 'retry', cjson.encode(keep), 'due_ms', tostring(now + delay))
-    redis.call('HDEL', jk, 'entry', 'consumer', 'token')
+    redis.call('HDEL', jk, 'entry', 'consumer')
     redis.call('ZADD', K.delayed, now + delay, job_id)
   end
   drop_entry(K, entry_id)
@@ -133,9 +149,7 @@ local function drop_duplicate(K, jk, entry_id, h)
     -- A cancelled or expired waiting entry, reached at last: its hash may expire now.
     stat(K, 'tombstones', -1)
     redis.call('HDEL', jk, 'tombstone')
-    local retention = config_num(K, 'retention_ms', DEFAULT_RETENTION_MS)
-    if retention <= 0 then retention = DEFAULT_RETENTION_MS end
-    redis.call('PEXPIRE', jk, retention)
+    redis.call('PEXPIRE', jk, retention_ms(K))
   else
     stat(K, 'duplicates')
   end
@@ -174,7 +188,8 @@ local function blame_lease(K, entry_id, owner, now)
     stat(K, 'timeout:lease')
     stat(K, 'node:' .. h[1] .. ':timeout:lease')
     redis.call('HSET', jk, 'timeout', 'lease', 'timeout_node', h[1])
-    redis.call('HDEL', jk, 'consumer', 'token')
+    redis.call('HDEL', jk, 'consumer')
+    redis.call('HDEL', K.holds, entry_id)
     record_attempt(K, jk, { attempt = tonumber(h[2]), node = h[1], outcome = 'timeout', timeout = 'lease',
       started_ms = tonumber(h[3]), ended_ms = now })
     emit(K, 'timeout', job_id, { 'node', h[1], 'kind', 'lease' })

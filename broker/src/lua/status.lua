@@ -47,7 +47,7 @@ local function read_status(K, job_id, watch)
     out[#out + 1] = tostring(position_of(K, entry, seq))
   end
   if watch and not TERMINAL[state] then
-    redis.call('HINCRBY', jk, 'waiters', 1)
+    redis.call('HINCRBY', K.holds, 'w:' .. job_id, 1)
   end
   return out
 end

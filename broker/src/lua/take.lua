@@ -6,7 +6,9 @@
 -- ARGV[3]  lease in ms (the entry is reclaimable when not renewed within it)
 -- ARGV[4]  1 when the job counts as started at once (in-process handlers); 0 when the
 --          executor reports the start itself (fleetq_progress … started)
--- ARGV[5…] per entry, 11 values: entry_id, job_id, token (chosen by the caller, new for every
+-- ARGV[5]  1 to note the caller alive on the queue (the nodes zset, the queue's last worker
+--          call); a worker sends it at most every lease/4, so a busy queue pays it rarely
+-- ARGV[6…] per entry, 11 values: entry_id, job_id, token (chosen by the caller, new for every
 --          take: the fencing token its renewals, progress reports and commit present),
 --          prior_attempts, max_attempts, queue_deadline_ms (0 = none), enqueued_ms, avoid
 --          (comma-separated nodes or ''), avoid_until_ms (0 = none), workflow (or ''), passes
@@ -26,6 +28,12 @@
 --
 -- Attempts are counted when a job starts (here when ARGV[4] is 1, else at fleetq_progress
 -- 'started'), not when it is delivered: a delivery lost before it started costs nothing.
+--
+-- Cost: per batch one XPENDING (ownership), one HMGET of the holds hash, one ZADD (leases) and
+-- one HSET (tokens); per entry one HSET of the job record. The job record is read first only
+-- when it may say more than the entry: the job has an id of its own, the entry was delivered
+-- before, carries attempts, an avoid list, a workflow or a passed queue deadline, or is marked
+-- in the holds hash (cancelled or expired while waiting).
 
 local PASS_DELAY_MS = 250
 local PASS_DELAY_MAX_MS = 5000
@@ -43,7 +51,8 @@ local function take_dead(K, job_id, entry_id, reason, used, nodes)
   emit(K, 'dead', job_id, { 'reason', 'deliveries_exhausted' })
 end
 
--- The caller runs it: record the holder, its token and lease.
+-- The caller runs it: record the holder; its token and lease go into T.tokens and T.leases,
+-- written once for the batch.
 local function take_run(K, T, e, h, used, deliveries)
   local jk = job_key(K, e.job_id)
   local nodes = h[4] or ''
@@ -52,7 +61,7 @@ local function take_run(K, T, e, h, used, deliveries)
   local attempt = used + 1
   local counted = T.started_now and attempt or used
   local set = { 'HSET', jk, 'state', T.started_now and 'running' or 'taken', 'entry', e.entry_id,
-    'consumer', T.consumer, 'token', e.token, 'node', T.node, 'attempt', tostring(attempt),
+    'consumer', T.consumer, 'node', T.node, 'attempt', tostring(attempt),
     'attempts', tostring(counted), 'max_attempts', tostring(e.max_attempts), 'taken_ms', tostring(T.now),
     'nodes', nodes, 'enqueued_ms', e.enqueued, 'deliveries', tostring(deliveries) }
   if T.started_now then
@@ -65,13 +74,19 @@ local function take_run(K, T, e, h, used, deliveries)
   end
   redis.call(unpack(set))
   if attempt > 1 or h[1] then
-    -- An earlier attempt's progress and timeout do not describe this one.
+    -- An earlier attempt's progress and timeout do not describe this one; a scheduled job's
+    -- copy of its fields is not needed once it runs (the end is recorded without reading
+    -- the record, so nothing is left behind for it to clean).
     redis.call('HDEL', jk, 'progress', 'progress_ms', 'stages', 'timeout', 'timeout_stage',
-      'timeout_elapsed_ms', 'timeout_node')
+      'timeout_elapsed_ms', 'timeout_node', 'retry')
+    if attempt == 1 then redis.call('HDEL', jk, 'error') end
     if not T.started_now then redis.call('HDEL', jk, 'attempt_started_ms') end
     redis.call('PERSIST', jk)
   end
-  set_lease(K, e.entry_id, T.now + T.lease)
+  T.leases[#T.leases + 1] = T.now + T.lease
+  T.leases[#T.leases + 1] = e.entry_id
+  T.tokens[#T.tokens + 1] = e.entry_id
+  T.tokens[#T.tokens + 1] = hold_value(e.token, T.consumer)
   emit(K, T.started_now and 'started' or 'taken', e.job_id, { 'node', T.node, 'attempt', tostring(attempt) })
   return attempt
 end
@@ -159,39 +174,86 @@ local function take_entry(args, i)
   }
 end
 
+-- May the entry be taken without reading its job record? Only a first delivery of a job
+-- without an id of its own (so no other entry or record can name it), with nothing carried
+-- over from earlier attempts, and no mark in the holds hash.
+local function plain_first(T, e, deliveries, mark)
+  return deliveries == 1 and mark == false and e.job_id == e.entry_id and e.prior == 0 and #e.avoid == 0
+    and e.workflow == '' and (e.deadline == 0 or T.now <= e.deadline)
+end
+
+-- Delivery counts of the entries the caller owns among `entries`, by entry id: one XPENDING
+-- over their id range, for the caller only (it holds at most its slots and this batch).
+local function owned_deliveries(K, consumer, entries)
+  local lo, hi = entries[1].entry_id, entries[1].entry_id
+  for _, e in ipairs(entries) do
+    if id_lt(e.entry_id, lo) then lo = e.entry_id end
+    if id_lt(hi, e.entry_id) then hi = e.entry_id end
+  end
+  local limit = 4 * #entries + 256
+  local ok, r = pcall(redis.call, 'XPENDING', K.stream, GROUP, lo, hi, limit, consumer)
+  local out = {}
+  if not ok then return out end
+  for _, p in ipairs(r) do out[p[1]] = tonumber(p[4]) end
+  if #r >= limit then
+    -- More of the caller's entries in that range than expected: ask for the rest one by one.
+    for _, e in ipairs(entries) do
+      if out[e.entry_id] == nil then
+        local owner, deliveries = pending_owner(K, e.entry_id)
+        if owner == consumer then out[e.entry_id] = deliveries end
+      end
+    end
+  end
+  return out
+end
+
+local TAKE_HEADER = 5
+
 local function take(keys, args)
   local K = open_queue(queue_keys(keys[1]))
-  if (#args - 4) % TAKE_STRIDE ~= 0 then
-    return redis.error_reply('fleetq: fleetq_take takes 4 values and then ' .. TAKE_STRIDE ..
+  if #args < TAKE_HEADER or (#args - TAKE_HEADER) % TAKE_STRIDE ~= 0 then
+    return redis.error_reply('fleetq: fleetq_take takes ' .. TAKE_HEADER .. ' values and then ' .. TAKE_STRIDE ..
       ' per entry; got ' .. #args .. ' (a worker of another protocol version?)')
   end
   local T = { consumer = args[1], node = args[2], lease = whole(args[3], CONFIG_NUMBERS.lease_ms),
-    started_now = args[4] == '1', now = now_ms() }
+    started_now = args[4] == '1', now = now_ms(), leases = {}, tokens = {} }
   if T.lease == nil then
     return redis.error_reply('fleetq: fleetq_take: lease ' .. shown(args[3]) .. ' is not a whole number from ' ..
       CONFIG_NUMBERS.lease_ms[1] .. ' to ' .. CONFIG_NUMBERS.lease_ms[2] .. ' ms')
   end
   -- Every entry is checked before anything is written.
-  local entries = {}
-  for i = 5, #args, TAKE_STRIDE do
+  local entries, ids = {}, {}
+  for i = TAKE_HEADER + 1, #args, TAKE_STRIDE do
     local e, wrong = take_entry(args, i)
     if e == nil then
       return redis.error_reply('fleetq: fleetq_take: ' .. wrong ..
         ' (a worker of another protocol version?); upgrade the worker with the library')
     end
     entries[#entries + 1] = e
+    ids[#ids + 1] = e.entry_id
   end
-  seen(K, T.node)
-  worker_called(K, T.lease, T.now)
+  if args[5] == '1' then
+    seen(K, T.node)
+    worker_called(K, T.lease, T.now)
+  end
+  if #entries == 0 then return {} end
+  local owned = owned_deliveries(K, T.consumer, entries)
+  local marks = redis.call('HMGET', K.holds, unpack(ids))
   local out = {}
-  for _, e in ipairs(entries) do
-    local owner, deliveries = pending_owner(K, e.entry_id)
-    if owner ~= T.consumer or e.token == '' then
-      out[#out + 1] = { e.entry_id, 'lost', deliveries, 0 }
+  for i, e in ipairs(entries) do
+    local deliveries = owned[e.entry_id]
+    if deliveries == nil or e.token == '' then
+      out[#out + 1] = { e.entry_id, 'lost', deliveries or 0, 0 }
+    elseif plain_first(T, e, deliveries, marks[i]) then
+      out[#out + 1] = { e.entry_id, 'run', deliveries, take_run(K, T, e, {}, 0, deliveries) }
     else
       local decision, n = take_owned(K, T, e, deliveries)
       out[#out + 1] = { e.entry_id, decision, deliveries, n }
     end
+  end
+  if #T.leases > 0 then
+    redis.call('ZADD', K.leases, unpack(T.leases))
+    redis.call('HSET', K.holds, unpack(T.tokens))
   end
   return out
 end
