@@ -457,9 +457,10 @@ impl Server {
             .query_async(&mut admin.conn())
             .await
             .unwrap();
-        let version = info
-            .lines()
-            .find(|l| l.starts_with("redis_version:") || l.starts_with("valkey_version:"))
+        // Valkey reports a redis_version too (7.2.4, the Redis it forked from): its own first.
+        let version = ["valkey_version:", "redis_version:"]
+            .iter()
+            .find_map(|f| info.lines().find(|l| l.starts_with(f)))
             .unwrap_or("version unknown");
         eprintln!("{}: {version}", flavor.name);
         Self {
