@@ -137,7 +137,8 @@ impl LocalRedis {
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 return Err(Error::LocalRedis(format!(
-                    "redis-server exited at start ({status}); its log:\n{}",
+                    "{} exited at start ({status}); its log:\n{}",
+                    self.program_name(),
                     self.log()
                 )));
             }
@@ -146,12 +147,21 @@ impl LocalRedis {
             }
             if Instant::now() > deadline {
                 return Err(Error::LocalRedis(format!(
-                    "redis-server did not answer within {START_TIMEOUT:?}; its log:\n{}",
+                    "{} did not answer within {START_TIMEOUT:?}; its log:\n{}",
+                    self.program_name(),
                     self.log()
                 )));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The program, for messages: `redis-server` unless the options name another.
+    fn program_name(&self) -> String {
+        self.options
+            .program
+            .as_ref()
+            .map_or_else(|| "redis-server".to_owned(), |p| p.display().to_string())
     }
 
     fn ping(&self) -> bool {

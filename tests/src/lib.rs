@@ -1,5 +1,6 @@
-//! Test harness shared by the end-to-end tests: a private `redis-server` per test, worker
-//! processes to kill, freeze and stop, and polling with deadlines (tests never sleep to wait).
+//! Test harness shared by the end-to-end tests: a private `redis-server` per test (or a
+//! `valkey-server`: [`Server`]), worker processes to kill, freeze and stop, and polling with
+//! deadlines (tests never sleep to wait).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -23,6 +24,9 @@ pub mod entries;
 pub mod fake_comfy;
 pub mod proxy;
 pub mod sentinel;
+pub mod server;
+
+pub use server::Server;
 
 /// Lines of a server's or worker's log put into a failing test's output.
 pub const LOG_TAIL_LINES: usize = 40;
@@ -39,6 +43,12 @@ impl Stack {
     /// Starts a fresh `redis-server` on a free port, with the function library loaded (as a
     /// running broker would have: workers wait for it and never load it themselves).
     pub async fn start() -> Self {
+        Self::start_on(Server::Redis).await
+    }
+
+    /// Like [`Stack::start`], on `server`. Panics, saying how to install it, when the server
+    /// is Valkey and there is no `valkey-server`, and when the program found is not Valkey.
+    pub async fn start_on(server: Server) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -46,8 +56,31 @@ impl Stack {
             )
             .with_test_writer()
             .try_init();
-        let server = LocalRedis::start().expect("start redis-server");
-        let redis = Redis::connect(&server.url()).await.expect("connect");
+        let local = LocalRedis::start_with(server.options())
+            .unwrap_or_else(|e| panic!("cannot start the {} server: {e}", server.name()));
+        let redis = Redis::connect(&local.url()).await.expect("connect");
+        if server == Server::Valkey {
+            let info: String = redis::cmd("INFO")
+                .arg("server")
+                .query_async(&mut redis.conn())
+                .await
+                .unwrap();
+            let field = format!("{}:", server.version_field());
+            assert!(
+                info.lines().any(|l| l.starts_with(&field)),
+                "{} was started as Valkey but reports no {field} in INFO server, so it is not \
+                 Valkey: point {} at a valkey-server binary, or unset it and {}",
+                server
+                    .program()
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default()
+                    .display(),
+                server::VALKEY_SERVER_ENV,
+                server::VALKEY_INSTALL_HINT
+            );
+        }
+        let server = local;
         fleetq_broker::functions::load_all(&redis.conn())
             .await
             .expect("load the function library");
@@ -166,7 +199,7 @@ impl Drop for Stack {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!(
-                "--- last {LOG_TAIL_LINES} lines of redis-server's log (port {}) ---\n{}",
+                "--- last {LOG_TAIL_LINES} lines of the server's log (port {}) ---\n{}",
                 self.server.port(),
                 self.server.log_tail(LOG_TAIL_LINES)
             );

