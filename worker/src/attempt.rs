@@ -129,7 +129,7 @@ pub(crate) async fn run<H: Handler>(
     attempt: u32,
     entry: JobEntry,
     queue: QueueConfig,
-    _permit: OwnedSemaphorePermit,
+    slot: OwnedSemaphorePermit,
 ) {
     let held = Arc::new(HeldJob::new(taken.holding));
     if let Some(older) = rt.held.insert(held.clone()) {
@@ -174,7 +174,7 @@ pub(crate) async fn run<H: Handler>(
         backoff: queue.backoff(attempt, rand::random::<f64>()),
     };
     let v = verdict(&ended, &facts);
-    record(&rt, &held, attempt, &ended, v, ending).await;
+    record(&rt, &held, attempt, &ended, v, ending, slot).await;
     rt.held.remove(&held);
     metrics.busy.dec();
 }
@@ -241,6 +241,7 @@ async fn record<H>(
     ended: &Ended,
     v: Verdict,
     mut ending: Ending,
+    slot: OwnedSemaphorePermit,
 ) {
     let metrics = &rt.node.metrics;
     if let Some(kind) = v.timeout {
@@ -253,7 +254,11 @@ async fn record<H>(
         metrics.timeout("lease");
     }
     let Some(commit) = v.commit else { return };
-    let Some(committed) = rt.committer.commit(held, attempt, &commit, &ending).await else {
+    let Some(committed) = rt
+        .committer
+        .commit(held, attempt, &commit, &ending, Some(slot))
+        .await
+    else {
         return;
     };
     if let (Commit::Retry { delay, .. }, Committed::Ok) = (&commit, committed) {

@@ -6,7 +6,9 @@
 //! Ends are batched: the attempts that end while a call is on its way (or in the same turn of
 //! the scheduler) go together in the next call, so Redis does its per-call work (the config,
 //! the clock, the acknowledgement and deletion, the counters) once per batch. One call is on
-//! its way at a time per stream; a batch holds at most [`MAX_BATCH`] ends.
+//! its way at a time per stream; a batch holds at most [`MAX_BATCH`] ends. The slots of a
+//! batch's jobs are freed together when Redis has recorded them, so the next read asks for
+//! all of them at once (and the next take and completion are as large).
 //!
 //! A computed result is never thrown away while it can still be recorded: a commit that fails
 //! for a transient reason (Redis down, loading, read-only during a failover) is tried again,
@@ -14,6 +16,7 @@
 //! worker's hard stop. Only a release (nothing computed to keep) gives up once its lease has
 //! surely run out.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,7 +25,7 @@ pub(crate) use fleetq_broker::calls::{Commit, Committed, Ending};
 use fleetq_broker::functions;
 use fleetq_broker::retry::{Backoff, OutageLog};
 use fleetq_broker::{QueueKeys, Redis};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use crate::lease::HeldJob;
@@ -30,13 +33,56 @@ use crate::lease::HeldJob;
 /// Most attempt ends in one `fleetq_complete` call.
 pub(crate) const MAX_BATCH: usize = 128;
 
-/// One end waiting for the next call, with where its answer goes.
+/// Ends on their way to Redis, across the worker's streams. The read loop waits for them
+/// before it reads for only part of the slots: their slots come free together a moment
+/// later, and one read, take and completion for all of them costs Redis less than several.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    count: AtomicUsize,
+    answered: Notify,
+}
+
+impl InFlight {
+    /// Whether some end is on its way.
+    pub(crate) fn busy(&self) -> bool {
+        self.count.load(Ordering::Acquire) > 0
+    }
+
+    /// Returns once no end is on its way.
+    pub(crate) async fn settled(&self) {
+        loop {
+            let answered = self.answered.notified();
+            tokio::pin!(answered);
+            answered.as_mut().enable();
+            if !self.busy() {
+                return;
+            }
+            answered.await;
+        }
+    }
+
+    fn sent(&self) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn answered(&self, n: usize) {
+        self.count.fetch_sub(n, Ordering::AcqRel);
+        self.answered.notify_waiters();
+    }
+}
+
+/// Why a commit was not recorded, with the job's slot given back to keep while it tries again.
+pub(crate) type NotRecorded = (Arc<fleetq_broker::Error>, Option<OwnedSemaphorePermit>);
+
+/// One end waiting for the next call, with the job's slot (freed once it is recorded) and
+/// where its answer goes.
 struct Request {
     holding: Holding,
     attempt: u32,
     commit: Commit,
     ending: Ending,
-    reply: oneshot::Sender<Result<Committed, Arc<fleetq_broker::Error>>>,
+    slot: Option<OwnedSemaphorePermit>,
+    reply: oneshot::Sender<Result<Committed, NotRecorded>>,
 }
 
 /// Where and as whom commits are made.
@@ -45,6 +91,8 @@ pub(crate) struct Committer {
     pub(crate) lease: std::time::Duration,
     /// Cancelled when the worker stops for good: commits still failing then are given up.
     pub(crate) hard_stop: CancellationToken,
+    /// Shared by the committers of all the worker's streams.
+    pub(crate) in_flight: Arc<InFlight>,
     batches: mpsc::UnboundedSender<Request>,
 }
 
@@ -56,30 +104,35 @@ impl Committer {
         keys: QueueKeys,
         caller: Caller,
         lease: std::time::Duration,
+        in_flight: Arc<InFlight>,
     ) -> Self {
         let (batches, rx) = mpsc::unbounded_channel();
-        tokio::spawn(send_batches(redis, keys, caller, rx));
+        tokio::spawn(send_batches(redis, keys, caller, rx, in_flight.clone()));
         Self {
             lease,
+            in_flight,
             hard_stop: CancellationToken::new(),
             batches,
         }
     }
 
-    /// Records one end in the next batch's `fleetq_complete` call, once.
+    /// Records one end in the next batch's `fleetq_complete` call, once. `slot` (the job's)
+    /// is freed when Redis answered, else handed back with the error.
     pub(crate) async fn commit_once(
         &self,
         job: &HeldJob,
         attempt: u32,
         commit: &Commit,
         ending: &Ending,
-    ) -> Result<Committed, Arc<fleetq_broker::Error>> {
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Result<Committed, NotRecorded> {
         let (reply, answer) = oneshot::channel();
         let request = Request {
             holding: job.holding.clone(),
             attempt,
             commit: commit.clone(),
             ending: ending.clone(),
+            slot,
             reply,
         };
         let gone = || {
@@ -87,8 +140,12 @@ impl Committer {
                 "the worker's commit task has stopped".into(),
             ))
         };
-        self.batches.send(request).map_err(|_| gone())?;
-        let committed = answer.await.map_err(|_| gone())??;
+        self.in_flight.sent();
+        if let Err(e) = self.batches.send(request) {
+            self.in_flight.answered(1);
+            return Err((gone(), e.0.slot));
+        }
+        let committed = answer.await.map_err(|_| (gone(), None))??;
         let id = &job.holding.job_id;
         match committed {
             Committed::Fenced => {
@@ -104,22 +161,27 @@ impl Committer {
     }
 
     /// Commits until Redis answers (see the module docs); `None` when given up.
+    /// `slot`: the job's, held until the end is recorded (or given up).
     pub(crate) async fn commit(
         &self,
         job: &HeldJob,
         attempt: u32,
         commit: &Commit,
         ending: &Ending,
+        mut slot: Option<OwnedSemaphorePermit>,
     ) -> Option<Committed> {
         let mut backoff = Backoff::default();
         let mut outage = OutageLog::default();
         loop {
-            let e = match self.commit_once(job, attempt, commit, ending).await {
+            let e = match self.commit_once(job, attempt, commit, ending, slot).await {
                 Ok(c) => {
                     let _ = outage.recovered();
                     return Some(c);
                 }
-                Err(e) => e,
+                Err((e, back)) => {
+                    slot = back;
+                    e
+                }
             };
             // A bad queue config stops every function until fixed: keep the result and try
             // again, as through an outage.
@@ -164,6 +226,7 @@ async fn send_batches(
     keys: QueueKeys,
     caller: Caller,
     mut rx: mpsc::UnboundedReceiver<Request>,
+    in_flight: Arc<InFlight>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {
@@ -191,18 +254,25 @@ async fn send_batches(
                 Ok(words) => calls::parse_complete(words, batch.len()),
                 Err(e) => Err(e),
             };
+        let n = batch.len();
         match answered {
             Ok(words) => {
-                for (r, c) in batch.drain(..).zip(words) {
+                // The batch's slots are freed together, after every job has its answer.
+                let mut slots = Vec::with_capacity(batch.len());
+                for (mut r, c) in batch.drain(..).zip(words) {
+                    slots.push(r.slot.take());
                     let _ = r.reply.send(Ok(c));
                 }
+                drop(slots);
             }
             Err(e) => {
                 let e = Arc::new(e);
-                for r in batch.drain(..) {
-                    let _ = r.reply.send(Err(e.clone()));
+                for mut r in batch.drain(..) {
+                    let slot = r.slot.take();
+                    let _ = r.reply.send(Err((e.clone(), slot)));
                 }
             }
         }
+        in_flight.answered(n);
     }
 }

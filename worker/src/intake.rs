@@ -176,6 +176,15 @@ impl<H: Handler> Intake<H> {
             }
             return Ok(());
         }
+        let in_flight = self.rt().committer.in_flight.clone();
+        if self.slots.available_permits() < self.rt().config.slots && in_flight.busy() {
+            // Slots a batch on its way will free: read for them all at once, when it lands.
+            tokio::select! {
+                _ = in_flight.settled() => {}
+                _ = stop.cancelled() => {}
+            }
+            return Ok(());
+        }
         for i in 0..self.sources.len() {
             self.refresh_config(i).await;
         }
@@ -559,7 +568,7 @@ impl<H: Handler> Intake<H> {
             tracing::error!(job = %t.holding.job_id, "no free slot for a job read for a free slot; releasing it");
             let held = HeldJob::new(t.holding);
             rt.committer
-                .commit(&held, attempt, &Commit::Release, &Ending::default())
+                .commit(&held, attempt, &Commit::Release, &Ending::default(), None)
                 .await;
             return;
         };
@@ -598,7 +607,7 @@ async fn dead_letter<H>(rt: &Runtime<H>, t: Taken, attempt: u32, malformed: Malf
     rt.held.insert(held.clone());
     let committed = rt
         .committer
-        .commit(&held, attempt, &commit, &Ending::default())
+        .commit(&held, attempt, &commit, &Ending::default(), None)
         .await;
     rt.held.remove(&held);
     if committed == Some(fleetq_broker::calls::Committed::Ok) {

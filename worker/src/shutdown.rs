@@ -91,9 +91,10 @@ pub(crate) async fn release<H>(rt: &Runtime<H>, entries: Vec<(String, String)>, 
         let job = HeldJob::new(holding);
         if let Err(e) = rt
             .committer
-            .commit_once(&job, 0, &Commit::Release, &Ending::default())
+            .commit_once(&job, 0, &Commit::Release, &Ending::default(), None)
             .await
         {
+            let e = e.0;
             tracing::warn!(entry = %job.holding.entry_id, error = %e, when,
                 "cannot release an entry; its lease will run out");
         }

@@ -85,6 +85,7 @@ where
             metrics_addr,
         },
         slots: Arc::new(Semaphore::new(config.slots)),
+        in_flight: Arc::default(),
         handler: Arc::new(handler),
         redis,
         config,
@@ -190,6 +191,7 @@ struct Shared<H> {
     handler: Arc<H>,
     node: NodeHandle,
     slots: Arc<Semaphore>,
+    in_flight: Arc<crate::completion::InFlight>,
 }
 
 impl<H: Handler> Shared<H> {
@@ -210,7 +212,13 @@ impl<H: Handler> Shared<H> {
                 starts_at_once: !self.handler.reports_start(),
                 last_beat: Arc::default(),
             },
-            committer: Committer::new(self.redis.clone(), keys.clone(), caller.clone(), lease),
+            committer: Committer::new(
+                self.redis.clone(),
+                keys.clone(),
+                caller.clone(),
+                lease,
+                self.in_flight.clone(),
+            ),
             renewer: Renewer {
                 redis: self.redis.clone(),
                 keys,
