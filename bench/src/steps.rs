@@ -154,6 +154,13 @@ impl Steps {
         }
         let words: Vec<String> =
             functions::call_pipeline(&mut self.redis.conn(), &pipe, "complete").await?;
+        if words.len() != taken.len() {
+            bail!(
+                "fleetq_complete answered {} times for {} jobs; the function library and this bench disagree on the reply's shape",
+                words.len(),
+                taken.len()
+            );
+        }
         for (held, word) in taken.held.iter().zip(&words) {
             let committed = calls::Committed::parse(word)?;
             if committed != calls::Committed::Ok {
@@ -162,13 +169,6 @@ impl Steps {
                     held.job_id
                 );
             }
-        }
-        if words.len() != taken.len() {
-            bail!(
-                "fleetq_complete answered {} times for {} jobs",
-                words.len(),
-                taken.len()
-            );
         }
         Ok(())
     }
