@@ -61,16 +61,52 @@ impl Handler for BenchHandler {
     }
 }
 
-/// Runs the worker until SIGTERM (or Ctrl-C); returns how many attempts its handler ran.
-pub async fn run(args: WorkerArgs) -> anyhow::Result<u64> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("install the SIGTERM handler")?;
-    let redis = Redis::connect(&args.redis_url).await?;
+/// The bench worker's settings: the defaults but those of the module docs.
+pub fn config(args: &WorkerArgs) -> WorkerConfig {
     let mut config = WorkerConfig::new(&args.queue, &args.node);
     config.slots = args.slots;
     config.shutdown_grace = Duration::from_millis(args.grace_ms);
     config.suspend_after = 0;
     config.metrics_addr = None;
+    config
+}
+
+/// The idle cycle of a bench worker on a queue with `lease`: the time after which its
+/// pattern of idle commands repeats. An idle worker reclaims and blocks once per
+/// `min(max_block, lease)` (the worker caps its block by the lease) and beats once per
+/// `heartbeat`; the cycle is the least common multiple of the two (10 s with the defaults).
+/// The config re-read (`config_refresh`, 60 s) is left out: one `HGETALL` a minute.
+pub fn idle_cycle(lease: Duration) -> Duration {
+    let c = config(&WorkerArgs {
+        redis_url: String::new(),
+        queue: "idle".into(),
+        node: "idle".into(),
+        slots: 1,
+        grace_ms: 1000,
+    });
+    let block = c.max_block.min(lease).as_millis();
+    let beat = c.heartbeat.as_millis();
+    let lcm = match (block, beat) {
+        (0, _) | (_, 0) => block.max(beat),
+        _ => block / gcd(block, beat) * beat,
+    };
+    Duration::from_millis(u64::try_from(lcm).unwrap_or(u64::MAX))
+}
+
+fn gcd(a: u128, b: u128) -> u128 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Runs the worker until SIGTERM (or Ctrl-C); returns how many attempts its handler ran.
+pub async fn run(args: WorkerArgs) -> anyhow::Result<u64> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("install the SIGTERM handler")?;
+    let redis = Redis::connect(&args.redis_url).await?;
+    let config = config(&args);
     let handler = BenchHandler::default();
     let handled = handler.handled.clone();
     let shutdown = async move {

@@ -116,6 +116,15 @@ impl CommandStats {
         )
     }
 
+    /// Adds the calls and time of `other` to these (deltas of windows measured apart).
+    pub fn add(&mut self, other: &Self) {
+        for (name, c) in &other.0 {
+            let v = self.0.entry(name.clone()).or_default();
+            v.calls += c.calls;
+            v.usec += c.usec;
+        }
+    }
+
     /// Takes away `n` calls of `name` that the harness itself sent (its polling).
     pub fn discount(&mut self, name: &str, n: u64) {
         if let Some(v) = self.0.get_mut(name) {

@@ -5,17 +5,23 @@
 //!
 //! - [`suite`] — [`Options`] and [`run`]: every scenario in order, one [`Report`].
 //! - [`plan`] — the sizes and windows of a full run and of a `--quick` one.
-//! - [`report`] — the figures, the targets with pass/miss, the table and the JSON line.
+//! - [`report`] — every figure of a run and the JSON line.
+//! - [`targets`] — the targets and whether a run met each.
+//! - [`table`] — the tables for people.
 //! - [`server`] — a fresh `redis-server` per scenario (persistence off) and what is read from it.
 //! - [`cluster`] — a local Redis Cluster of 3 primaries for the cluster scenario.
 //! - [`commandstats`] — `INFO commandstats` snapshots, deltas, and which commands only
 //!   clients send.
+//! - [`sample`] — commands and CPU time of a server in one `INFO`, and their deltas.
+//! - [`steps`] — the steps of a job (enqueue, take, complete, maintenance) driven directly:
+//!   every fleetq function call the bench builds itself.
 //! - [`payload`] — the 200-byte no-op job payload.
 //! - [`worker_process`] — a worker in a process of its own (this binary re-executed), to
 //!   stop, kill and freeze.
 //! - [`bench_worker`] — the hidden `worker` subcommand that such a process runs.
 //! - [`poll`] — waiting for a condition with a deadline.
-//! - [`scenarios`] — enqueue, end to end, floor, memory, idle, dispatch, recovery, cluster.
+//! - [`scenarios`] — enqueue, end to end, floor, by step, payload sweep, drain by slots,
+//!   memory, idle, dispatch, recovery, cluster.
 //!
 //! # Running it from a test
 //!
@@ -50,9 +56,13 @@ pub mod payload;
 pub mod plan;
 pub mod poll;
 pub mod report;
+pub mod sample;
 pub mod scenarios;
 pub mod server;
+pub mod steps;
 pub mod suite;
+pub mod table;
+pub mod targets;
 pub mod worker_process;
 
 pub use plan::Plan;

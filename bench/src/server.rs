@@ -11,6 +11,7 @@ use fleetq_broker::{LocalRedis, QueueConfig, QueueKeys, Redis};
 use redis::aio::ConnectionLike;
 
 use crate::commandstats::CommandStats;
+use crate::sample::Sample;
 
 /// Retention of finished jobs' hashes in the bench's queues: long enough to check every
 /// job of the end-to-end run after it (the default is 1 h), short enough to stay small.
@@ -95,9 +96,28 @@ impl Server {
             .context("INFO memory has no used_memory")
     }
 
+    /// Clients blocked in a command (`blocked_clients` of `INFO clients`): a worker waiting
+    /// in its `XREADGROUP … BLOCK` is one.
+    pub async fn blocked_clients(&self) -> anyhow::Result<u64> {
+        let info: String = redis::cmd("INFO")
+            .arg("clients")
+            .query_async(&mut self.redis.conn())
+            .await
+            .context("INFO clients")?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("blocked_clients:"))
+            .and_then(|v| v.trim().parse().ok())
+            .context("INFO clients has no blocked_clients; is this a Redis server?")
+    }
+
     /// CPU time the server has used so far (see [`cpu_time`]).
     pub async fn cpu_time(&self) -> anyhow::Result<Duration> {
         cpu_time(&mut self.redis.conn()).await
+    }
+
+    /// Commands and CPU time so far, in one `INFO` (see [`Sample`]).
+    pub async fn sample(&self) -> anyhow::Result<Sample> {
+        Sample::read(&mut self.redis.conn()).await
     }
 
     /// `INFO commandstats` now.
@@ -217,15 +237,7 @@ pub async fn cpu_time<C: ConnectionLike + Send>(conn: &mut C) -> anyhow::Result<
         .query_async(conn)
         .await
         .context("INFO cpu")?;
-    let secs = |key: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .with_context(|| format!("INFO cpu has no {key}"))
-    };
-    Ok(Duration::from_secs_f64(
-        secs("used_cpu_user:")? + secs("used_cpu_sys:")?,
-    ))
+    crate::sample::cpu_of(&info)
 }
 
 /// `XLEN` of the queue's stream.

@@ -8,7 +8,9 @@ use anyhow::Context;
 
 use crate::plan::Plan;
 use crate::report::Report;
-use crate::scenarios::{cluster, dispatch, e2e, enqueue, floor, idle, memory, recovery};
+use crate::scenarios::{
+    by_step, cluster, dispatch, e2e, enqueue, floor, idle, memory, payload_sweep, recovery, slots,
+};
 
 /// How to run the benchmark.
 #[derive(Debug, Clone)]
@@ -51,6 +53,17 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     let e2e = e2e::run(&plan, exe).await.context("end-to-end scenario")?;
     tracing::info!(jobs = plan.e2e_jobs, "floor");
     let floor = floor::run(&plan).await.context("floor scenario")?;
+    tracing::info!(
+        jobs = plan.by_step_jobs,
+        "by step: the steps driven directly"
+    );
+    let by_step = by_step::run(&plan).await.context("by-step scenario")?;
+    let payload_sweep = payload_sweep::run(&plan, exe, &e2e, &floor)
+        .await
+        .context("payload sweep")?;
+    let drain_by_slots = slots::run(&plan, exe)
+        .await
+        .context("drain-by-slots scenario")?;
     tracing::info!(jobs = plan.memory_jobs, "memory per waiting job");
     let memory = memory::run(&plan).await.context("memory scenario")?;
     tracing::info!(
@@ -80,6 +93,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         enqueue,
         e2e,
         floor,
+        by_step,
+        payload_sweep,
+        drain_by_slots,
         memory,
         idle,
         dispatch,

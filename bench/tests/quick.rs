@@ -17,6 +17,8 @@ async fn quick_benchmark_runs_every_scenario_correctly() {
         "e2e_jobs_per_sec",
         "floor_jobs_per_sec",
         "redis_cmds_per_job",
+        "redis_cpu_us_per_job",
+        "floor_redis_cpu_us_per_job",
         "redis_bytes_per_waiting_job",
         "idle_cmds_per_worker_per_sec",
         "dispatch_p50_ms",
@@ -29,6 +31,36 @@ async fn quick_benchmark_runs_every_scenario_correctly() {
             "{key} missing from {json}"
         );
     }
+    for key in ["server_cmds_per_job_by_step", "redis_cpu_us_by_step"] {
+        let by_step = &json[key];
+        for step in ["enqueue", "take", "complete", "maintenance"] {
+            assert!(
+                by_step[step].is_number(),
+                "{key}.{step} missing from {json}"
+            );
+        }
+        // Every job is enqueued, taken and completed: each of those steps costs something.
+        for step in ["enqueue", "take", "complete"] {
+            assert!(
+                by_step[step].as_f64() > Some(0.0),
+                "{key}.{step} is 0 in {json}"
+            );
+        }
+    }
+    let sweep: Vec<u64> = json["payload_sweep"]
+        .as_array()
+        .expect("payload_sweep")
+        .iter()
+        .filter_map(|r| r["payload_bytes"].as_u64())
+        .collect();
+    assert_eq!(sweep, [200, 10_000, 1_000_000], "{json}");
+    let slots: Vec<u64> = json["drain_by_slots"]
+        .as_array()
+        .expect("drain_by_slots")
+        .iter()
+        .filter_map(|r| r["slots"].as_u64())
+        .collect();
+    assert_eq!(slots, [1, 8, 64], "{json}");
     let cluster = &json["cluster"];
     assert_eq!(cluster["exactly_once"], true, "{cluster}");
     let runs = cluster["runs"].as_array().expect("cluster runs");

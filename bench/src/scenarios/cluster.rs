@@ -29,7 +29,7 @@ use serde::Serialize;
 
 use crate::cluster::{Cluster, PRIMARIES};
 use crate::plan::{Plan, BATCH_SIZE, CLUSTER_WORKERS, CLUSTER_WORKER_SLOTS, PAYLOAD_BYTES};
-use crate::scenarios::e2e::MUST_BE_ZERO;
+use crate::scenarios::drain::MUST_BE_ZERO;
 use crate::server::{create_group, pending, prime_group, queue_config, stat, stream_len};
 use crate::worker_process::WorkerProcess;
 use crate::{payload, scenarios::rate};

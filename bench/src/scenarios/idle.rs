@@ -1,13 +1,15 @@
-//! Idle cost: K worker processes (default settings: `max_block` 10 s, heartbeat 10 s) on an
-//! empty queue. Once every node record exists and a further 2 s have passed, `INFO
+//! Idle cost: K bench worker processes (the bench worker's settings: `max_block` and
+//! heartbeat are the defaults, 10 s) on an empty queue. Once every node record exists and a further 2 s have passed, `INFO
 //! commandstats` is read at the start and the end of the window; the delta divided by K and
 //! by the window is the figure (server count: inside functions included), with the client
 //! count beside it.
 //!
-//! An idle worker's cycle is 10 s: one `fleetq_reclaim` and one `XREADGROUP … BLOCK 10000`
-//! per `max_block`, one `fleetq_node_beat` per heartbeat (and an `HGETALL` of the config every
-//! 60 s). The full run's 20 s window holds two whole cycles of each worker; the quick run's
-//! 4 s window catches partial cycles, so its figure is rough.
+//! An idle worker's cycle ([`crate::bench_worker::idle_cycle`]) is 10 s with the defaults:
+//! one `fleetq_reclaim` and one `XREADGROUP … BLOCK` per `min(max_block, lease)`, one
+//! `fleetq_node_beat` per heartbeat (and an `HGETALL` of the config every 60 s). The full
+//! run's window is whole cycles of each worker, at least 20 s ([`Plan::idle_window`]), so it
+//! follows the worker's settings when they change; the quick run's 4 s window catches
+//! partial cycles, so its figure is rough.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -28,6 +30,8 @@ pub struct IdleResult {
     pub workers: usize,
     /// The measuring window, seconds.
     pub window_s: f64,
+    /// One idle cycle of a worker, seconds.
+    pub cycle_s: f64,
     /// Commands Redis executed per worker per second (inside functions included).
     pub cmds_per_worker_per_sec: f64,
     /// Client commands per worker per second.
@@ -73,6 +77,7 @@ pub async fn run(plan: &Plan, exe: &Path) -> anyhow::Result<IdleResult> {
     Ok(IdleResult {
         workers: k,
         window_s: window,
+        cycle_s: crate::bench_worker::idle_cycle(queue_config().lease).as_secs_f64(),
         cmds_per_worker_per_sec: per(delta.total()),
         client_cmds_per_worker_per_sec: per(delta.client_total()),
     })
