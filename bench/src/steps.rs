@@ -103,7 +103,15 @@ impl Steps {
             .map(|e| self.take_entry(e))
             .collect::<anyhow::Result<Vec<TakeEntry>>>()?;
         // The bench handler does not report its start: the job starts when taken.
-        let cmd = calls::take(&self.keys, &self.caller, self.config.lease, true, &args);
+        // Marked alive at most every lease/4 by a worker: not per batch.
+        let cmd = calls::take(
+            &self.keys,
+            &self.caller,
+            self.config.lease,
+            true,
+            false,
+            &args,
+        );
         let rows = functions::call(&mut self.redis.conn(), &cmd, "take").await?;
         let replies = calls::parse_take(rows)?;
         if replies.len() != args.len() {
@@ -132,37 +140,29 @@ impl Steps {
         Ok(Taken { held })
     }
 
-    /// Records every job of `taken` as succeeded (result `null`): one `fleetq_complete` per
-    /// job — today's builder — sent together in one round trip, as the worker's slots send
-    /// them when the jobs of one take end together (their commits share its multiplexed
-    /// connection). Fails when a completion is refused.
+    /// Records every job of `taken` as succeeded (result `null`) in one `fleetq_complete`
+    /// call, as a worker's slots do when the jobs of one take end together. Fails when a
+    /// completion is refused.
     pub async fn complete(&self, taken: Taken) -> anyhow::Result<()> {
         if taken.is_empty() {
             return Ok(());
         }
         let success = Commit::Succeeded("null".to_owned());
         let ending = Ending::default();
-        let mut pipe = redis::pipe();
-        for held in &taken.held {
-            pipe.add_command(calls::complete(
-                &self.keys,
-                &self.caller.consumer,
+        let batch: Vec<calls::Completion<'_>> = taken
+            .held
+            .iter()
+            .map(|held| calls::Completion {
                 held,
-                &success,
-                &ending,
-            ));
-        }
-        let words: Vec<String> =
-            functions::call_pipeline(&mut self.redis.conn(), &pipe, "complete").await?;
-        if words.len() != taken.len() {
-            bail!(
-                "fleetq_complete answered {} times for {} jobs; the function library and this bench disagree on the reply's shape",
-                words.len(),
-                taken.len()
-            );
-        }
-        for (held, word) in taken.held.iter().zip(&words) {
-            let committed = calls::Committed::parse(word)?;
+                attempt: 1,
+                commit: &success,
+                ending: &ending,
+            })
+            .collect();
+        let cmd = calls::complete(&self.keys, &self.caller, &batch);
+        let words: Vec<String> = functions::call(&mut self.redis.conn(), &cmd, "complete").await?;
+        let answers = calls::parse_complete(words, taken.len())?;
+        for (held, committed) in taken.held.iter().zip(answers) {
             if committed != calls::Committed::Ok {
                 bail!(
                     "fleetq_complete answered {committed:?} for job {} held by its only consumer; look at the complete function",

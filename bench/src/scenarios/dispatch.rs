@@ -68,6 +68,8 @@ pub async fn run(plan: &Plan, exe: &Path) -> anyhow::Result<DispatchResult> {
     let server = Server::start().await?;
     let config = QueueConfig {
         events_maxlen: EVENTS_MAXLEN,
+        // The harness reads every job's `started` event.
+        routine_events: true,
         ..queue_config()
     };
     let keys = server.configure(QUEUE, &config).await?;
