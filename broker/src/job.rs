@@ -226,6 +226,17 @@ impl JobEntry {
     }
 }
 
+/// Checks that `payload` is one JSON text as a worker will read it ([`JobEntry::parse`]: the
+/// same parser and nesting limit), without building its value. Producers check here because
+/// the functions do not parse payloads (parsing a large one would stall Redis); an entry added
+/// another way (a plain `XADD`, an `FCALL` from another language) is checked by the worker,
+/// which dead-letters it as [`Malformed::PayloadNotJson`].
+pub fn check_payload(payload: &str) -> Result<(), Malformed> {
+    serde_json::from_str::<serde::de::IgnoredAny>(payload)
+        .map(|_| ())
+        .map_err(|e| Malformed::PayloadNotJson(e.to_string()))
+}
+
 /// An entry's fields by name, with the typed readers [`JobEntry::parse`] uses.
 struct Fields<'a>(HashMap<&'a str, &'a [u8]>);
 
@@ -674,6 +685,34 @@ mod tests {
         assert!(e.to_string().contains("5001 fields"), "{e}");
         fields.truncate(ENTRY_FIELDS_MAX);
         assert!(JobEntry::parse(&raw(&fields), 1024).is_ok());
+    }
+
+    #[test]
+    fn the_producer_check_agrees_with_the_worker_parse() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let cases = [
+            r#"{"a":[1,2,{"b":null}]}"#,
+            "1",
+            r#""text""#,
+            "{nope",
+            "",
+            r#"{"a":1} trailing"#,
+            r#""bad \q escape""#,
+            "\"raw\u{1}control\"",
+            &deep,
+        ];
+        for payload in cases {
+            let worker = JobEntry::parse(&raw(&[("payload", payload)]), 1 << 20).map(|_| ());
+            let producer = check_payload(payload);
+            assert_eq!(
+                producer.is_ok(),
+                worker.is_ok(),
+                "{payload:?}: {producer:?} vs {worker:?}"
+            );
+            if let Err(e) = producer {
+                assert!(e.to_string().contains("payload is not valid JSON"), "{e}");
+            }
+        }
     }
 
     #[test]

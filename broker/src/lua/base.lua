@@ -63,6 +63,7 @@ local function queue_keys(stream_key)
     nodes = p .. 'nodes',
     suspended = p .. 'suspended',
     blocks = p .. 'blocks',
+    deadlines = p .. 'deadlines',
   }
 end
 
