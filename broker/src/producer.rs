@@ -245,7 +245,7 @@ impl Producer {
             })?;
         }
         // The jobs of each queue or partition, in order, with the id given to those without.
-        let mut homes: Vec<(&QueueKeys, Vec<(usize, Option<String>)>)> = Vec::new();
+        let mut homes: Vec<(&QueueKeys, Vec<Placed>)> = Vec::new();
         for (i, (_, opts)) in jobs.iter().enumerate() {
             let (keys, generated) = self.place(opts.id.as_deref());
             match homes.iter_mut().find(|(k, _)| *k == keys) {
@@ -476,6 +476,10 @@ fn chunks<T>(items: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
     }
     out
 }
+
+/// A job of a batch where it goes: its place in the batch and the id generated for it, if
+/// any (see [`Producer::place`]).
+type Placed = (usize, Option<String>);
 
 /// A function's reply `[job_id, state, position, created]` as an [`Enqueued`].
 fn enqueued((id, state, position, created): (String, String, u64, u8)) -> Result<Enqueued> {
