@@ -226,6 +226,76 @@ impl JobEntry {
     }
 }
 
+/// Checks that `payload` is one JSON text as a worker will read it ([`JobEntry::parse`]: the
+/// same parser, nesting limit and number ranges), without building its value. Producers
+/// check here because the functions do not parse payloads (parsing a large one would stall
+/// Redis); an entry added another way (a plain `XADD`, an `FCALL` from another language) is
+/// checked by the worker, which dead-letters it as [`Malformed::PayloadNotJson`].
+pub fn check_payload(payload: &str) -> Result<(), Malformed> {
+    serde_json::from_str::<JsonText>(payload)
+        .map(|_| ())
+        .map_err(|e| Malformed::PayloadNotJson(e.to_string()))
+}
+
+/// A JSON value read and dropped. Not `serde::de::IgnoredAny`: serde_json skips an ignored
+/// value without its nesting limit or number checks, so it would pass texts that reading a
+/// `serde_json::Value` refuses. Reading through `deserialize_any` applies both, as `Value`
+/// does, and keeps nothing.
+struct JsonText;
+
+impl<'de> serde::Deserialize<'de> for JsonText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(JsonTextVisitor)
+    }
+}
+
+struct JsonTextVisitor;
+
+impl<'de> serde::de::Visitor<'de> for JsonTextVisitor {
+    type Value = JsonText;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<JsonText, E> {
+        Ok(JsonText)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<JsonText, E> {
+        Ok(JsonText)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<JsonText, E> {
+        Ok(JsonText)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<JsonText, E> {
+        Ok(JsonText)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<JsonText, E> {
+        Ok(JsonText)
+    }
+
+    fn visit_unit<E>(self) -> Result<JsonText, E> {
+        Ok(JsonText)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<JsonText, A::Error> {
+        while seq.next_element::<JsonText>()?.is_some() {}
+        Ok(JsonText)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<JsonText, A::Error> {
+        while map
+            .next_entry::<serde::de::IgnoredAny, JsonText>()?
+            .is_some()
+        {}
+        Ok(JsonText)
+    }
+}
+
 /// An entry's fields by name, with the typed readers [`JobEntry::parse`] uses.
 struct Fields<'a>(HashMap<&'a str, &'a [u8]>);
 
@@ -674,6 +744,41 @@ mod tests {
         assert!(e.to_string().contains("5001 fields"), "{e}");
         fields.truncate(ENTRY_FIELDS_MAX);
         assert!(JobEntry::parse(&raw(&fields), 1024).is_ok());
+    }
+
+    #[test]
+    fn the_producer_check_agrees_with_the_worker_parse() {
+        let nest = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let (deep, edge, over) = (nest(200), nest(127), nest(128));
+        // serde_json's nesting limit, as the worker meets it.
+        assert!(check_payload(&edge).is_ok() && check_payload(&over).is_err());
+        let cases = [
+            r#"{"a":[1,2,{"b":null}]}"#,
+            "1",
+            r#""text""#,
+            "{nope",
+            "",
+            r#"{"a":1} trailing"#,
+            r#""bad \q escape""#,
+            "\"raw\u{1}control\"",
+            "1e400",
+            "[1, 2,]",
+            &deep,
+            &edge,
+            &over,
+        ];
+        for payload in cases {
+            let worker = JobEntry::parse(&raw(&[("payload", payload)]), 1 << 20).map(|_| ());
+            let producer = check_payload(payload);
+            assert_eq!(
+                producer.is_ok(),
+                worker.is_ok(),
+                "{payload:?}: {producer:?} vs {worker:?}"
+            );
+            if let Err(e) = producer {
+                assert!(e.to_string().contains("payload is not valid JSON"), "{e}");
+            }
+        }
     }
 
     #[test]

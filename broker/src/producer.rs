@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::connection::Redis;
 use crate::functions::{self, fcall};
-use crate::job::{JobState, JobStatus};
+use crate::job::{check_payload, JobState, JobStatus};
 use crate::keys::QueueKeys;
 use crate::partitions::Partitions;
 use crate::{Error, Result};
@@ -188,46 +188,112 @@ impl Producer {
     ) -> Result<Enqueued> {
         let text = serde_json::to_string(payload)
             .map_err(|e| Error::Config(format!("payload cannot be encoded as JSON: {e}")))?;
-        self.enqueue_json(&text, opts).await
+        // Encoded by serde_json: JSON by construction.
+        self.enqueue_checked(&text, opts).await
     }
 
-    /// Like [`Producer::enqueue`], with a payload that is already JSON text.
+    /// Like [`Producer::enqueue`], with a payload that is already JSON text. The text is
+    /// checked here ([`check_payload`]): the functions do not parse payloads, so a text that
+    /// is not JSON is refused ([`Error::Rejected`], saying what is wrong) before it is sent.
     pub async fn enqueue_json(&self, payload: &str, opts: &EnqueueOptions) -> Result<Enqueued> {
+        check_payload(payload).map_err(|e| Error::Rejected(e.to_string()))?;
+        self.enqueue_checked(payload, opts).await
+    }
+
+    /// One `fleetq_enqueue` call for a payload known to be JSON.
+    async fn enqueue_checked(&self, payload: &str, opts: &EnqueueOptions) -> Result<Enqueued> {
         let cmd = self.enqueue_cmd(payload, opts);
-        let (id, state, position, created): (String, String, u64, u8) =
+        let reply: (String, String, u64, u8) =
             functions::call(&mut self.redis.conn(), &cmd, "enqueue")
                 .await
                 .map_err(|e| e.refused_enqueue("job"))?;
-        Ok(Enqueued {
-            id,
-            state: parse_state(&state)?,
-            position,
-            created: created == 1,
-        })
+        enqueued(reply)
     }
 
-    /// Puts many jobs on the queue in one round trip (a pipeline of `fleetq_enqueue` calls).
+    /// Puts many jobs (JSON texts, default options) on the queue; see
+    /// [`Producer::enqueue_batch_with`].
     pub async fn enqueue_batch(&self, payloads: &[String]) -> Result<Vec<Enqueued>> {
-        let mut pipe = redis::pipe();
         let opts = EnqueueOptions::default();
-        for p in payloads {
-            pipe.add_command(self.enqueue_cmd(p, &opts));
+        let jobs: Vec<(&str, &EnqueueOptions)> =
+            payloads.iter().map(|p| (p.as_str(), &opts)).collect();
+        self.enqueue_many(&jobs).await
+    }
+
+    /// Puts many jobs, each a JSON text with its options, on the queue: one
+    /// `fleetq_enqueue_batch` call per [`BATCH_CALL_JOBS`] jobs or [`BATCH_CALL_BYTES`] of
+    /// payload, all of one queue or partition in one pipeline (one round trip per partition).
+    /// Each call reads the queue's config and line once for all its jobs. The replies are in
+    /// the order of `jobs`, each as [`Producer::enqueue_json`] answers it.
+    ///
+    /// Every payload is checked first ([`check_payload`]); one that is not JSON refuses the
+    /// batch before anything is sent, naming the job. A job the functions refuse (a payload
+    /// over `max_payload_bytes`, say) refuses its call; other calls of the batch may have
+    /// queued their jobs by then, so give jobs an `id` when a batch may be sent again.
+    pub async fn enqueue_batch_with(
+        &self,
+        jobs: &[(String, EnqueueOptions)],
+    ) -> Result<Vec<Enqueued>> {
+        let jobs: Vec<(&str, &EnqueueOptions)> =
+            jobs.iter().map(|(p, o)| (p.as_str(), o)).collect();
+        self.enqueue_many(&jobs).await
+    }
+
+    async fn enqueue_many(&self, jobs: &[(&str, &EnqueueOptions)]) -> Result<Vec<Enqueued>> {
+        for (i, (payload, _)) in jobs.iter().enumerate() {
+            check_payload(payload).map_err(|e| {
+                Error::Rejected(format!("job {} of {} in the batch: {e}", i + 1, jobs.len()))
+            })?;
         }
-        let replies: Vec<(String, String, u64, u8)> =
-            functions::call_pipeline(&mut self.redis.conn(), &pipe, "enqueue batch")
-                .await
-                .map_err(|e| e.refused_enqueue("batch of jobs"))?;
-        replies
-            .into_iter()
-            .map(|(id, state, position, created)| {
-                Ok(Enqueued {
-                    id,
-                    state: parse_state(&state)?,
-                    position,
-                    created: created == 1,
-                })
-            })
-            .collect()
+        // The jobs of each queue or partition, in order, with the id given to those without.
+        let mut homes: Vec<(&QueueKeys, Vec<Placed>)> = Vec::new();
+        for (i, (_, opts)) in jobs.iter().enumerate() {
+            let (keys, generated) = self.place(opts.id.as_deref());
+            match homes.iter_mut().find(|(k, _)| *k == keys) {
+                Some((_, list)) => list.push((i, generated)),
+                None => homes.push((keys, vec![(i, generated)])),
+            }
+        }
+        let mut out: Vec<Option<Enqueued>> = vec![None; jobs.len()];
+        for (keys, list) in homes {
+            let mut pipe = redis::pipe();
+            let mut order = Vec::with_capacity(list.len());
+            for chunk in chunks(&list, |(i, _)| jobs[*i].0.len()) {
+                let mut cmd = fcall("fleetq_enqueue_batch", keys);
+                for (i, generated) in chunk {
+                    let (payload, opts) = jobs[*i];
+                    let mut pairs = opts.args();
+                    if let Some(id) = generated {
+                        pairs.push(("id", id.clone()));
+                    }
+                    cmd.arg(pairs.len()).arg(payload);
+                    for (k, v) in pairs {
+                        cmd.arg(k).arg(v);
+                    }
+                    order.push(*i);
+                }
+                pipe.add_command(cmd);
+            }
+            let replies: Vec<Vec<(String, String, u64, u8)>> =
+                functions::call_pipeline(&mut self.redis.conn(), &pipe, "enqueue batch")
+                    .await
+                    .map_err(|e| e.refused_enqueue("batch of jobs"))?;
+            let replies: Vec<_> = replies.into_iter().flatten().collect();
+            if replies.len() != order.len() {
+                return Err(Error::Protocol {
+                    step: "enqueue batch",
+                    detail: format!(
+                        "{} replies to {} jobs; is the server's fleetq library another version than this client's?",
+                        replies.len(),
+                        order.len()
+                    ),
+                });
+            }
+            for (i, reply) in order.into_iter().zip(replies) {
+                out[i] = Some(enqueued(reply)?);
+            }
+        }
+        // Every place was filled above (one reply per job, checked).
+        Ok(out.into_iter().flatten().collect())
     }
 
     /// What is known about job `id` now.
@@ -391,6 +457,48 @@ impl deadpool::managed::Manager for WaitConns {
     }
 }
 
+/// Most jobs in one `fleetq_enqueue_batch` call sent by [`Producer::enqueue_batch`]: a call
+/// holds Redis while it runs (about 5 µs a job), so a large batch goes in several calls of one
+/// pipeline. 100.
+pub const BATCH_CALL_JOBS: usize = 100;
+
+/// Most payload bytes in one `fleetq_enqueue_batch` call (a job larger than this goes alone):
+/// bounds the arguments Redis holds for one call. 1 MiB.
+pub const BATCH_CALL_BYTES: usize = 1 << 20;
+
+/// `items` cut into runs of at most [`BATCH_CALL_JOBS`] items and [`BATCH_CALL_BYTES`] of
+/// `size` (each run holds at least one item).
+fn chunks<T>(items: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, item) in items.iter().enumerate() {
+        let n = size(item);
+        if i > start && (i - start == BATCH_CALL_JOBS || bytes + n > BATCH_CALL_BYTES) {
+            out.push(&items[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += n;
+    }
+    if start < items.len() {
+        out.push(&items[start..]);
+    }
+    out
+}
+
+/// A job of a batch where it goes: its place in the batch and the id generated for it, if
+/// any (see [`Producer::place`]).
+type Placed = (usize, Option<String>);
+
+/// A function's reply `[job_id, state, position, created]` as an [`Enqueued`].
+fn enqueued((id, state, position, created): (String, String, u64, u8)) -> Result<Enqueued> {
+    Ok(Enqueued {
+        id,
+        state: parse_state(&state)?,
+        position,
+        created: created == 1,
+    })
+}
+
 fn parse_state(s: &str) -> Result<JobState> {
     JobState::from_name(s).ok_or_else(|| Error::Protocol {
         step: "job state",
@@ -398,4 +506,20 @@ fn parse_state(s: &str) -> Result<JobState> {
             "unknown job state {s:?}; is the server's fleetq library newer than this client?"
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_are_cut_by_count_and_by_bytes() {
+        let small = vec![10usize; 250];
+        let runs: Vec<usize> = chunks(&small, |n| *n).iter().map(|r| r.len()).collect();
+        assert_eq!(runs, vec![100, 100, 50]);
+        let big = vec![BATCH_CALL_BYTES / 2 + 1, 5, BATCH_CALL_BYTES * 3, 5];
+        let runs: Vec<usize> = chunks(&big, |n| *n).iter().map(|r| r.len()).collect();
+        assert_eq!(runs, vec![2, 1, 1], "a run holds at least one job");
+        assert!(chunks(&Vec::<usize>::new(), |n| *n).is_empty());
+    }
 }

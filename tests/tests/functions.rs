@@ -789,7 +789,7 @@ async fn status_and_cancel_of_unknown_jobs() {
 async fn enqueue_refuses_bad_input_with_a_reason() {
     let (_s, keys, mut c) = setup().await;
     for (args, want) in [
-        (vec!["{x"], "not valid JSON"),
+        (vec![""], "payload is missing"),
         (vec!["{}", "colour", "red"], "unknown field"),
         (vec!["{}", "max_attempts", "0"], "from 1 to 1000000"),
         (vec!["{}", "id"], "pairs"),

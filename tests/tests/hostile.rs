@@ -249,7 +249,9 @@ async fn functions_that_requeue_dead_letter_an_entry_of_5000_fields() {
     }
     assert_eq!(dead_letters(&mut c, &keys).await.len(), 2);
     assert!(s.pending("q").await.is_empty());
-    // A waiting one past its queue timeout expires like any other.
+    // A waiting one past its queue timeout expires like any other (a plain XADD: read by
+    // fleetq_expire's pass over new entries, which a queue timeout in the config turns on).
+    read_new_entries(&s).await;
     let mut slow = wide("{}", 5000);
     slow.extend(fields(&[
         ("queue_timeout_ms", "1"),
@@ -339,6 +341,19 @@ async fn numbers_out_of_range_are_dead_lettered_naming_field_value_and_range() {
     w.stop().await;
 }
 
+/// Gives queue `q` a queue timeout in its config (a day: the entries' own fields decide), so
+/// that fleetq_expire reads the plain-XADD entries added since its previous call.
+async fn read_new_entries(s: &Stack) {
+    s.configure(
+        "q",
+        &QueueConfig {
+            queue_timeout: Some(Duration::from_secs(86_400)),
+            ..quick_queue_config()
+        },
+    )
+    .await;
+}
+
 /// fleetq_expire reads the numbers of a waiting entry by the same rule: one that is not a
 /// number of its range is left for the worker to dead-letter (never expired at once, as
 /// `0x10` or `-1` read by Lua's tonumber would); of two equal fields the first counts, as in
@@ -346,6 +361,7 @@ async fn numbers_out_of_range_are_dead_lettered_naming_field_value_and_range() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expire_reads_entry_numbers_by_the_rule_and_the_first_of_equal_fields() {
     let (s, mut c, keys) = queue_q().await;
+    read_new_entries(&s).await;
     for (id, timeout) in [
         ("hex", "0x10"),
         ("neg", "-1"),

@@ -64,6 +64,7 @@ local function queue_keys(stream_key)
     suspended = p .. 'suspended',
     blocks = p .. 'blocks',
     holds = p .. 'holds',
+    deadlines = p .. 'deadlines',
   }
 end
 

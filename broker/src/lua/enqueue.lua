@@ -1,7 +1,10 @@
--- fleetq_enqueue: add a job, idempotently when it has an `id`, and answer its position.
+-- fleetq_enqueue and fleetq_enqueue_batch: add jobs, idempotently when they have an `id`, and
+-- answer their positions.
 --
+-- fleetq_enqueue (one job)
 -- KEYS[1]  queue stream key, fleetq:{q}:stream
--- ARGV[1]  payload (JSON text)
+-- ARGV[1]  payload (JSON text; not parsed here: producers check it, workers dead-letter an
+--          entry whose payload is not JSON)
 -- ARGV[2…] optional field/value pairs: id, workflow, max_attempts, queue_timeout_ms,
 --          start_timeout_ms, progress_timeout_ms, run_timeout_ms, traceparent, and
 --          delay_ms (run no earlier than now + delay_ms; not stored on the entry)
@@ -9,102 +12,189 @@
 --          state: 'waiting' or 'scheduled' (or the existing job's state when the id is known);
 --          position: 1-based place among waiting jobs (0 when not waiting);
 --          created: 1 when this call added the job, 0 when the id already existed.
--- Errors   'fleetq: …' when the payload is not JSON, too large, or a field is unknown or
+--
+-- fleetq_enqueue_batch (many jobs in one call, in order)
+-- KEYS[1]  queue stream key
+-- ARGV     per job: n (the number of optional field/value pairs, 0 to 9), the payload, then
+--          the n pairs; at most BATCH_MAX jobs
+-- Reply    per job { job_id, state, position, created }, as fleetq_enqueue's
+--
+-- Errors   'fleetq: …' when a payload is missing or too large, or a field is unknown or
 --          not a whole number of its range (broker/src/limits.rs) where one is required;
---          when the queue config holds a bad value (nothing is written then).
+--          when the queue config holds a bad value. Every job of a call is checked before
+--          anything is written: a refused job (named by its place in the batch) refuses the
+--          call.
+--
+-- Cost: the config (HGETALL) and the group's state (XINFO GROUPS, and XLEN when Redis cannot
+-- tell the lag) are read once per call, whatever the number of jobs; per job, XADD of the
+-- entry and of its `queued` event, plus HMGET and HSET for a job with an id and ZADD for one
+-- with a queue timeout. Nothing reads the stream's entries, so the cost does not grow with the
+-- payload beyond copying it once into the entry. TIME only for a scheduled job: a waiting
+-- job's enqueue time is its entry id's.
 
 local ENQUEUE_FIELDS = {
   id = 'string', workflow = 'string', traceparent = 'string',
   max_attempts = 'int', queue_timeout_ms = 'int', start_timeout_ms = 'int',
   progress_timeout_ms = 'int', run_timeout_ms = 'int', delay_ms = 'int',
 }
+local ENQUEUE_FIELDS_COUNT = 9
 local DEFAULT_MAX_PAYLOAD_BYTES = 1048576
+-- Most jobs in one fleetq_enqueue_batch call (a call holds Redis for its whole run).
+local BATCH_MAX = 1000
 
-local function enqueue(keys, args)
-  local K = open_queue(queue_keys(keys[1]))
-  local payload = args[1]
+-- One job's payload and optional pairs, args[from] to args[to]: checked into
+-- { payload, fields (the entry's), id, delay }, or nil and what is wrong.
+local function enqueue_job(K, args, from, to)
+  local payload = args[from]
   if payload == nil or payload == '' then
-    return redis.error_reply('fleetq: payload is missing; pass the job payload as a JSON text in ARGV[1]')
+    return nil, 'payload is missing; pass the job payload as a JSON text'
   end
   local limit = config_num(K, 'max_payload_bytes', DEFAULT_MAX_PAYLOAD_BYTES)
   if #payload > limit then
-    return redis.error_reply('fleetq: payload is ' .. #payload .. ' bytes, over the queue limit of ' .. limit ..
-      ' (config max_payload_bytes); store large inputs elsewhere and pass a reference')
+    return nil, 'payload is ' .. #payload .. ' bytes, over the queue limit of ' .. limit ..
+      ' (config max_payload_bytes); store large inputs elsewhere and pass a reference'
   end
-  if not pcall(cjson.decode, payload) then
-    return redis.error_reply('fleetq: payload is not valid JSON; send a JSON text such as {"prompt":"…"}')
+  if (to - from) % 2 ~= 0 then
+    return nil, 'optional fields must come in field/value pairs'
   end
-  if (#args - 1) % 2 ~= 0 then
-    return redis.error_reply('fleetq: optional fields must come in field/value pairs')
-  end
-  local fields = { 'payload', payload }
-  local job_id, delay = nil, 0
+  local job = { fields = { 'payload', payload }, id = nil, delay = 0 }
   local given = {}
-  for i = 2, #args, 2 do
+  for i = from + 1, to, 2 do
     local f, v = args[i], args[i + 1]
     local kind = ENQUEUE_FIELDS[f]
     if kind == nil then
-      return redis.error_reply('fleetq: unknown field ' .. shown(f) .. '; see docs/protocol.md for the job fields')
+      return nil, 'unknown field ' .. shown(f) .. '; see docs/protocol.md for the job fields'
     end
     if given[f] then
-      return redis.error_reply('fleetq: field ' .. f .. ' is given twice; pass each field once')
+      return nil, 'field ' .. f .. ' is given twice; pass each field once'
     end
     given[f] = true
     local range = ENTRY_NUMBERS[f]
     if kind == 'int' and whole(v, range) == nil then
-      return redis.error_reply('fleetq: field ' .. f .. ' must be a whole number from ' .. range[1] .. ' to ' ..
-        range[2] .. ' (decimal digits only), got ' .. shown(v))
+      return nil, 'field ' .. f .. ' must be a whole number from ' .. range[1] .. ' to ' ..
+        range[2] .. ' (decimal digits only), got ' .. shown(v)
     end
     if kind == 'string' and (v == '' or #v > 200) then
-      return redis.error_reply('fleetq: field ' .. f .. ' must be 1 to 200 bytes')
+      return nil, 'field ' .. f .. ' must be 1 to 200 bytes'
     end
-    if f == 'id' then job_id = v end
+    if f == 'id' then job.id = v end
     if f == 'delay_ms' then
-      delay = tonumber(v)
+      job.delay = tonumber(v)
     else
-      fields[#fields + 1] = f
-      fields[#fields + 1] = v
+      job.fields[#job.fields + 1] = f
+      job.fields[#job.fields + 1] = v
     end
   end
+  return job
+end
 
-  if job_id ~= nil then
-    local jk = job_key(K, job_id)
-    local known = redis.call('HMGET', jk, 'state', 'entry', 'seq')
-    if known[1] then
-      local pos = 0
-      if known[1] == 'waiting' and known[2] then pos = position_of(K, known[2], known[3]) end
-      return { job_id, known[1], pos, 0 }
-    end
-  end
-
+-- A scheduled job waits in the delayed set, its wait (and queue timeout) counting from its
+-- due time; it needs an id to be found again.
+local function schedule(K, job)
   local now = now_ms()
-  if delay > 0 then
-    -- A scheduled job waits in the delayed set; it needs an id to be found again.
-    if job_id == nil then
-      job_id = 'j' .. now .. '-' .. redis.call('HINCRBY', K.stats, 'scheduled_seq', 1)
-      fields[#fields + 1] = 'id'
-      fields[#fields + 1] = job_id
-    end
-    -- A scheduled job's wait (and queue timeout) counts from its due time.
-    fields[#fields + 1] = 'enqueued_ms'
-    fields[#fields + 1] = tostring(now + delay)
-    redis.call('HSET', job_key(K, job_id), 'state', 'scheduled', 'enqueued_ms', tostring(now + delay),
-      'due_ms', tostring(now + delay), 'retry', cjson.encode(fields), 'attempts', '0')
-    redis.call('ZADD', K.delayed, now + delay, job_id)
-    stat(K, 'scheduled')
-    emit(K, 'scheduled', job_id, { 'due_ms', tostring(now + delay) })
-    return { job_id, 'scheduled', 0, 1 }
-  end
-
-  local entry_id, seq = add_entry(K, fields)
+  local due = tostring(now + job.delay)
+  local job_id, fields = job.id, job.fields
   if job_id == nil then
-    job_id = entry_id
-  else
-    redis.call('HSET', job_key(K, job_id), 'state', 'waiting', 'entry', entry_id, 'seq', tostring(seq),
-      'enqueued_ms', tostring(now), 'attempts', '0')
+    job_id = 'j' .. now .. '-' .. redis.call('HINCRBY', K.stats, 'scheduled_seq', 1)
+    fields[#fields + 1] = 'id'
+    fields[#fields + 1] = job_id
   end
-  emit(K, 'queued', job_id)
-  return { job_id, 'waiting', position_of(K, entry_id, seq), 1 }
+  fields[#fields + 1] = 'enqueued_ms'
+  fields[#fields + 1] = due
+  redis.call('HSET', job_key(K, job_id), 'state', 'scheduled', 'enqueued_ms', due,
+    'due_ms', due, 'retry', cjson.encode(fields), 'attempts', '0')
+  redis.call('ZADD', K.delayed, now + job.delay, job_id)
+  stat(K, 'scheduled')
+  emit(K, 'scheduled', job_id, { 'due_ms', due })
+  return { job_id, 'scheduled', 0, 1 }
+end
+
+-- Adds checked jobs in order; `line()` gives the end of the line (read once per call).
+local function add_jobs(K, jobs, line)
+  local out = {}
+  for _, job in ipairs(jobs) do
+    local reply = nil
+    if job.id ~= nil then
+      local known = redis.call('HMGET', job_key(K, job.id), 'state', 'entry', 'seq')
+      if known[1] then
+        local pos = 0
+        if known[1] == 'waiting' and known[2] then pos = position_of(K, known[2], known[3], line().group) end
+        reply = { job.id, known[1], pos, 0 }
+      end
+    end
+    if reply == nil and job.delay > 0 then reply = schedule(K, job) end
+    if reply == nil then
+      local entry_id, seq, pos = add_entry(K, job.fields, line())
+      local job_id = job.id or entry_id
+      if job.id ~= nil then
+        local set = { 'HSET', job_key(K, job_id), 'state', 'waiting', 'entry', entry_id,
+          'enqueued_ms', string.match(entry_id, '^(%d+)'), 'attempts', '0' }
+        if seq ~= '' then
+          set[#set + 1] = 'seq'
+          set[#set + 1] = seq
+        end
+        redis.call(unpack(set))
+      end
+      emit(K, 'queued', job_id)
+      reply = { job_id, 'waiting', pos, 1 }
+    end
+    out[#out + 1] = reply
+  end
+  return out
+end
+
+-- The end of the line, read at the first add and shared by the adds that follow; the group
+-- is made first when the queue has none (make_group), so that it counts from the start.
+local function line_once(K)
+  local L = nil
+  return function()
+    if L == nil then
+      local g, exists = group_of(K)
+      if g == nil then
+        g = make_group(K, exists)
+        exists = true
+      end
+      L = line_from(K, g, exists)
+    end
+    return L
+  end
+end
+
+local function enqueue(keys, args)
+  local K = open_queue(queue_keys(keys[1]))
+  local job, wrong = enqueue_job(K, args, 1, #args)
+  if job == nil then
+    if args[1] == nil or args[1] == '' then wrong = wrong .. ' in ARGV[1]' end
+    return redis.error_reply('fleetq: ' .. wrong)
+  end
+  return add_jobs(K, { job }, line_once(K))[1]
+end
+
+local function enqueue_batch(keys, args)
+  local K = open_queue(queue_keys(keys[1]))
+  local jobs = {}
+  local i = 1
+  while i <= #args do
+    local n = whole(args[i], { 0, ENQUEUE_FIELDS_COUNT })
+    local at = 'fleetq: fleetq_enqueue_batch: job ' .. (#jobs + 1) .. ' (ARGV[' .. i .. ']): '
+    if n == nil then
+      return redis.error_reply(at .. 'expected the number of its optional field/value pairs (0 to ' ..
+        ENQUEUE_FIELDS_COUNT .. '), got ' .. shown(args[i]) .. '; pass per job: n, payload, n pairs')
+    end
+    if i + 1 + 2 * n > #args then
+      return redis.error_reply(at .. 'announces ' .. n .. ' pairs but the call ends first; pass per job: n, payload, n pairs')
+    end
+    if #jobs == BATCH_MAX then
+      return redis.error_reply('fleetq: fleetq_enqueue_batch takes at most ' .. BATCH_MAX ..
+        ' jobs per call; split the batch')
+    end
+    local job, wrong = enqueue_job(K, args, i + 1, i + 1 + 2 * n)
+    if job == nil then return redis.error_reply(at .. wrong) end
+    jobs[#jobs + 1] = job
+    i = i + 2 + 2 * n
+  end
+  return add_jobs(K, jobs, line_once(K))
 end
 
 register('fleetq_enqueue', enqueue)
+register('fleetq_enqueue_batch', enqueue_batch)

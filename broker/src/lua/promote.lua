@@ -10,7 +10,8 @@
 
 -- Puts one due job back in line. Its saved fields are checked before anything is removed: a
 -- record that cannot be read (written by hand, say) is dead-lettered with the reason.
-local function promote_one(K, job_id)
+-- `line()` gives the end of the line, read once for all the jobs of one call.
+local function promote_one(K, job_id, line)
   local jk = job_key(K, job_id)
   local saved = redis.call('HGET', jk, 'retry')
   local ok, fields = false, nil
@@ -25,16 +26,26 @@ local function promote_one(K, job_id)
     return
   end
   for i = 1, #fields do fields[i] = tostring(fields[i]) end
-  local new_id, seq = add_entry(K, fields)
+  local new_id, seq = add_entry(K, fields, line())
   stat(K, 'readded')
-  redis.call('HSET', jk, 'state', 'waiting', 'entry', new_id, 'seq', tostring(seq))
-  redis.call('HDEL', jk, 'retry', 'due_ms')
+  if seq ~= '' then
+    redis.call('HSET', jk, 'state', 'waiting', 'entry', new_id, 'seq', seq)
+    redis.call('HDEL', jk, 'retry', 'due_ms')
+  else
+    redis.call('HSET', jk, 'state', 'waiting', 'entry', new_id)
+    redis.call('HDEL', jk, 'retry', 'due_ms', 'seq')
+  end
   emit(K, 'queued', job_id, { 'promoted', '1' })
 end
 
 local function promote_due(K, now, limit)
   local due = redis.call('ZRANGE', K.delayed, '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)
-  for _, job_id in ipairs(due) do promote_one(K, job_id) end
+  local L = nil
+  local function line()
+    if L == nil then L = line_of(K) end
+    return L
+  end
+  for _, job_id in ipairs(due) do promote_one(K, job_id, line) end
   local first = redis.call('ZRANGE', K.delayed, 0, 0, 'WITHSCORES')
   local next_due = 0
   if #first > 0 then next_due = tonumber(first[2]) end

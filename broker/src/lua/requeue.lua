@@ -9,20 +9,40 @@ local DEAD_FIELDS_MAX = 64
 -- and room for those fleetq adds (id, enqueued_ms, attempts, avoid, avoid_until, passes, seq).
 local ENTRY_ADD_MAX = ENTRY_FIELDS_MAX + 8
 
--- Add an entry to the stream, stamping it with its sequence number `seq` (the stream's
--- entries-added counter after the add) so that its queue position is O(1) to compute.
--- Returns the new entry id and its seq. Callers check the field count first (the error
--- below is a last guard, before anything is written).
-local function add_entry(K, flat)
+-- The deadline index (`fleetq:{q}:deadlines`): one member per entry of a job that has a
+-- queue timeout and has not started, scored by its deadline (enqueued_ms + timeout), so that
+-- fleetq_expire finds due jobs without reading the backlog. A member names the entry, the
+-- enqueue time the timeout counts from, and the job: '<entry id> <enqueued_ms> <job id>'.
+-- Members of entries that were taken meanwhile are dropped when their deadline comes
+-- (fleetq_expire), not when the entry is taken.
+local function deadline_member(entry_id, enqueued, job_id)
+  return entry_id .. ' ' .. enqueued .. ' ' .. job_id
+end
+
+-- Indexes entry `entry_id` (fields `m`, a map) by its deadline when its job has a queue
+-- timeout (its own queue_timeout_ms, else the config's) and no attempt counted. An entry
+-- with a bad number is the worker's to dead-letter (malformed), so it is not indexed.
+local function index_deadline(K, entry_id, flat, m)
+  local timeout = entry_num(m, 'queue_timeout_ms', config_num(K, 'queue_timeout_ms', 0))
+  if not timeout or timeout == 0 or entry_num(m, 'attempts', 0) ~= 0 then return end
+  local enqueued = entry_num(m, 'enqueued_ms', tonumber(string.match(entry_id, '^(%d+)')))
+  if not enqueued then return end
+  redis.call('ZADD', K.deadlines, enqueued + timeout, deadline_member(entry_id, enqueued, job_id_of(entry_id, flat)))
+end
+
+-- Add an entry to the stream. When Redis can tell the stream's entries-added counter
+-- (position.lua), the entry is stamped with `seq`, the value it gets, so that its queue
+-- position is O(1) to compute; a `seq` among `flat` is never copied. A job with a queue
+-- timeout is indexed by its deadline. `line` is the end of the line as line_of reads it,
+-- shared by the adds of one call (read here when nil) and moved on by this add.
+-- Returns the new entry id, its seq ('' when not stamped) and its 1-based position.
+-- Callers check the field count first (the error below is a last guard, before anything is
+-- written).
+local function add_entry(K, flat, line)
   if #flat > 2 * ENTRY_ADD_MAX then
     return error('fleetq: an entry of ' .. (#flat / 2) .. ' fields cannot be added; at most ' .. ENTRY_ADD_MAX)
   end
-  local added = 0
-  if redis.call('EXISTS', K.stream) == 1 then
-    local info = to_map(redis.call('XINFO', 'STREAM', K.stream))
-    added = tonumber(info['entries-added']) or 0
-  end
-  local seq = added + 1
+  line = line or line_of(K)
   local args = { 'XADD', K.stream, '*' }
   for i = 1, #flat, 2 do
     if flat[i] ~= 'seq' then
@@ -30,10 +50,17 @@ local function add_entry(K, flat)
       args[#args + 1] = flat[i + 1]
     end
   end
-  args[#args + 1] = 'seq'
-  args[#args + 1] = tostring(seq)
+  local seq = ''
+  if line.added then
+    line.added = line.added + 1
+    seq = tostring(line.added)
+    args[#args + 1] = 'seq'
+    args[#args + 1] = seq
+  end
   local id = redis.call(unpack(args))
-  return id, seq
+  line.behind = line.behind + 1
+  index_deadline(K, id, flat, to_map(flat))
+  return id, seq, line.behind
 end
 
 -- Acknowledges and deletes delivered entries (a list of ids) in one step: XACKDEL where the
