@@ -217,7 +217,7 @@ end
 -- Records the first-attempt successes `fast` ({ c, waiters } each, tokens already checked)
 -- of the caller's node `node`, with one write of each kind for the batch.
 local function finish_succeeded(K, node, fast)
-  local now, retention = tostring(now_ms()), retention_ms(K)
+  local now, retention = tostring(now_ms()), tostring(retention_ms(K))
   local ids, holds = {}, {}
   for _, f in ipairs(fast) do
     local c, waiters = f[1], f[2]

@@ -51,6 +51,10 @@ local function take_dead(K, job_id, entry_id, reason, used, nodes)
   emit(K, 'dead', job_id, { 'reason', 'deliveries_exhausted' })
 end
 
+-- Small counts as text without formatting a number (Lua's tostring is a printf).
+local SMALL = { [0] = '0', '1', '2', '3' }
+local function small(n) return SMALL[n] or tostring(n) end
+
 -- The caller runs it: record the holder; its token and lease go into T.tokens and T.leases,
 -- written once for the batch.
 local function take_run(K, T, e, h, used, deliveries)
@@ -61,15 +65,15 @@ local function take_run(K, T, e, h, used, deliveries)
   local attempt = used + 1
   local counted = T.started_now and attempt or used
   local set = { 'HSET', jk, 'state', T.started_now and 'running' or 'taken', 'entry', e.entry_id,
-    'consumer', T.consumer, 'node', T.node, 'attempt', tostring(attempt),
-    'attempts', tostring(counted), 'max_attempts', tostring(e.max_attempts), 'taken_ms', tostring(T.now),
-    'nodes', nodes, 'enqueued_ms', e.enqueued, 'deliveries', tostring(deliveries) }
+    'consumer', T.consumer, 'node', T.node, 'attempt', small(attempt),
+    'attempts', small(counted), 'max_attempts', e.max_attempts_s, 'taken_ms', T.now_s,
+    'nodes', nodes, 'enqueued_ms', e.enqueued, 'deliveries', small(deliveries) }
   if T.started_now then
     set[#set + 1] = 'attempt_started_ms'
-    set[#set + 1] = tostring(T.now)
+    set[#set + 1] = T.now_s
     if not h[5] then
       set[#set + 1] = 'started_ms'
-      set[#set + 1] = tostring(T.now)
+      set[#set + 1] = T.now_s
     end
   end
   redis.call(unpack(set))
@@ -83,7 +87,7 @@ local function take_run(K, T, e, h, used, deliveries)
     if not T.started_now then redis.call('HDEL', jk, 'attempt_started_ms') end
     redis.call('PERSIST', jk)
   end
-  T.leases[#T.leases + 1] = T.now + T.lease
+  T.leases[#T.leases + 1] = T.deadline_s
   T.leases[#T.leases + 1] = e.entry_id
   T.tokens[#T.tokens + 1] = e.entry_id
   T.tokens[#T.tokens + 1] = hold_value(e.token, T.consumer)
@@ -167,7 +171,7 @@ local function take_entry(args, i)
   end
   return {
     entry_id = args[i], job_id = args[i + 1], token = token,
-    prior = n.prior_attempts, max_attempts = n.max_attempts,
+    prior = n.prior_attempts, max_attempts = n.max_attempts, max_attempts_s = args[i + 4],
     deadline = n.queue_deadline_ms, enqueued = args[i + 6],
     avoid = split_csv(args[i + 7]), avoid_until = n.avoid_until_ms,
     workflow = args[i + 9] or '', passes = n.passes,
@@ -217,10 +221,12 @@ local function take(keys, args)
   end
   local T = { consumer = args[1], node = args[2], lease = whole(args[3], CONFIG_NUMBERS.lease_ms),
     started_now = args[4] == '1', now = now_ms(), leases = {}, tokens = {} }
+  T.now_s = tostring(T.now)
   if T.lease == nil then
     return redis.error_reply('fleetq: fleetq_take: lease ' .. shown(args[3]) .. ' is not a whole number from ' ..
       CONFIG_NUMBERS.lease_ms[1] .. ' to ' .. CONFIG_NUMBERS.lease_ms[2] .. ' ms')
   end
+  T.deadline_s = tostring(T.now + T.lease)
   -- Every entry is checked before anything is written.
   local entries, ids = {}, {}
   for i = TAKE_HEADER + 1, #args, TAKE_STRIDE do
