@@ -152,8 +152,10 @@ pub(crate) async fn heartbeat_loop(
     let ttl = interval * RECORD_LIVES_BEATS;
     // What the record holds, as far as this worker knows; None: write it all.
     let mut recorded: Option<News> = None;
-    let mut due = Instant::now();
+    // The last beat failed: the next one waits for the interval, as a timed one.
+    let mut failed = false;
     let mut beaten = Instant::now();
+    let mut due = beaten;
     loop {
         // Armed before the beat, so a health change during the call still wakes the next one.
         let changed = node.health.changed.notified();
@@ -162,21 +164,36 @@ pub(crate) async fn heartbeat_loop(
             suspended_until: node.health.suspended_until(),
             failure_streak: node.health.streak(),
         };
-        if recorded != Some(news) || Instant::now() >= due {
+        let now = Instant::now();
+        // News goes out at once, but a change of the busy slots alone not sooner than
+        // BUSY_BEAT_GAP after the last beat.
+        let news_at = match recorded {
+            None if failed => None,
+            Some(r) if r == news => None,
+            Some(r)
+                if r.busy != news.busy
+                    && News {
+                        busy: r.busy,
+                        ..news
+                    } == r =>
+            {
+                Some(beaten + BUSY_BEAT_GAP)
+            }
+            _ => Some(now),
+        };
+        if now >= due || news_at.is_some_and(|at| now >= at) {
             recorded = beat(&node, slots, news, recorded, ttl, started_ms).await;
+            failed = recorded.is_none();
             beaten = Instant::now();
             due = beaten + interval;
+            continue;
         }
+        let wake = news_at.map_or(due, |at| at.min(due));
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tokio::time::sleep_until(due.into()) => {}
+            _ = tokio::time::sleep_until(wake.into()) => {}
             _ = changed => {}
-            _ = node.health.busy.notified() => {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep_until((beaten + BUSY_BEAT_GAP).into()) => {}
-                }
-            }
+            _ = node.health.busy.notified() => {}
         }
     }
     // Gone from the fleet at once rather than after the record's time to live.
