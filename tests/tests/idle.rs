@@ -428,6 +428,73 @@ async fn a_frozen_holder_is_reclaimed_at_its_lease_while_idle_workers_sleep() {
     assert_eq!(s.stat(QUEUE, "reclaimed").await, 1);
 }
 
+/// A frozen host with three jobs: at its lease a watcher (one slot) claims all three, runs one
+/// and puts the others back in line, where the other idle workers (one of them not watching)
+/// take them at once: no job waits for a sleeping worker's next wake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_job_of_a_frozen_host_moves_at_its_lease() {
+    let s = Stack::start().await;
+    let lease = Duration::from_secs(1);
+    s.configure(
+        QUEUE,
+        &QueueConfig {
+            lease,
+            ..QueueConfig::default()
+        },
+    )
+    .await;
+    let url = s.server.url();
+    let big = WorkerProcess::spawn(&url, QUEUE, "gpu-big", 3, &[]);
+    let p = s.producer(QUEUE).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let e = p
+            .enqueue(&json!({"sleep_ms": 60_000}), &EnqueueOptions::default())
+            .await
+            .unwrap();
+        ids.push(e.id);
+    }
+    let running_on = |ids: Vec<String>, on_big: bool| {
+        let p = &p;
+        async move {
+            for id in &ids {
+                let st = p.status(id).await.unwrap();
+                let big = st.node.as_deref() == Some("gpu-big");
+                if st.state != JobState::Running || big != on_big {
+                    return false;
+                }
+            }
+            true
+        }
+    };
+    eventually(Duration::from_secs(10), "three jobs on gpu-big", || {
+        running_on(ids.clone(), true)
+    })
+    .await;
+    let _idle: Vec<WorkerProcess> = ["gpu-a", "gpu-b", "gpu-c"]
+        .iter()
+        .map(|n| WorkerProcess::spawn(&url, QUEUE, n, 1, &["--max-block-ms", "60000"]))
+        .collect();
+    eventually(Duration::from_secs(15), "four node records", || async {
+        nodes::list(&s.redis).await.unwrap().len() == 4
+    })
+    .await;
+    big.signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    eventually(
+        lease + Duration::from_secs(2),
+        "the three jobs running elsewhere",
+        || running_on(ids.clone(), false),
+    )
+    .await;
+    eprintln!("all moved {:?} after SIGSTOP", stopped.elapsed());
+    assert_eq!(s.stat(QUEUE, "reclaimed").await, 3);
+    assert!(
+        s.stat(QUEUE, "released").await >= 1,
+        "a watcher handed jobs on"
+    );
+}
+
 /// Commands per worker per second, in all and by command, over `window`.
 struct Cost {
     total: f64,
