@@ -193,7 +193,9 @@ pub(crate) async fn heartbeat_loop(
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep_until(wake.into()) => {}
             _ = changed => {}
-            _ = node.health.busy.notified() => {}
+            // Not while a beat is planned: slots that turn over thousands of times a second
+            // then wake this loop about once a second, not at every job.
+            _ = node.health.busy.notified(), if news_at.is_none() => {}
         }
     }
     // Gone from the fleet at once rather than after the record's time to live.
