@@ -164,8 +164,13 @@ pub async fn tick(redis: &Redis, queues: &[QueueKeys], seen: &mut Liveness) -> R
     seen.observe(redis).await?;
     seen.prune();
     for consumer in seen.records_due() {
-        if crate::nodes::gone(redis, &consumer).await? {
-            tracing::info!(%consumer, "a worker process is gone (its connections closed); its node record leaves the fleet");
+        // Never in the way of putting jobs back in line: a record left over expires anyway.
+        match crate::nodes::gone(redis, &consumer).await {
+            Ok(true) => tracing::info!(%consumer,
+                "a worker process is gone (its connections closed); its node record leaves the fleet"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(%consumer, error = %e,
+                "cannot remove a gone worker's node record; it expires three heartbeats after its last one"),
         }
         seen.records_done.insert(consumer);
     }

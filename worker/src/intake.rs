@@ -2,12 +2,12 @@
 //! block in `XREADGROUP … COUNT free BLOCK t >` (on a connection of its own), pass what came
 //! to `fleetq_take` and start a slot task for each job that runs here.
 //!
-//! Idle, a worker costs Redis almost nothing: one of a stream's idle workers watches it (see
-//! `reclaim`) and blocks until the next lease deadline or retry, at most a lease; the others
+//! Idle, a worker costs Redis almost nothing: two of a stream's idle workers watch it (see
+//! `reclaim`) and block until the next lease deadline or retry, at most a lease; the others
 //! block for their whole `max_block` and call `fleetq_reclaim` once per block. A worker that
 //! holds or took jobs blocks at most a lease and reclaims again a lease after its last reclaim
-//! (its standing in the watch and its node's alive mark are then out of date). It gives up
-//! the watch when it has no free slot, is suspended or stops.
+//! (its standing in the watch and its node's alive mark are then out of date). A watcher gives
+//! its seat up when it has no free slot, is suspended or stops.
 //!
 //! A queue split in partitions is read stream by stream (each partition, and the queue
 //! itself): a sweep without blocking asks each stream in turn for the slots still free, the
@@ -357,9 +357,9 @@ impl<H: Handler> Intake<H> {
         }
     }
 
-    /// Gives up the watch of every stream this worker watches: it has no free slot, is
+    /// Gives up the seat of every stream this worker watches: it has no free slot, is
     /// suspended or stops, so the next idle worker to call takes over. A failure is only
-    /// logged: the watch passes on by itself once this worker is late for it.
+    /// logged: the seat passes on by itself once this worker is late for it.
     async fn resign(&mut self) {
         for i in 0..self.sources.len() {
             if !std::mem::take(&mut self.sources[i].watching) {
@@ -381,9 +381,9 @@ impl<H: Handler> Intake<H> {
         }
     }
 
-    /// How long a read may block: until the stream's next reclaim (a lease after the last
-    /// one when a job was held or taken since), at most a lease while watching or holding jobs, else
-    /// at most `max_block`.
+    /// How long a read may block: until the stream's next reclaim (a lease after the last one
+    /// when a job was held or taken since), at most a lease while watching or holding jobs,
+    /// else at most `max_block`.
     fn block_for(&self, i: usize) -> Duration {
         let s = &self.sources[i];
         let holding = self.slots.available_permits() < s.rt.config.slots;

@@ -138,6 +138,17 @@ struct News {
     failure_streak: u32,
 }
 
+impl News {
+    /// Whether `other` differs from this in the busy slots alone.
+    fn differs_in_busy_only(self, other: News) -> bool {
+        self.busy != other.busy
+            && News {
+                busy: other.busy,
+                ..self
+            } == other
+    }
+}
+
 /// Beats every `interval` (and at once when the suspension changes, within [`BUSY_BEAT_GAP`]
 /// when the busy slots do) until `stop`; applies the operator's suspend/resume commands. The
 /// record lives [`RECORD_LIVES_BEATS`] intervals.
@@ -170,15 +181,7 @@ pub(crate) async fn heartbeat_loop(
         let news_at = match recorded {
             None if failed => None,
             Some(r) if r == news => None,
-            Some(r)
-                if r.busy != news.busy
-                    && News {
-                        busy: r.busy,
-                        ..news
-                    } == r =>
-            {
-                Some(beaten + BUSY_BEAT_GAP)
-            }
+            Some(r) if r.differs_in_busy_only(news) => Some(beaten + BUSY_BEAT_GAP),
             _ => Some(now),
         };
         if now >= due || news_at.is_some_and(|at| now >= at) {
