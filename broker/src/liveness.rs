@@ -34,8 +34,6 @@ pub struct Liveness {
     /// This broker's own connection ids (one per primary), and since when they have been
     /// the same.
     own: Option<(Vec<i64>, Instant)>,
-    /// Gone consumers whose node record was already dealt with (until they are seen again).
-    records_done: HashSet<String>,
 }
 
 impl Default for Liveness {
@@ -50,7 +48,6 @@ impl Liveness {
         Self {
             seen: HashMap::new(),
             own: None,
-            records_done: HashSet::new(),
         }
     }
 
@@ -83,7 +80,6 @@ impl Liveness {
         }
         for list in &lists {
             for name in names(list) {
-                self.records_done.remove(name);
                 self.seen.insert(name.to_owned(), now);
             }
         }
@@ -106,21 +102,10 @@ impl Liveness {
         self.seen.remove(consumer);
     }
 
-    /// Gone names whose node record was not dealt with yet.
-    fn records_due(&self) -> Vec<String> {
-        self.seen
-            .keys()
-            .filter(|name| !self.records_done.contains(*name) && self.is_gone(name))
-            .cloned()
-            .collect()
-    }
-
     /// Forgets names not seen for an hour (consumers of long gone processes).
     fn prune(&mut self) {
         self.seen
             .retain(|_, t| t.elapsed() < Duration::from_secs(3600));
-        let seen = &self.seen;
-        self.records_done.retain(|name| seen.contains_key(name));
     }
 }
 
@@ -158,22 +143,11 @@ async fn holders(redis: &Redis, keys: &QueueKeys) -> Result<Vec<(String, u64)>> 
         .collect())
 }
 
-/// One look at the fleet: deletes the node record of every gone consumer, and puts back in
-/// line the entries of every gone consumer of `queues`. Returns how many entries moved.
+/// One look at the fleet: puts back in line the entries of every gone consumer of `queues`.
+/// Returns how many entries moved.
 pub async fn tick(redis: &Redis, queues: &[QueueKeys], seen: &mut Liveness) -> Result<u64> {
     seen.observe(redis).await?;
     seen.prune();
-    for consumer in seen.records_due() {
-        // Never in the way of putting jobs back in line: a record left over expires anyway.
-        match crate::nodes::gone(redis, &consumer).await {
-            Ok(true) => tracing::info!(%consumer,
-                "a worker process is gone (its connections closed); its node record leaves the fleet"),
-            Ok(false) => {}
-            Err(e) => tracing::warn!(%consumer, error = %e,
-                "cannot remove a gone worker's node record; it expires three heartbeats after its last one"),
-        }
-        seen.records_done.insert(consumer);
-    }
     let mut moved = 0;
     for keys in queues {
         for (consumer, pending) in holders(redis, keys).await? {
