@@ -243,21 +243,21 @@ async fn one_slot_waits_on_every_partition_and_holds_at_most_one_job() {
     }
     let mut most = 0;
     for _ in 0..40 {
-        let mut pending = 0;
+        // All partitions at one instant (MULTI/EXEC): counts read one after the other could
+        // see a job finish in one partition and the next start in another, and add both.
+        let mut pipe = redis::pipe();
+        pipe.atomic();
         for keys in split.sources() {
-            let (count, ..): (
-                u64,
-                Option<String>,
-                Option<String>,
-                Option<Vec<redis::Value>>,
-            ) = redis::cmd("XPENDING")
-                .arg(keys.stream())
-                .arg(GROUP)
-                .query_async(&mut s.conn())
-                .await
-                .unwrap();
-            pending += count;
+            pipe.cmd("XPENDING").arg(keys.stream()).arg(GROUP);
         }
+        type Summary = (
+            u64,
+            Option<String>,
+            Option<String>,
+            Option<Vec<redis::Value>>,
+        );
+        let counts: Vec<Summary> = pipe.query_async(&mut s.conn()).await.unwrap();
+        let pending: u64 = counts.iter().map(|c| c.0).sum();
         most = most.max(pending);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
