@@ -193,7 +193,7 @@ impl Committer {
             if self.give_up(job, commit) {
                 return None;
             }
-            let _ = outage.failed("record the end of a job", &*e);
+            let _ = outage.failed("record the end of a job", &e);
             tokio::select! {
                 _ = tokio::time::sleep(backoff.next()) => {}
                 _ = self.hard_stop.cancelled() => {}
