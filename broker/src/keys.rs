@@ -13,6 +13,7 @@
 //! | `fleetq:{q}:config` | hash | queue defaults (timeouts, attempts, backoff, retention, lease) |
 //! | `fleetq:{q}:leases` | sorted set (score: lease deadline, ms) | entry ids in flight with their holder's deadline: an entry is stale once it passed; tells idle workers when to look |
 //! | `fleetq:{q}:stats` | hash | counters kept by the functions (per outcome, per node and timeout kind); also cursors and the liveness clocks `active_ms` (last worker call) and `grace_until_ms` |
+//! | `fleetq:{q}:holds` | hash | what the hot path reads once per batch: `<entry id>` → `<token> <consumer>` (the fencing token of its current take), `<entry id>` → `-` (a waiting entry whose job hash must be read before a take), `w:<job id>` → callers waiting on the job |
 //! | `fleetq:{q}:deadlines` | sorted set (score: queue deadline, ms) | entries of never-started jobs with a queue timeout, as `<entry id> <enqueued_ms> <job id>`: what `fleetq_expire` ends when due, without reading the backlog |
 //! | `fleetq:{q}:notify:<id>` | list, expires after 60 s | one token per waiter when the job ends (for `BLPOP`) |
 //! | `fleetq:{q}:nodes` | sorted set (score: last seen, ms) | nodes working the queue, for failover decisions |
@@ -138,6 +139,11 @@ impl QueueKeys {
     /// `fleetq:{q}:blocks`.
     pub fn blocks(&self) -> String {
         format!("{}blocks", self.prefix)
+    }
+
+    /// `fleetq:{q}:holds`.
+    pub fn holds(&self) -> String {
+        format!("{}holds", self.prefix)
     }
 
     /// `fleetq:{q}:deadlines`.
