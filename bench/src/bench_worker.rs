@@ -71,11 +71,11 @@ pub fn config(args: &WorkerArgs) -> WorkerConfig {
     config
 }
 
-/// The idle cycle of a bench worker on a queue with `lease`: the time after which its
-/// pattern of idle commands repeats. An idle worker reclaims and blocks once per
-/// `min(max_block, lease)` (the worker caps its block by the lease) and beats once per
-/// `heartbeat`; the cycle is the least common multiple of the two (10 s with the defaults).
-/// The config re-read (`config_refresh`, 60 s) is left out: one `HGETALL` a minute.
+/// The idle cycle of a bench worker on a queue with `lease`: the time after which the
+/// pattern of idle commands of the fleet repeats. A queue's two lease watchers reclaim and
+/// block once per lease; every other idle worker once per `max_block`; each beats once per
+/// `heartbeat`. The cycle is the least common multiple of the three (60 s with the
+/// defaults; the config re-read, `config_refresh` 60 s, falls on it too).
 pub fn idle_cycle(lease: Duration) -> Duration {
     let c = config(&WorkerArgs {
         redis_url: String::new(),
@@ -84,13 +84,15 @@ pub fn idle_cycle(lease: Duration) -> Duration {
         slots: 1,
         grace_ms: 1000,
     });
-    let block = c.max_block.min(lease).as_millis();
-    let beat = c.heartbeat.as_millis();
-    let lcm = match (block, beat) {
-        (0, _) | (_, 0) => block.max(beat),
-        _ => block / gcd(block, beat) * beat,
+    let lcm = |a: u128, b: u128| match (a, b) {
+        (0, _) | (_, 0) => a.max(b),
+        _ => a / gcd(a, b) * b,
     };
-    Duration::from_millis(u64::try_from(lcm).unwrap_or(u64::MAX))
+    let ms = [c.max_block, lease, c.heartbeat]
+        .iter()
+        .map(Duration::as_millis)
+        .fold(0, lcm);
+    Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
 }
 
 fn gcd(a: u128, b: u128) -> u128 {

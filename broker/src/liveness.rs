@@ -7,7 +7,8 @@
 //!
 //! Only consumers this broker saw connected are judged (a worker of an older version, or
 //! one started before this broker, falls back to its lease), and nothing is judged until the
-//! broker's own connection has been up for [`GONE_AFTER`] (after a Redis restart every worker
+//! broker's own connection has been up, and its looks unbroken, for [`GONE_AFTER`] (after a
+//! Redis restart, or a freeze or outage that timed out the workers' calls, every worker
 //! reconnects, and none is gone). A frozen host keeps its connections open: the lease still
 //! catches it. A wrong verdict (the process lives but lost its connections for a while) is
 //! safe: its renewals and commit are fenced, and it stops its run.
@@ -34,6 +35,10 @@ pub struct Liveness {
     /// This broker's own connection ids (one per primary), and since when they have been
     /// the same.
     own: Option<(Vec<i64>, Instant)>,
+    /// Gone consumers whose node record was already dealt with (until they are seen again).
+    records_done: HashSet<String>,
+    /// When the last look succeeded.
+    last_look: Option<Instant>,
 }
 
 impl Default for Liveness {
@@ -48,6 +53,8 @@ impl Liveness {
         Self {
             seen: HashMap::new(),
             own: None,
+            records_done: HashSet::new(),
+            last_look: None,
         }
     }
 
@@ -70,9 +77,15 @@ impl Liveness {
             lists.push(list);
         }
         let now = Instant::now();
-        if self.own.as_ref().is_none_or(|(own, _)| *own != ids) {
+        let gap = self
+            .last_look
+            .is_some_and(|t| now.duration_since(t) >= GONE_AFTER);
+        self.last_look = Some(now);
+        if self.own.as_ref().is_none_or(|(own, _)| *own != ids) || gap {
             // A new connection of ours: Redis may have restarted or failed over, so every
-            // worker is reconnecting now. Start every clock afresh.
+            // worker is reconnecting now. Or no look for GONE_AFTER (Redis frozen or
+            // unreachable, this broker stalled): a name missing now may be one reconnecting,
+            // and nothing says how long it has been missing. Start every clock afresh.
             self.own = Some((ids, now));
             for t in self.seen.values_mut() {
                 *t = now;
@@ -80,6 +93,7 @@ impl Liveness {
         }
         for list in &lists {
             for name in names(list) {
+                self.records_done.remove(name);
                 self.seen.insert(name.to_owned(), now);
             }
         }
@@ -102,10 +116,21 @@ impl Liveness {
         self.seen.remove(consumer);
     }
 
+    /// Gone names whose node record was not dealt with yet.
+    fn records_due(&self) -> Vec<String> {
+        self.seen
+            .keys()
+            .filter(|name| !self.records_done.contains(*name) && self.is_gone(name))
+            .cloned()
+            .collect()
+    }
+
     /// Forgets names not seen for an hour (consumers of long gone processes).
     fn prune(&mut self) {
         self.seen
             .retain(|_, t| t.elapsed() < Duration::from_secs(3600));
+        let seen = &self.seen;
+        self.records_done.retain(|name| seen.contains_key(name));
     }
 }
 
@@ -143,11 +168,22 @@ async fn holders(redis: &Redis, keys: &QueueKeys) -> Result<Vec<(String, u64)>> 
         .collect())
 }
 
-/// One look at the fleet: puts back in line the entries of every gone consumer of `queues`.
-/// Returns how many entries moved.
+/// One look at the fleet: deletes the node record of every gone consumer, and puts back in
+/// line the entries of every gone consumer of `queues`. Returns how many entries moved.
 pub async fn tick(redis: &Redis, queues: &[QueueKeys], seen: &mut Liveness) -> Result<u64> {
     seen.observe(redis).await?;
     seen.prune();
+    for consumer in seen.records_due() {
+        // Never in the way of putting jobs back in line: a record left over expires anyway.
+        match crate::nodes::gone(redis, &consumer).await {
+            Ok(true) => tracing::info!(%consumer,
+                "a worker process is gone (its connections closed); its node record leaves the fleet"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(%consumer, error = %e,
+                "cannot remove a gone worker's node record; it expires three heartbeats after its last one"),
+        }
+        seen.records_done.insert(consumer);
+    }
     let mut moved = 0;
     for keys in queues {
         for (consumer, pending) in holders(redis, keys).await? {

@@ -1,5 +1,11 @@
 //! The fleet: worker hosts' records (`fleetq:node:<node>`), kept alive by each worker's
-//! heartbeat, and the operator's suspend and resume.
+//! heartbeat and deleted by the broker's crash detection when the worker's process is gone,
+//! and the operator's suspend and resume.
+//!
+//! A heartbeat with news (`fleetq_node_beat`: at start, when busy or the suspension changed)
+//! writes the record; the beats in between only renew its time to live. So the time of the
+//! last beat is read from the record's expiry: `PEXPIRETIME` minus the `ttl_ms` the worker
+//! wrote, on the server clock like `last_seen_ms`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,7 +21,8 @@ pub struct NodeRecord {
     /// The node name.
     pub node: String,
     /// Every field of the record (slots, busy, version, queues, last_seen_ms,
-    /// suspended_until, failure_streak, …).
+    /// suspended_until, failure_streak, ttl_ms, …). `last_seen_ms` is the time of the last
+    /// heartbeat, the renewals of its time to live included (see the module docs).
     pub fields: HashMap<String, String>,
 }
 
@@ -61,7 +68,10 @@ pub async fn list(redis: &Redis) -> Result<Vec<NodeRecord>> {
     names.dedup();
     let mut out = Vec::new();
     for key in names {
-        let fields: HashMap<String, String> = redis::cmd("HGETALL")
+        let (mut fields, expires_ms): (HashMap<String, String>, i64) = redis::pipe()
+            .cmd("HGETALL")
+            .arg(&key)
+            .cmd("PEXPIRETIME")
             .arg(&key)
             .query_async(&mut conn)
             .await
@@ -72,9 +82,53 @@ pub async fn list(redis: &Redis) -> Result<Vec<NodeRecord>> {
         let Some(node) = keys::node_of(&key).map(str::to_owned) else {
             continue;
         };
+        if let Some(renewed) = renewed_ms(&fields, expires_ms) {
+            let written = fields
+                .get("last_seen_ms")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            fields.insert("last_seen_ms".into(), renewed.max(written).to_string());
+        }
         out.push(NodeRecord { node, fields });
     }
     Ok(out)
+}
+
+/// When the record's time to live was last renewed: its expiry (`PEXPIRETIME`, ms since the
+/// epoch; negative for none) minus the `ttl_ms` its worker wrote.
+fn renewed_ms(fields: &HashMap<String, String>, expires_ms: i64) -> Option<u64> {
+    let ttl: u64 = fields.get("ttl_ms")?.parse().ok()?;
+    u64::try_from(expires_ms).ok()?.checked_sub(ttl)
+}
+
+/// The node of a worker's consumer name, `<node>:<pid>:<start ms>` (what a worker names its
+/// connections); `None` for a name of another form.
+pub fn node_of_consumer(consumer: &str) -> Option<&str> {
+    let mut parts = consumer.rsplitn(3, ':');
+    let (start, pid, node) = (parts.next()?, parts.next()?, parts.next()?);
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let valid_node = !node.is_empty()
+        && node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    (digits(start) && digits(pid) && valid_node).then_some(node)
+}
+
+/// Deletes the record of the node whose consumer `consumer`'s process is gone (the broker's
+/// crash detection saw its connections close), unless a newer process of that node wrote it
+/// since. True when it was deleted.
+pub async fn gone(redis: &Redis, consumer: &str) -> Result<bool> {
+    let Some(node) = node_of_consumer(consumer) else {
+        return Ok(false);
+    };
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg("fleetq_node_gone")
+        .arg(1)
+        .arg(keys::node(node))
+        .arg(consumer);
+    let deleted: i64 =
+        crate::functions::call(&mut redis.conn(), &cmd, "remove a gone node's record").await?;
+    Ok(deleted == 1)
 }
 
 /// Asks node `node` to stop taking jobs for `duration` (it finishes what it runs). The worker
@@ -122,4 +176,38 @@ pub async fn server_ms(redis: &Redis) -> Result<u64> {
         .await
         .map_err(|e| Error::redis("read server time", e))?;
     Ok(secs * 1000 + micros / 1000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consumer_names_give_their_node() {
+        assert_eq!(
+            node_of_consumer("gpu-07:4242:1700000000000"),
+            Some("gpu-07")
+        );
+        assert_eq!(node_of_consumer("a.b_c:1:2"), Some("a.b_c"));
+        assert_eq!(node_of_consumer("gpu-07"), None);
+        assert_eq!(node_of_consumer("gpu-07:x:1"), None);
+        assert_eq!(node_of_consumer(":1:2"), None);
+        assert_eq!(
+            node_of_consumer("a:b:1:2"),
+            None,
+            "':' is not in a node name"
+        );
+    }
+
+    #[test]
+    fn the_last_renewal_is_the_expiry_minus_the_time_to_live() {
+        let f = HashMap::from([("ttl_ms".to_owned(), "90000".to_owned())]);
+        assert_eq!(renewed_ms(&f, 1_000_090_000), Some(1_000_000_000));
+        assert_eq!(renewed_ms(&f, -1), None, "no expiry");
+        assert_eq!(
+            renewed_ms(&HashMap::new(), 1_000_090_000),
+            None,
+            "no ttl_ms"
+        );
+    }
 }

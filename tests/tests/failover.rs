@@ -269,3 +269,75 @@ async fn a_killed_workers_job_moves_on_before_its_lease_runs_out() {
     .await;
     assert_eq!(s.stat("q", "reclaimed").await, 0, "B log:\n{}", b.log());
 }
+
+/// Redis frozen while a worker's connection drops (its calls timed out; it reconnects once
+/// Redis answers): the broker, which could not look during the freeze, does not take the
+/// name missing right after it for a gone process, and the entry stays with its holder. A
+/// name that stays missing after that is still caught.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freeze_of_redis_is_not_the_death_of_a_reconnecting_worker() {
+    use fleetq_broker::liveness::{self, Liveness};
+    let s = Stack::start().await;
+    let p = s.producer("q").await;
+    p.enqueue(&json!({}), &EnqueueOptions::default())
+        .await
+        .unwrap();
+    let client = redis::Client::open(s.server.url()).unwrap();
+    let holder = || async {
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg("c1")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        c
+    };
+    let mut c1 = holder().await;
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(fleetq_broker::keys::GROUP)
+        .arg("c1")
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg(p.keys().stream())
+        .arg(">")
+        .query_async(&mut c1)
+        .await
+        .unwrap();
+    let queues = vec![p.keys().clone()];
+    let mut seen = Liveness::new();
+    liveness::tick(&s.redis, &queues, &mut seen).await.unwrap();
+    tokio::time::sleep(liveness::GONE_AFTER).await; // the broker's own clock, not a wait for a condition
+    liveness::tick(&s.redis, &queues, &mut seen).await.unwrap();
+
+    let pid = s.server.pid().unwrap();
+    fleetq_tests::send_signal(pid, libc::SIGSTOP);
+    drop(c1);
+    tokio::time::sleep(Duration::from_millis(1500)).await; // the fault itself
+    fleetq_tests::send_signal(pid, libc::SIGCONT);
+    // The first look after the freeze: c1's old connection is closed, its new one not yet up.
+    liveness::tick(&s.redis, &queues, &mut seen).await.unwrap();
+    let _c1 = holder().await;
+    for _ in 0..4 {
+        tokio::time::sleep(liveness::DEFAULT_INTERVAL).await; // the broker's tick
+        liveness::tick(&s.redis, &queues, &mut seen).await.unwrap();
+    }
+    assert_eq!(
+        s.stat("q", "abandoned").await,
+        0,
+        "c1 reconnected: nothing moves"
+    );
+
+    drop(_c1);
+    let dropped = Instant::now();
+    while s.stat("q", "abandoned").await == 0 {
+        assert!(
+            dropped.elapsed() < Duration::from_secs(5),
+            "c1 gone for good, its entry not put back in line"
+        );
+        tokio::time::sleep(liveness::DEFAULT_INTERVAL).await; // the broker's tick
+        liveness::tick(&s.redis, &queues, &mut seen).await.unwrap();
+    }
+}

@@ -8,18 +8,25 @@ use fleetq_broker::keys::QueueKeys;
 pub const DEFAULT_SLOTS: usize = 1;
 /// Default time running jobs get to finish after a stop signal before they are released.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// Longest a worker blocks in one read; it also wakes earlier when a lease or a retry
-/// falls due. Default 10 s (with the heartbeat, an idle worker sends about 0.3 commands a
-/// second).
-pub const DEFAULT_MAX_BLOCK: Duration = Duration::from_secs(10);
+/// Longest an idle worker blocks in one read while another idle worker watches the queue
+/// (follows its lease deadlines and retries, blocking at most a lease). Default 60 s: with the
+/// heartbeat, the config refresh and the watcher's share, about 0.2 Redis commands a second
+/// per idle worker, the commands inside the functions included. It also bounds how long the
+/// queue may go unwatched after its watcher died or froze (the next idle worker to wake
+/// takes over), and how long a dead idle node counts as alive for a job's hand-off.
+pub const DEFAULT_MAX_BLOCK: Duration = Duration::from_secs(60);
 /// How often an idle worker re-reads the queue config from Redis. Default 60 s.
 pub const DEFAULT_CONFIG_REFRESH: Duration = Duration::from_secs(60);
 /// Failures or timeouts in a row after which a node suspends itself. Default 3.
 pub const DEFAULT_SUSPEND_AFTER: u32 = 3;
 /// How long a node suspends itself. Default 60 s.
 pub const DEFAULT_SUSPEND_FOR: Duration = Duration::from_secs(60);
-/// How often the node record is renewed (it lives 3 times this). Default 10 s.
-pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+/// How often the node record is renewed (it lives 3 times this, 90 s by default; the broker
+/// deletes the record of a worker whose process is gone within about a second). A renewal
+/// without news is two commands (`PEXPIRE`, `HGET` of an operator's command, which therefore
+/// takes effect within this long); the whole record is written at once when the busy slots
+/// or the suspension change. Default 30 s.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
 /// Least time between two progress writes of one job. Default 1 s.
 pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -35,7 +42,9 @@ pub struct WorkerConfig {
     pub slots: usize,
     /// Time running jobs get after a stop signal. Default [`DEFAULT_SHUTDOWN_GRACE`].
     pub shutdown_grace: Duration,
-    /// Longest single blocking read. Default [`DEFAULT_MAX_BLOCK`]; capped by the lease.
+    /// Longest single blocking read of an idle worker that does not watch the queue. Default
+    /// [`DEFAULT_MAX_BLOCK`]; a watcher, or a worker that holds jobs, blocks at most a lease.
+    /// Flag `--max-block-ms`, env `FLEETQ_MAX_BLOCK_MS`.
     pub max_block: Duration,
     /// How often the queue config is re-read. Default [`DEFAULT_CONFIG_REFRESH`].
     pub config_refresh: Duration,
@@ -44,7 +53,8 @@ pub struct WorkerConfig {
     pub suspend_after: u32,
     /// How long a self-suspension lasts. Flag `--suspend-for-secs`. Default [`DEFAULT_SUSPEND_FOR`].
     pub suspend_for: Duration,
-    /// Node record renewal interval. Default [`DEFAULT_HEARTBEAT`].
+    /// Node record renewal interval; the record lives 3 times this. Default
+    /// [`DEFAULT_HEARTBEAT`]. Flag `--heartbeat-secs`, env `FLEETQ_HEARTBEAT_SECS`.
     pub heartbeat: Duration,
     /// Least time between two progress writes of one job. Default [`DEFAULT_PROGRESS_INTERVAL`].
     pub progress_interval: Duration,

@@ -2,6 +2,13 @@
 //! block in `XREADGROUP … COUNT free BLOCK t >` (on a connection of its own), pass what came
 //! to `fleetq_take` and start a slot task for each job that runs here.
 //!
+//! Idle, a worker costs Redis almost nothing: two of a stream's idle workers watch it (see
+//! `reclaim`) and block until the next lease deadline or retry, at most a lease; the others
+//! block for their whole `max_block` and call `fleetq_reclaim` once per block. A worker that
+//! holds or took jobs blocks at most a lease and reclaims again a lease after its last reclaim
+//! (its standing in the watch and its node's alive mark are then out of date). A watcher gives
+//! its seat up when it has no free slot, is suspended or stops.
+//!
 //! A queue split in partitions is read stream by stream (each partition, and the queue
 //! itself): a sweep without blocking asks each stream in turn for the slots still free, the
 //! first stream of the turn rotating. When the sweep finds them all empty, one waiter per
@@ -52,8 +59,17 @@ struct Source<H> {
     /// Partitioned queues: the stream's last entry id, read before a sweep that found
     /// nothing new in it; a waiter waits for an entry newer than this.
     mark: Option<String>,
-    /// When a lease deadline or a retry may next fall due: reclaim then.
+    /// When to reclaim next: the next lease deadline or retry for the watcher, the end of
+    /// the block for the others.
     next_wake: Instant,
+    /// This worker watches the stream (its last reclaim said so): it blocks at most a lease.
+    watching: bool,
+    /// When the stream was last reclaimed.
+    reclaimed: Instant,
+    /// This worker held or took a job of this stream since then: reclaim again once a lease
+    /// has passed (renewals and takes moved its node's alive mark, and a watcher that holds
+    /// jobs is the first to hand the watch on).
+    busy_since: bool,
     /// When to re-read the stream's config.
     next_refresh: Instant,
     /// No reclaim before this (half a lease after coming back from an outage).
@@ -64,12 +80,28 @@ struct Source<H> {
     after_error: bool,
 }
 
+impl<H> Source<H> {
+    /// When to reclaim next: at `next_wake`, or a lease after the last reclaim when a job was
+    /// held or taken since.
+    fn reclaim_at(&self) -> Instant {
+        if self.busy_since {
+            self.next_wake.min(self.reclaimed + self.rt.taker.lease)
+        } else {
+            self.next_wake
+        }
+    }
+}
+
 /// The read loop's own state.
 pub(crate) struct Intake<H> {
     sources: Vec<Source<H>>,
     /// Free slots, shared by every stream's runtime.
     slots: Arc<Semaphore>,
-    /// Longest single block (the configured one, capped by the lease).
+    /// Longest single block while watching or holding jobs (`max_block` capped by the
+    /// lease: no lease may run out unseen).
+    watch_block: Duration,
+    /// Longest single block otherwise (`max_block`); the blocking connections' response
+    /// timeouts are above it.
     max_block: Duration,
     /// The stream a partitioned queue's next turn starts with.
     turn: usize,
@@ -100,10 +132,12 @@ impl<T> On<T> for Result<T, Error> {
 }
 
 impl<H: Handler> Intake<H> {
-    /// The loop over `rts`: one runtime per stream read, all sharing the slots.
-    pub(crate) fn new(rts: Vec<Arc<Runtime<H>>>, max_block: Duration) -> Self {
+    /// The loop over `rts`: one runtime per stream read, all sharing the slots; a watcher
+    /// blocks at most `watch_block` (`max_block` capped by the lease).
+    pub(crate) fn new(rts: Vec<Arc<Runtime<H>>>, watch_block: Duration) -> Self {
         let now = Instant::now();
         let slots = rts[0].slots.clone();
+        let max_block = rts[0].config.max_block.max(watch_block);
         let sources = rts
             .into_iter()
             .map(|rt| Source {
@@ -114,6 +148,9 @@ impl<H: Handler> Intake<H> {
                 waiter: None,
                 mark: None,
                 next_wake: now,
+                watching: false,
+                reclaimed: now,
+                busy_since: false,
                 reclaim_after: now,
                 // On start, too, this consumer's own pending entries come first.
                 recovering: true,
@@ -123,6 +160,7 @@ impl<H: Handler> Intake<H> {
         Self {
             sources,
             slots,
+            watch_block,
             max_block,
             turn: 0,
             idle: false,
@@ -152,6 +190,7 @@ impl<H: Handler> Intake<H> {
             }
             s.reader = None;
         }
+        self.resign().await;
     }
 
     fn rt(&self) -> &Arc<Runtime<H>> {
@@ -167,9 +206,11 @@ impl<H: Handler> Intake<H> {
         }
         self.collect_waiters();
         if let Some(left) = self.rt().node.health.suspended_for() {
+            self.resign().await;
             return self.wait_suspended(left, stop).await;
         }
         if self.slots.available_permits() == 0 {
+            self.resign().await;
             tokio::select! {
                 permit = self.slots.clone().acquire_owned() => drop(permit),
                 _ = stop.cancelled() => {}
@@ -205,7 +246,7 @@ impl<H: Handler> Intake<H> {
             let free = self.slots.available_permits();
             let s = &self.sources[i];
             let now = Instant::now();
-            if free == 0 || now < s.next_wake || now < s.reclaim_after {
+            if free == 0 || now < s.reclaim_at() || now < s.reclaim_after {
                 continue;
             }
             let entries = self.reclaim(i, free).await.on(i)?;
@@ -272,6 +313,7 @@ impl<H: Handler> Intake<H> {
     }
 
     async fn reclaim(&mut self, i: usize, free: usize) -> Result<Vec<RawEntry>, Error> {
+        let standing = self.standing(i);
         let s = &mut self.sources[i];
         let rt = &s.rt;
         let r = reclaim::reclaim(
@@ -280,28 +322,89 @@ impl<H: Handler> Intake<H> {
             &rt.taker.caller,
             rt.taker.lease,
             free,
+            standing,
         )
         .await?;
-        let wake = r.next_wake.unwrap_or(self.max_block).min(self.max_block);
-        s.next_wake = Instant::now() + wake;
-        if !r.entries.is_empty() {
-            rt.node.metrics.reclaimed.inc_by(r.entries.len() as u64);
+        s.watching = r.next_wake.is_some();
+        // Another worker watches: a whole block, a little shorter at random so that idle
+        // workers started together spread out (the first to call after a watcher stopped
+        // takes over).
+        let wake = r.next_wake.map_or_else(
+            || self.max_block.mul_f64(rand::random_range(0.85..=1.0)),
+            |w| w.min(self.watch_block),
+        );
+        let now = Instant::now();
+        s.next_wake = now + wake;
+        s.reclaimed = now;
+        s.busy_since = standing.holds > 0;
+        let claimed = r.entries.len() + r.hand_on.len();
+        if claimed > 0 {
+            rt.node.metrics.reclaimed.inc_by(claimed as u64);
             tracing::info!(
                 queue = %rt.keys().name(),
-                count = r.entries.len(),
+                count = claimed,
+                handed_on = r.hand_on.len(),
                 "reclaimed entries whose lease ran out"
             );
+        }
+        if !r.hand_on.is_empty() {
+            let back = r
+                .hand_on
+                .iter()
+                .map(|e| (e.id.clone(), e.job_id()))
+                .collect();
+            crate::shutdown::release(rt, back, "handed on to other idle workers").await;
         }
         Ok(r.entries)
     }
 
-    /// How long a read may block: until the stream's next reclaim, at most `max_block`.
+    /// How this worker stands in stream `i`'s watch.
+    fn standing(&self, i: usize) -> reclaim::Standing {
+        reclaim::Standing {
+            sleep: self.max_block,
+            holds: self.sources[i].rt.held.len(),
+        }
+    }
+
+    /// Gives up the seat of every stream this worker watches: it has no free slot, is
+    /// suspended or stops, so the next idle worker to call takes over. A failure is only
+    /// logged: the seat passes on by itself once this worker is late for it.
+    async fn resign(&mut self) {
+        for i in 0..self.sources.len() {
+            if !std::mem::take(&mut self.sources[i].watching) {
+                continue;
+            }
+            let standing = self.standing(i);
+            let rt = &self.sources[i].rt;
+            if let Err(e) = reclaim::resign(
+                rt.redis(),
+                rt.keys(),
+                &rt.taker.caller,
+                rt.taker.lease,
+                standing,
+            )
+            .await
+            {
+                tracing::debug!(queue = %rt.keys().name(), error = %e, "cannot give up the watch; it passes on when this worker is late for it");
+            }
+        }
+    }
+
+    /// How long a read may block: until the stream's next reclaim (a lease after the last one
+    /// when a job was held or taken since), at most a lease while watching or holding jobs,
+    /// else at most `max_block`.
     fn block_for(&self, i: usize) -> Duration {
         let s = &self.sources[i];
-        s.next_wake
+        let holding = self.slots.available_permits() < s.rt.config.slots;
+        let cap = if s.watching || holding {
+            self.watch_block
+        } else {
+            self.max_block
+        };
+        s.reclaim_at()
             .max(s.reclaim_after)
             .saturating_duration_since(Instant::now())
-            .clamp(Duration::from_millis(1), self.max_block)
+            .clamp(Duration::from_millis(1), cap)
     }
 
     /// One stream: block for new entries until the next wake and dispatch them. A stop cuts
@@ -541,12 +644,20 @@ impl<H: Handler> Intake<H> {
         let rt = self.sources[i].rt.clone();
         let queue = rt.queue_config();
         let taken = take::take(&rt.taker, &queue, entries).await?;
+        let mut started = false;
         for (t, job) in taken {
             match t.decision {
-                TakeDecision::Run { attempt } => self.start(&rt, t, attempt, job, &queue).await,
+                TakeDecision::Run { attempt } => {
+                    started = true;
+                    self.start(&rt, t, attempt, job, &queue).await;
+                }
                 TakeDecision::Pass { delay } => rt.schedule_promote(delay),
                 other => count_settled(&rt, other),
             }
+        }
+        if started {
+            self.sources[i].busy_since = true;
+            rt.node.health.busy_changed();
         }
         Ok(())
     }
@@ -572,14 +683,13 @@ impl<H: Handler> Intake<H> {
                 .await;
             return;
         };
-        self.tasks.spawn(attempt::run(
-            rt.clone(),
-            t,
-            attempt,
-            entry,
-            queue.clone(),
-            permit,
-        ));
+        let attempt = attempt::run(rt.clone(), t, attempt, entry, queue.clone(), permit);
+        let health = rt.node.health.clone();
+        self.tasks.spawn(async move {
+            attempt.await;
+            // The slot's permit went with the attempt: the record's busy count follows.
+            health.busy_changed();
+        });
     }
 }
 

@@ -1,15 +1,29 @@
 //! This host as the fleet sees it: its record (`fleetq:node:<node>`, renewed by a heartbeat
 //! and gone when the worker stops), its failure streak, and suspension — by itself after K
 //! failures or timeouts in a row, or by an operator — during which it takes no new work.
+//!
+//! The heartbeat writes the whole record (`fleetq_node_beat`) only when there is news: at
+//! start, when the busy slots, the suspension or the failure streak changed (busy changes
+//! are sent within [`BUSY_BEAT_GAP`], not at the next beat), and when the record is gone. A
+//! beat without news renews the record's time to live and looks for an operator's command:
+//! `PEXPIRE` and `HGET`, one round trip.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fleetq_broker::functions::{self, fcall};
 use fleetq_broker::{keys, QueueKeys, Redis};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+
+/// Least time between two heartbeats sent because the busy slots changed: a worker whose slots
+/// turn over thousands of times a second sends one a second, and an idle one sends its change
+/// at once.
+pub(crate) const BUSY_BEAT_GAP: Duration = Duration::from_secs(1);
+
+/// The record lives this many heartbeats: two beats may fail before it expires.
+pub(crate) const RECORD_LIVES_BEATS: u32 = 3;
 
 /// Health of this node: failure streak and suspension.
 #[derive(Debug, Default)]
@@ -19,6 +33,9 @@ pub(crate) struct Health {
     suspended_until: AtomicU64,
     /// Wakes the read loop and the heartbeat when the suspension changes.
     pub(crate) changed: Notify,
+    /// Wakes the heartbeat when a job starts or ends in a slot (a stored wake-up when the
+    /// heartbeat is busy, so none is lost).
+    busy: Notify,
 }
 
 pub(crate) fn epoch_ms() -> u64 {
@@ -37,6 +54,11 @@ impl Health {
 
     pub(crate) fn suspended_until(&self) -> u64 {
         self.suspended_until.load(Ordering::SeqCst)
+    }
+
+    /// A job started or ended in a slot: the record's busy count follows.
+    pub(crate) fn busy_changed(&self) {
+        self.busy.notify_one();
     }
 
     pub(crate) fn streak(&self) -> u32 {
@@ -108,8 +130,28 @@ impl NodeHandle {
     }
 }
 
-/// Renews the node record every `interval` (and at once when the suspension changes) until
-/// `stop`; applies the operator's suspend/resume commands. The record lives 3 intervals.
+/// What the record says that changes while the worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct News {
+    busy: usize,
+    suspended_until: u64,
+    failure_streak: u32,
+}
+
+impl News {
+    /// Whether `other` differs from this in the busy slots alone.
+    fn differs_in_busy_only(self, other: News) -> bool {
+        self.busy != other.busy
+            && News {
+                busy: other.busy,
+                ..self
+            } == other
+    }
+}
+
+/// Beats every `interval` (and at once when the suspension changes, within [`BUSY_BEAT_GAP`]
+/// when the busy slots do) until `stop`; applies the operator's suspend/resume commands. The
+/// record lives [`RECORD_LIVES_BEATS`] intervals.
 pub(crate) async fn heartbeat_loop(
     node: NodeHandle,
     slots: usize,
@@ -118,19 +160,45 @@ pub(crate) async fn heartbeat_loop(
     stop: CancellationToken,
 ) {
     let started_ms = epoch_ms();
+    let ttl = interval * RECORD_LIVES_BEATS;
+    // What the record holds, as far as this worker knows; None: write it all.
+    let mut recorded: Option<News> = None;
+    // The last beat failed: the next one waits for the interval, as a timed one.
+    let mut failed = false;
+    let mut beaten = Instant::now();
+    let mut due = beaten;
     loop {
         // Armed before the beat, so a health change during the call still wakes the next one.
         let changed = node.health.changed.notified();
-        let busy = slots.saturating_sub(free.available_permits());
-        let cmd = beat_command(&node, slots, busy, interval, started_ms);
-        match functions::call::<String>(&mut node.redis.conn(), &cmd, "node heartbeat").await {
-            Ok(command) => obey(&node, &command).await,
-            Err(e) => tracing::warn!(error = %e, "node heartbeat failed; will retry"),
+        let news = News {
+            busy: slots.saturating_sub(free.available_permits()),
+            suspended_until: node.health.suspended_until(),
+            failure_streak: node.health.streak(),
+        };
+        let now = Instant::now();
+        // News goes out at once, but a change of the busy slots alone not sooner than
+        // BUSY_BEAT_GAP after the last beat.
+        let news_at = match recorded {
+            None if failed => None,
+            Some(r) if r == news => None,
+            Some(r) if r.differs_in_busy_only(news) => Some(beaten + BUSY_BEAT_GAP),
+            _ => Some(now),
+        };
+        if now >= due || news_at.is_some_and(|at| now >= at) {
+            recorded = beat(&node, slots, news, recorded, ttl, started_ms).await;
+            failed = recorded.is_none();
+            beaten = Instant::now();
+            due = beaten + interval;
+            continue;
         }
+        let wake = news_at.map_or(due, |at| at.min(due));
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep_until(wake.into()) => {}
             _ = changed => {}
+            // Not while a beat is planned: slots that turn over thousands of times a second
+            // then wake this loop about once a second, not at every job.
+            _ = node.health.busy.notified(), if news_at.is_none() => {}
         }
     }
     // Gone from the fleet at once rather than after the record's time to live.
@@ -140,20 +208,67 @@ pub(crate) async fn heartbeat_loop(
         .await;
 }
 
-/// The `fleetq_node_beat` call: writes the node record, which lives three heartbeats, and
-/// returns the operator's pending command for this node.
+/// One heartbeat: the whole record when `news` is not what it holds (or that is unknown), else
+/// a renewal of its time to live, which also looks for an operator's command (the whole
+/// record is written then too: that call takes the command atomically). Returns what the
+/// record holds afterwards, `None` when unknown.
+async fn beat(
+    node: &NodeHandle,
+    slots: usize,
+    news: News,
+    recorded: Option<News>,
+    ttl: Duration,
+    started_ms: u64,
+) -> Option<News> {
+    if recorded == Some(news) {
+        let key = keys::node(&node.node);
+        let renewed: redis::RedisResult<(i64, Option<String>)> = redis::pipe()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(ttl.as_millis() as u64)
+            .cmd("HGET")
+            .arg(&key)
+            .arg("command")
+            .query_async(&mut node.redis.conn())
+            .await;
+        match renewed {
+            // Renewed, and no command waits.
+            Ok((1, None)) => return recorded,
+            // The record is gone (expired, or taken for a dead process's) or a command waits.
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "node heartbeat failed; will retry");
+                return recorded;
+            }
+        }
+    }
+    let cmd = beat_command(node, slots, news, ttl, started_ms);
+    match functions::call::<String>(&mut node.redis.conn(), &cmd, "node heartbeat").await {
+        Ok(command) => {
+            obey(node, &command).await;
+            Some(news)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "node heartbeat failed; will retry");
+            None
+        }
+    }
+}
+
+/// The `fleetq_node_beat` call: writes the node record, which lives `ttl`, and returns the
+/// operator's pending command for this node.
 fn beat_command(
     node: &NodeHandle,
     slots: usize,
-    busy: usize,
-    interval: Duration,
+    news: News,
+    ttl: Duration,
     started_ms: u64,
 ) -> redis::Cmd {
     let mut cmd = redis::cmd("FCALL");
     cmd.arg("fleetq_node_beat")
         .arg(1)
         .arg(keys::node(&node.node))
-        .arg((interval * 3).as_millis() as u64)
+        .arg(ttl.as_millis() as u64)
         .arg("node")
         .arg(&node.node)
         .arg("queues")
@@ -161,7 +276,7 @@ fn beat_command(
         .arg("slots")
         .arg(slots)
         .arg("busy")
-        .arg(busy)
+        .arg(news.busy)
         .arg("version")
         .arg(env!("CARGO_PKG_VERSION"))
         .arg("consumer")
@@ -169,9 +284,9 @@ fn beat_command(
         .arg("started_ms")
         .arg(started_ms)
         .arg("suspended_until")
-        .arg(node.health.suspended_until())
+        .arg(news.suspended_until)
         .arg("failure_streak")
-        .arg(node.health.streak())
+        .arg(news.failure_streak)
         .arg("metrics_addr")
         .arg(
             node.metrics_addr

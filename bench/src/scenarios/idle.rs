@@ -1,15 +1,15 @@
-//! Idle cost: K bench worker processes (the bench worker's settings: `max_block` and
-//! heartbeat are the defaults, 10 s) on an empty queue. Once every node record exists and a further 2 s have passed, `INFO
-//! commandstats` is read at the start and the end of the window; the delta divided by K and
-//! by the window is the figure (server count: inside functions included), with the client
-//! count beside it.
+//! Idle cost: K bench worker processes (the bench worker's settings: `max_block` 60 s and
+//! heartbeat 30 s, the defaults) on an empty queue. Once every node record exists and a
+//! further 2 s have passed, `INFO commandstats` is read at the start and the end of the
+//! window; the delta divided by K and by the window is the figure (server count: inside
+//! functions included), with the client count beside it.
 //!
-//! An idle worker's cycle ([`crate::bench_worker::idle_cycle`]) is 10 s with the defaults:
-//! one `fleetq_reclaim` and one `XREADGROUP … BLOCK` per `min(max_block, lease)`, one
-//! `fleetq_node_beat` per heartbeat (and an `HGETALL` of the config every 60 s). The full
-//! run's window is whole cycles of each worker, at least 20 s ([`Plan::idle_window`]), so it
-//! follows the worker's settings when they change; the quick run's 4 s window catches
-//! partial cycles, so its figure is rough.
+//! The fleet's idle cycle ([`crate::bench_worker::idle_cycle`]) is 60 s with the defaults:
+//! the queue's two lease watchers call `fleetq_reclaim` and block once per lease, every other
+//! worker once per `max_block`, and each renews its node record once per heartbeat. The full
+//! run's window is whole cycles, at least 20 s ([`Plan::idle_window`]), so it follows the
+//! worker's settings when they change; the quick run's 4 s window catches partial cycles, so
+//! its figure is rough.
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -42,6 +42,9 @@ struct Args {
     suspend_for_ms: u64,
     #[arg(long, default_value_t = 10_000)]
     heartbeat_ms: u64,
+    /// Longest block of an idle worker that does not watch; the library's default when absent.
+    #[arg(long)]
+    max_block_ms: Option<u64>,
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
 }
@@ -106,6 +109,9 @@ async fn main() -> anyhow::Result<()> {
     config.suspend_after = args.suspend_after;
     config.suspend_for = Duration::from_millis(args.suspend_for_ms);
     config.heartbeat = Duration::from_millis(args.heartbeat_ms);
+    if let Some(ms) = args.max_block_ms {
+        config.max_block = Duration::from_millis(ms);
+    }
     config.metrics_addr = args.metrics_addr;
     let handler = TestHandler {
         node: args.node.clone(),
