@@ -142,8 +142,8 @@ fn names(list: &str) -> HashSet<&str> {
         .collect()
 }
 
-/// Consumers of queue `keys` that hold entries: (name, pending).
-async fn holders(redis: &Redis, keys: &QueueKeys) -> Result<Vec<(String, u64)>> {
+/// Consumers of queue `keys`: (name, pending).
+async fn consumers(redis: &Redis, keys: &QueueKeys) -> Result<Vec<(String, u64)>> {
     let reply: redis::RedisResult<Vec<HashMap<String, redis::Value>>> = redis::cmd("XINFO")
         .arg("CONSUMERS")
         .arg(keys.stream())
@@ -163,7 +163,7 @@ async fn holders(redis: &Redis, keys: &QueueKeys) -> Result<Vec<(String, u64)>> 
         .filter_map(|m| {
             let name = redis::from_redis_value_ref::<String>(m.get("name")?).ok()?;
             let pending = redis::from_redis_value_ref::<u64>(m.get("pending")?).ok()?;
-            (pending > 0).then_some((name, pending))
+            Some((name, pending))
         })
         .collect())
 }
@@ -185,19 +185,31 @@ pub async fn tick(redis: &Redis, queues: &[QueueKeys], seen: &mut Liveness) -> R
         seen.records_done.insert(consumer);
     }
     let mut moved = 0;
+    // Forgotten once every queue was looked at: a worker may serve several.
+    let mut done: HashSet<String> = HashSet::new();
     for keys in queues {
-        for (consumer, pending) in holders(redis, keys).await? {
+        for (consumer, pending) in consumers(redis, keys).await? {
             if !seen.is_gone(&consumer) {
                 continue;
             }
+            // Also for a consumer that holds nothing: it leaves the group (checked and done in
+            // one step by the function), so the queue's consumer count is true at once.
             let cmd = calls::abandon(keys, &consumer);
             let (requeued, dead): (u64, u64) =
                 functions::call(&mut redis.conn(), &cmd, "abandon a gone consumer").await?;
-            tracing::warn!(queue = %keys.name(), %consumer, pending, requeued, dead,
-                "a worker process is gone (its connections closed); its jobs go back in line now");
+            if pending > 0 {
+                tracing::warn!(queue = %keys.name(), %consumer, pending, requeued, dead,
+                    "a worker process is gone (its connections closed); its jobs go back in line now");
+            } else {
+                tracing::info!(queue = %keys.name(), %consumer,
+                    "a worker process is gone (its connections closed); it leaves the queue's consumers");
+            }
             moved += requeued + dead;
-            seen.forget(&consumer);
+            done.insert(consumer);
         }
+    }
+    for consumer in &done {
+        seen.forget(consumer);
     }
     Ok(moved)
 }

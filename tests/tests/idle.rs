@@ -328,9 +328,10 @@ async fn busy_slots_reach_the_node_record_before_the_next_heartbeat() {
     w.stop().await;
 }
 
-/// A worker killed while idle (it holds nothing) leaves `fleetq nodes` within about a second
-/// of the broker's crash detection seeing its connections close, not after its record's
-/// time to live (30 s here); a live one stays.
+/// A worker killed while idle (it holds nothing) leaves `fleetq nodes` and the queue's
+/// consumers within about a second of the broker's crash detection seeing its connections
+/// close, not after its record's time to live (90 s) or the 10 minutes after which idle
+/// consumers are removed; a live one stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_idle_worker_leaves_the_fleet_at_once() {
     let s = Stack::start().await;
@@ -372,6 +373,23 @@ async fn a_killed_idle_worker_leaves_the_fleet_at_once() {
     )
     .await;
     eprintln!("gpu-a left the fleet {:?} after SIGKILL", killed.elapsed());
+    let keys = QueueKeys::new(QUEUE).unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "gpu-a gone from the queue's consumers",
+        || async {
+            let state = fleetq_broker::inspect::queue_state(&s.redis, &keys)
+                .await
+                .unwrap();
+            state.consumers == 1
+        },
+    )
+    .await;
+    assert!(
+        killed.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        killed.elapsed()
+    );
 }
 
 /// Three idle workers, two of them watching: the one that takes a job freezes (SIGSTOP),
