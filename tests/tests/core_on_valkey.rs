@@ -3,7 +3,7 @@
 //! purge) included as modules, unchanged, with [`SERVER`] switched. Between them they call
 //! every function of the library.
 //!
-//! Without a `valkey-server` these tests fail and say how to install one (`.ci/run` does).
+//! Without a `valkey-server` these tests fail and say how to install one (`./dev test` does).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

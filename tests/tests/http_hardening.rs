@@ -853,7 +853,7 @@ async fn schemathesis_finds_nothing_against_the_openapi_document() {
     assert!(
         found.as_ref().is_ok_and(|o| o.status.success()),
         "schemathesis is not installed: run `python3 -m pip install schemathesis==4.32.5` \
-         (add --break-system-packages on a system Python), as .ci/run does"
+         (add --break-system-packages on a system Python), as `./dev test` does"
     );
     let s = Stack::start().await;
     let b = Broker::start(&s, &["--api-token", TOKEN]).await;

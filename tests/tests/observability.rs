@@ -30,7 +30,7 @@ fn need(tool: &str, install: &str) {
         .success();
     assert!(
         found,
-        "{tool} is needed for this test: {install} (.ci/run does)"
+        "{tool} is needed for this test: {install} (`./dev test` installs it)"
     );
 }
 
@@ -191,11 +191,24 @@ fn promtool_accepts_the_config_and_the_rules() {
 
 #[test]
 fn compose_file_is_valid_and_every_service_is_built_or_pulled() {
-    need("docker-compose", "apt-get install -y docker-compose");
+    // Compose v2 (`docker compose`) where it is installed, else the classic `docker-compose`.
+    let v2 = Command::new("docker")
+        .args(["compose", "version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !v2 {
+        need("docker-compose", "apt-get install -y docker-compose");
+    }
     // No .env of the checkout's: the broker's token comes from here or not at all.
     let no_env = tempfile::NamedTempFile::new().unwrap();
     let config = |token: Option<&str>| {
-        let mut cmd = Command::new("docker-compose");
+        let mut cmd = if v2 {
+            let mut c = Command::new("docker");
+            c.arg("compose");
+            c
+        } else {
+            Command::new("docker-compose")
+        };
         cmd.arg("--env-file")
             .arg(no_env.path())
             .args(["-f", "docker-compose.yml", "config"])

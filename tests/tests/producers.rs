@@ -24,7 +24,7 @@ async fn python_producer_plain_xadd_and_blocking_wait() {
     let ready = probe.as_ref().is_ok_and(|o| o.status.success());
     assert!(
         ready,
-        "python3 with redis-py is needed for this test: run `pip install redis` (.ci/run does)"
+        "python3 with redis-py is needed for this test: run `pip install redis` (`./dev test` does)"
     );
     let s = Stack::start().await;
     let w = s.worker(
@@ -90,7 +90,7 @@ async fn run_producer(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_and_shell_producers_follow_the_protocol() {
     let node_ready = example("examples/producers/node/node_modules/ioredis").exists();
-    assert!(node_ready, "the Node producer needs its packages: run `npm ci` in examples/producers/node (.ci/run does)");
+    assert!(node_ready, "the Node producer needs its packages: run `npm ci` in examples/producers/node (`./dev test` does)");
     let s = Stack::start().await;
     let w = s.worker(
         worker_config("images", "gpu-1", 1),
