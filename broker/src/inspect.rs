@@ -12,7 +12,8 @@ use crate::keys::{QueueKeys, GROUP};
 use crate::{Error, Redis, Result};
 
 /// The state of one queue.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "service", derive(utoipa::ToSchema))]
 pub struct QueueState {
     /// The queue name.
     pub queue: String,
@@ -249,7 +250,8 @@ async fn oldest_waiting_ms(
 }
 
 /// One dead letter.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "service", derive(utoipa::ToSchema))]
 pub struct DeadLetter {
     /// Its entry id in the dead-letter stream (what retry and purge take).
     pub dead_id: String,

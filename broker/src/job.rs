@@ -439,7 +439,8 @@ pub fn entry_ms(entry_id: &str) -> u64 {
 }
 
 /// Where a job is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "service", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum JobState {
@@ -532,7 +533,8 @@ impl std::fmt::Display for JobState {
 }
 
 /// What a producer may know about a job (the reply of `fleetq_status`).
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "service", derive(utoipa::ToSchema))]
 pub struct JobStatus {
     /// The job id.
     pub id: String,
@@ -550,14 +552,14 @@ pub struct JobStatus {
     pub nodes: Vec<String>,
     /// The result JSON, when succeeded.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
+    #[cfg_attr(feature = "service", schema(value_type = Option<Object>))]
     pub result: Option<serde_json::Value>,
     /// The last error, when failed, dead, expired or retrying.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Latest progress report (JSON), when any.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
+    #[cfg_attr(feature = "service", schema(value_type = Option<Object>))]
     pub progress: Option<serde_json::Value>,
     /// Every other field of the job hash (timestamps in ms, reason, timeout kind, …).
     pub fields: HashMap<String, String>,

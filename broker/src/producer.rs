@@ -73,7 +73,8 @@ impl EnqueueOptions {
 }
 
 /// The answer to an enqueue.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "service", derive(utoipa::ToSchema))]
 pub struct Enqueued {
     /// The job id (the given `id`, else the stream entry id).
     pub id: String,

@@ -354,7 +354,8 @@ async fn ask_sentinel(
 }
 
 /// How the data servers are doing, for `/readyz` and `fleetq functions status`.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "service", derive(utoipa::ToSchema))]
 pub struct Health {
     /// `standalone`, `cluster` or `sentinel`.
     pub topology: String,
@@ -366,7 +367,8 @@ pub struct Health {
 }
 
 /// One primary's state.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "service", derive(utoipa::ToSchema))]
 pub struct PrimaryHealth {
     /// `host:port`, or `server` when there is one.
     pub node: String,

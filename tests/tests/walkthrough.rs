@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 use fleetq_tests::{bin_path, free_port, signal_group};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().into()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .into()
 }
 
 /// The lines of the walkthrough's `sh` block.
