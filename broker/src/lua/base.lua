@@ -98,6 +98,11 @@ local MS_RANGE = { 0, ENTRY_NUMBERS.delay_ms[2] }
 
 -- The number `s` holds by the rule, within `range`; nil otherwise.
 local function whole(s, range)
+  -- The commonest value, without a pattern match.
+  if s == '0' then
+    if range[1] <= 0 then return 0 end
+    return nil
+  end
   if type(s) ~= 'string' or #s == 0 or #s > MAX_DIGITS or not string.match(s, '^%d+$') then return nil end
   local n = tonumber(s)
   if n < range[1] or n > range[2] then return nil end

@@ -91,7 +91,9 @@ local function take_run(K, T, e, h, used, deliveries)
   T.leases[#T.leases + 1] = e.entry_id
   T.tokens[#T.tokens + 1] = e.entry_id
   T.tokens[#T.tokens + 1] = hold_value(e.token, T.consumer)
-  emit(K, T.started_now and 'started' or 'taken', e.job_id, { 'node', T.node, 'attempt', tostring(attempt) })
+  if T.routine then
+    emit(K, T.started_now and 'started' or 'taken', e.job_id, { 'node', T.node, 'attempt', tostring(attempt) })
+  end
   return attempt
 end
 
@@ -227,6 +229,8 @@ local function take(keys, args)
       CONFIG_NUMBERS.lease_ms[1] .. ' to ' .. CONFIG_NUMBERS.lease_ms[2] .. ' ms')
   end
   T.deadline_s = tostring(T.now + T.lease)
+  -- Routine events (taken, started) are written only when the queue asks for them.
+  T.routine = config_num(K, 'routine_events', 0) == 1
   -- Every entry is checked before anything is written.
   local entries, ids = {}, {}
   for i = TAKE_HEADER + 1, #args, TAKE_STRIDE do
