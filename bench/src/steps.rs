@@ -17,8 +17,6 @@
 //! its take and completion are private to it, and the bench must measure what the library
 //! does whatever shape the worker's loop has.
 
-use std::time::Duration;
-
 use anyhow::{bail, Context};
 use fleetq_broker::calls::{self, Caller, Commit, Ending, Holding, TakeDecision, TakeEntry, Token};
 use fleetq_broker::keys::GROUP;
@@ -234,22 +232,7 @@ impl Steps {
                 raw.id
             )
         })?;
-        Ok(TakeEntry {
-            entry_id: raw.id.clone(),
-            job_id: j.job_id.clone(),
-            token: Some(Token::new()),
-            prior_attempts: j.prior_attempts,
-            max_attempts: j.max_attempts(&self.config),
-            queue_deadline_ms: match j.queue_timeout(&self.config) {
-                Some(t) if j.prior_attempts == 0 => j.enqueued_ms.saturating_add(duration_ms(t)),
-                _ => 0,
-            },
-            enqueued_ms: j.enqueued_ms,
-            avoid: j.avoid,
-            avoid_until_ms: j.avoid_until,
-            workflow: j.workflow,
-            passes: j.passes,
-        })
+        Ok(TakeEntry::for_job(&raw.id, &j, &self.config))
     }
 }
 
@@ -261,8 +244,4 @@ fn value_bytes(v: Value) -> Vec<u8> {
         Value::Int(i) => i.to_string().into_bytes(),
         other => format!("{other:?}").into_bytes(),
     }
-}
-
-fn duration_ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -78,6 +78,32 @@ pub struct TakeEntry {
     pub passes: u32,
 }
 
+impl TakeEntry {
+    /// The values for entry `entry_id` of a valid job `job` of a queue with `queue`'s config,
+    /// with a fresh token: the job's attempts and avoid list, and its queue deadline on a first
+    /// attempt.
+    pub fn for_job(entry_id: &str, job: &crate::JobEntry, queue: &crate::QueueConfig) -> Self {
+        TakeEntry {
+            entry_id: entry_id.to_owned(),
+            job_id: job.job_id.clone(),
+            token: Some(Token::new()),
+            prior_attempts: job.prior_attempts,
+            max_attempts: job.max_attempts(queue),
+            queue_deadline_ms: match job.queue_timeout(queue) {
+                Some(t) if job.prior_attempts == 0 => job
+                    .enqueued_ms
+                    .saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+                _ => 0,
+            },
+            enqueued_ms: job.enqueued_ms,
+            avoid: job.avoid.clone(),
+            avoid_until_ms: job.avoid_until,
+            workflow: job.workflow.clone(),
+            passes: job.passes,
+        }
+    }
+}
+
 /// `fleetq_take` for a batch of entries. `beat`: note the caller alive on the queue (a worker
 /// sends it at most every lease/4; see take.lua).
 pub fn take(

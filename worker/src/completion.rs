@@ -248,13 +248,15 @@ async fn send_batches(
                 ending: &r.ending,
             })
             .collect();
+        // Counted as answered however this turn ends (a panic below included), so that the
+        // read loop never waits for an answer that cannot come.
+        let _answered = Answered(&in_flight, batch.len());
         let cmd = calls::complete(&keys, &caller, &items);
         let answered: Result<Vec<Committed>, fleetq_broker::Error> =
             match functions::call::<Vec<String>>(&mut redis.conn(), &cmd, "complete").await {
                 Ok(words) => calls::parse_complete(words, batch.len()),
                 Err(e) => Err(e),
             };
-        let n = batch.len();
         match answered {
             Ok(words) => {
                 // The batch's slots are freed together, after every job has its answer.
@@ -273,6 +275,14 @@ async fn send_batches(
                 }
             }
         }
-        in_flight.answered(n);
+    }
+}
+
+/// Marks a batch's ends answered when dropped.
+struct Answered<'a>(&'a InFlight, usize);
+
+impl Drop for Answered<'_> {
+    fn drop(&mut self) {
+        self.0.answered(self.1);
     }
 }

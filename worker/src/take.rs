@@ -131,29 +131,12 @@ impl Taker {
 /// The values `fleetq_take` needs about one entry (a malformed one is taken too, so that it
 /// can be dead-lettered with its reason, and so never runs out of attempts first).
 fn take_entry(raw: &RawEntry, job: &Result<JobEntry, Malformed>, queue: &QueueConfig) -> TakeEntry {
-    let token = Some(Token::new());
     match job {
-        Ok(j) => TakeEntry {
-            entry_id: raw.id.clone(),
-            job_id: j.job_id.clone(),
-            token,
-            prior_attempts: j.prior_attempts,
-            max_attempts: j.max_attempts(queue),
-            queue_deadline_ms: match j.queue_timeout(queue) {
-                // Both in range (limits), so the sum cannot overflow.
-                Some(t) if j.prior_attempts == 0 => j.enqueued_ms + t.as_millis() as u64,
-                _ => 0,
-            },
-            enqueued_ms: j.enqueued_ms,
-            avoid: j.avoid.clone(),
-            avoid_until_ms: j.avoid_until,
-            workflow: j.workflow.clone(),
-            passes: j.passes,
-        },
+        Ok(j) => TakeEntry::for_job(&raw.id, j, queue),
         Err(_) => TakeEntry {
             entry_id: raw.id.clone(),
             job_id: raw.job_id(),
-            token,
+            token: Some(Token::new()),
             // As many as a job may have: attempts never end a malformed entry before its
             // dead letter does.
             max_attempts: fleetq_broker::limits::MAX_ATTEMPTS as u32,
