@@ -58,18 +58,27 @@ impl CommonFlags {
         Ok(Some(redis))
     }
 
-    /// Sets up logging as asked (`RUST_LOG` filters; default `info`).
+    /// Sets up logging as asked (`RUST_LOG` filters; default `info`): to stderr, so stdout
+    /// stays for output, with colours only when stderr is a terminal (a log file or a
+    /// collector gets no escape codes).
     pub fn init_logging(&self) {
         let filter =
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+        let fmt = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(stderr_is_terminal())
+            .with_env_filter(filter);
         match self.log_format {
-            LogFormat::Json => tracing_subscriber::fmt()
-                .json()
-                .with_env_filter(filter)
-                .init(),
-            LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+            LogFormat::Json => fmt.json().init(),
+            LogFormat::Text => fmt.init(),
         }
     }
+}
+
+/// Whether stderr is a terminal: log lines carry ANSI colours only then.
+pub fn stderr_is_terminal() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stderr().is_terminal()
 }
 
 /// How a service binary ends: 0, or 1 after one line on stderr that says what went wrong.

@@ -20,8 +20,8 @@ use crate::{Error, Redis, Result};
 pub struct NodeRecord {
     /// The node name.
     pub node: String,
-    /// Every field of the record (slots, busy, version, queues, last_seen_ms,
-    /// suspended_until, failure_streak, ttl_ms, …). `last_seen_ms` is the time of the last
+    /// Every field of the record (slots, busy, version, queues, consumer, pid, host,
+    /// last_seen_ms, suspended_until, failure_streak, ttl_ms, …). `last_seen_ms` is the time of the last
     /// heartbeat, the renewals of its time to live included (see the module docs).
     pub fields: HashMap<String, String>,
 }
@@ -53,11 +53,39 @@ impl NodeRecord {
     pub fn last_seen_ms(&self) -> u64 {
         self.num("last_seen_ms")
     }
+
+    /// The worker's process id: the record's `pid`, or for a record of a worker written
+    /// before it had one, the pid part of its consumer name. `None` when neither says.
+    pub fn pid(&self) -> Option<u32> {
+        self.fields
+            .get("pid")
+            .and_then(|p| p.parse().ok())
+            .or_else(|| {
+                let consumer = self.consumer()?;
+                node_of_consumer(consumer)?;
+                consumer.rsplit(':').nth(1)?.parse().ok()
+            })
+    }
+
+    /// The host name of the worker's machine (`host`), when the record has it.
+    pub fn host(&self) -> Option<&str> {
+        self.fields
+            .get("host")
+            .map(String::as_str)
+            .filter(|h| !h.is_empty())
+    }
+
+    /// The worker's consumer name (`<node>:<pid>:<start ms>`), when the record has it.
+    pub fn consumer(&self) -> Option<&str> {
+        self.fields
+            .get("consumer")
+            .map(String::as_str)
+            .filter(|c| !c.is_empty())
+    }
 }
 
 /// Every live node (records expire when their worker stops renewing them).
 pub async fn list(redis: &Redis) -> Result<Vec<NodeRecord>> {
-    let mut conn = redis.conn();
     let mut names = Vec::new();
     for primary in redis.primaries().await? {
         names.extend(
@@ -68,30 +96,43 @@ pub async fn list(redis: &Redis) -> Result<Vec<NodeRecord>> {
     names.dedup();
     let mut out = Vec::new();
     for key in names {
-        let (mut fields, expires_ms): (HashMap<String, String>, i64) = redis::pipe()
-            .cmd("HGETALL")
-            .arg(&key)
-            .cmd("PEXPIRETIME")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| Error::redis("read node", e))?;
-        if fields.is_empty() {
-            continue;
+        if let Some(record) = read(redis, &key).await? {
+            out.push(record);
         }
-        let Some(node) = keys::node_of(&key).map(str::to_owned) else {
-            continue;
-        };
-        if let Some(renewed) = renewed_ms(&fields, expires_ms) {
-            let written = fields
-                .get("last_seen_ms")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            fields.insert("last_seen_ms".into(), renewed.max(written).to_string());
-        }
-        out.push(NodeRecord { node, fields });
     }
     Ok(out)
+}
+
+/// The record of node `node`, `None` when no live worker has that name.
+pub async fn get(redis: &Redis, node: &str) -> Result<Option<NodeRecord>> {
+    read(redis, &keys::node(node)).await
+}
+
+/// Reads the record at `key`, with `last_seen_ms` as the later of the last write and the
+/// last renewal (see the module docs).
+async fn read(redis: &Redis, key: &str) -> Result<Option<NodeRecord>> {
+    let (mut fields, expires_ms): (HashMap<String, String>, i64) = redis::pipe()
+        .cmd("HGETALL")
+        .arg(key)
+        .cmd("PEXPIRETIME")
+        .arg(key)
+        .query_async(&mut redis.conn())
+        .await
+        .map_err(|e| Error::redis("read node", e))?;
+    if fields.is_empty() {
+        return Ok(None);
+    }
+    let Some(node) = keys::node_of(key).map(str::to_owned) else {
+        return Ok(None);
+    };
+    if let Some(renewed) = renewed_ms(&fields, expires_ms) {
+        let written = fields
+            .get("last_seen_ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        fields.insert("last_seen_ms".into(), renewed.max(written).to_string());
+    }
+    Ok(Some(NodeRecord { node, fields }))
 }
 
 /// When the record's time to live was last renewed: its expiry (`PEXPIRETIME`, ms since the
@@ -197,6 +238,33 @@ mod tests {
             None,
             "':' is not in a node name"
         );
+    }
+
+    #[test]
+    fn pid_host_and_consumer_come_from_the_record() {
+        let record = |pairs: &[(&str, &str)]| NodeRecord {
+            node: "gpu-07".into(),
+            fields: pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        };
+        let r = record(&[
+            ("pid", "4242"),
+            ("host", "rack3-a"),
+            ("consumer", "gpu-07:4242:1700000000000"),
+        ]);
+        assert_eq!(
+            (r.pid(), r.host(), r.consumer()),
+            (
+                Some(4242),
+                Some("rack3-a"),
+                Some("gpu-07:4242:1700000000000")
+            )
+        );
+        let older = record(&[("consumer", "gpu-07:99:1700000000000")]);
+        assert_eq!(older.pid(), Some(99), "from the consumer name");
+        assert_eq!((older.host(), record(&[]).pid()), (None, None));
     }
 
     #[test]

@@ -43,14 +43,24 @@ pub enum Command {
     ///   fleetq enqueue images @job.json --progress-timeout-ms 60000 --json
     #[command(verbatim_doc_comment)]
     Enqueue(EnqueueArgs),
-    /// Show a job: state, position, attempts, nodes, progress, result or error.
+    /// Show a job: state, position, attempts, nodes, progress, result or error, one line per
+    /// attempt, and the pid and host of the node running it.
+    ///
+    /// With --field NAME, prints just that field of the `--json` document (a key of it, or of
+    /// its `fields`), for scripts; a field the job does not have exits 4.
     ///
     /// Examples:
     ///   fleetq status 1795404558780-0
     ///   fleetq status order-17 --queue images --json
+    ///   fleetq status order-17 --field state
+    ///   kill -9 $(fleetq status order-17 --field pid)     (on the node's host)
     #[command(verbatim_doc_comment)]
-    Status(JobArgs),
+    Status(StatusArgs),
     /// Follow a job live until it ends (progress bar from its events).
+    ///
+    /// Says what happens on the way: an attempt that timed out or failed, and the next one it
+    /// waits for; at the end, how the job ended and why. Exits 0 when it succeeded, 1 when it
+    /// ended otherwise, 6 when --timeout-secs passed first.
     ///
     /// Examples:
     ///   fleetq watch order-17 --queue images
@@ -59,8 +69,11 @@ pub enum Command {
     /// Cancel a job: a waiting or delayed one will not run; a running one's worker is told at
     /// its next lease renewal and stops it.
     ///
-    /// Exits 0 with the resulting state (`cancelled`, `cancelling`, or the end it already
-    /// had), 4 when no queue knows the id.
+    /// Says what happened: cancelled while waiting, asked the running worker to stop, or
+    /// already ended (and how). Exits 0 with the resulting state (`cancelled`, `cancelling`,
+    /// or the end it already had), 4 when no queue knows the id. With --json:
+    /// {"id", "queue", "state", "outcome"}, outcome one of cancelled, cancelling,
+    /// already_ended, not_found.
     ///
     /// Examples:
     ///   fleetq cancel order-17
@@ -74,7 +87,7 @@ pub enum Command {
     ///   fleetq queues --json
     #[command(verbatim_doc_comment)]
     Queues,
-    /// List the fleet's nodes, or suspend / resume one.
+    /// List the fleet's nodes (state, slots, pid, host, consumer, …), or suspend / resume one.
     ///
     /// Examples:
     ///   fleetq nodes
@@ -89,9 +102,10 @@ pub enum Command {
     ///   fleetq dead images show 1795404558999-0
     ///   fleetq dead images retry 1795404558999-0
     ///   fleetq dead images purge            (all of them)
-    #[command(verbatim_doc_comment)]
+    #[command(verbatim_doc_comment, override_usage = "fleetq dead <QUEUE> <COMMAND>")]
     Dead(DeadArgs),
-    /// The server-side function library: load it, or compare the server's with this build's.
+    /// The server-side function library: load it, compare the server's with this build's, or
+    /// print its text.
     ///
     /// Workers never load the library: they wait for it. The broker loads it at start; this
     /// command does the same for fleets without a broker, or after `FUNCTION FLUSH`. It needs
@@ -102,6 +116,7 @@ pub enum Command {
     /// Examples:
     ///   fleetq functions load
     ///   fleetq functions status --json
+    ///   fleetq functions dump | redis-cli -x FUNCTION LOAD REPLACE
     #[command(verbatim_doc_comment)]
     Functions(FunctionsArgs),
     /// Show or set how many partitions a queue is split in.
@@ -121,12 +136,13 @@ pub enum Command {
     Partitions(PartitionsArgs),
     /// A live, refreshing view of queues and nodes (Ctrl-C to leave).
     ///
-    /// With --json, each refresh is one JSON object on a line of its own:
+    /// With --json, prints one snapshot of the same data as one JSON document and exits:
     /// {"queues": [...], "nodes": [...], "server_ms": ...}.
     ///
     /// Examples:
     ///   fleetq top
     ///   fleetq top --interval-ms 500
+    ///   fleetq top --json
     #[command(verbatim_doc_comment)]
     Top(TopArgs),
 }
@@ -200,6 +216,18 @@ pub struct JobArgs {
     pub queue: Option<String>,
 }
 
+/// `fleetq status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The job and its queue.
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Print only this field of the JSON status (e.g. state, node, pid, host, attempts, or a
+    /// key of its `fields` such as started_ms), on one line.
+    #[arg(long, value_name = "NAME")]
+    pub field: Option<String>,
+}
+
 /// `fleetq watch`.
 #[derive(Debug, Args)]
 pub struct WatchArgs {
@@ -239,14 +267,15 @@ pub enum NodeAction {
     },
 }
 
-/// `fleetq dead`.
+/// `fleetq dead`. Both parts are optional for clap, so that a command line missing one gets
+/// a message naming the subcommands with an example, not a bare usage error.
 #[derive(Debug, Args)]
 pub struct DeadArgs {
     /// Queue name.
-    pub queue: String,
+    pub queue: Option<String>,
     /// What to do.
     #[command(subcommand)]
-    pub action: DeadAction,
+    pub action: Option<DeadAction>,
 }
 
 /// Dead-letter actions.
@@ -278,9 +307,9 @@ pub enum DeadAction {
 /// `fleetq functions`.
 #[derive(Debug, Args)]
 pub struct FunctionsArgs {
-    /// What to do.
+    /// What to do (without it, a message naming the subcommands).
     #[command(subcommand)]
-    pub action: FunctionsAction,
+    pub action: Option<FunctionsAction>,
 }
 
 /// Function library actions.
@@ -290,6 +319,10 @@ pub enum FunctionsAction {
     Load,
     /// Show the server's library version against this build's.
     Status,
+    /// Print the library text this build loads, for FUNCTION LOAD from any client.
+    ///
+    /// The version is filled in, as the broker loads it; needs no Redis.
+    Dump,
 }
 
 /// `fleetq top`.
@@ -298,7 +331,7 @@ pub struct TopArgs {
     /// Refresh interval, ms.
     #[arg(long, default_value_t = 1000)]
     pub interval_ms: u64,
-    /// Stop after this many refreshes (default: until Ctrl-C).
+    /// Stop after this many refreshes (default: until Ctrl-C; with --json, one).
     #[arg(long)]
     pub iterations: Option<u64>,
 }

@@ -1,5 +1,5 @@
-//! The everyday commands: enqueue, status, watch, queues, nodes, dead letters, the function
-//! library, top.
+//! The everyday commands: enqueue, status, watch, cancel, queues, nodes, dead letters, the
+//! function library, partitions, top.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -12,11 +12,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
 use crate::args::{
-    Cli, Command, DeadAction, DeadArgs, EnqueueArgs, FunctionsAction, JobArgs, NodeAction, TopArgs,
-    WatchArgs,
+    Cli, Command, DeadAction, DeadArgs, EnqueueArgs, FunctionsAction, JobArgs, NodeAction,
+    StatusArgs, TopArgs, WatchArgs,
 };
 use crate::exit::{self, CliError};
-use crate::output::{human_secs, json, table};
+use crate::output::{human_secs, json, table, utc_time};
 
 /// Runs one command.
 pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
@@ -37,11 +37,84 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             )
             .await
         }
-        Command::Dead(a) => dead(&connect().await?, a, cli.json).await,
-        Command::Functions(a) => functions_cmd(&connect().await?, a.action, cli.json).await,
+        Command::Dead(a) => {
+            let (queue, action) = dead_parts(a)?;
+            dead(&connect().await?, &queue, action, cli.json).await
+        }
+        Command::Functions(a) => match a.action {
+            None => Err(missing_subcommand(
+                "functions",
+                "fleetq functions SUBCOMMAND",
+                &["fleetq functions status", "fleetq functions load"],
+            )),
+            Some(FunctionsAction::Dump) => {
+                dump_functions(cli.json);
+                Ok(())
+            }
+            Some(action) => functions_cmd(&connect().await?, action, cli.json).await,
+        },
         Command::Partitions(a) => partitions_cmd(&connect().await?, a, cli.json).await,
         Command::Cancel(a) => cancel(&connect().await?, a, cli.json).await,
         Command::Top(a) => top(&connect().await?, a, cli.json).await,
+    }
+}
+
+/// The error for a command group given without its subcommand: what it needs, the
+/// subcommands (from the command line's own definition, so the list stays true) and examples.
+fn missing_subcommand(group: &str, usage: &str, examples: &[&str]) -> CliError {
+    use clap::CommandFactory as _;
+    let cli = Cli::command();
+    let subs: Vec<String> = cli
+        .find_subcommand(group)
+        .map(|c| {
+            c.get_subcommands()
+                .filter(|s| s.get_name() != "help")
+                .map(|s| {
+                    let about = s.get_about().map(ToString::to_string).unwrap_or_default();
+                    format!("  {:<8} {about}", s.get_name())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    CliError::new(
+        exit::USAGE,
+        format!(
+            "`fleetq {group}` needs a subcommand: {usage}, one of\n{}\nExamples:\n  {}\nMore in `fleetq {group} --help`.",
+            subs.join("\n"),
+            examples.join("\n  ")
+        ),
+    )
+}
+
+/// The queue and the action of `fleetq dead`, or a message naming what is missing.
+fn dead_parts(a: DeadArgs) -> Result<(String, DeadAction), CliError> {
+    const EXAMPLES: &[&str] = &[
+        "fleetq dead images list",
+        "fleetq dead images show 1795404558999-0",
+        "fleetq dead images retry 1795404558999-0",
+    ];
+    match (a.queue, a.action) {
+        (Some(q), Some(action)) => Ok((q, action)),
+        (None, Some(_)) => Err(CliError::new(
+            exit::USAGE,
+            "`fleetq dead` needs the queue before the subcommand, e.g. `fleetq dead images list`; `fleetq queues` lists the queues",
+        )),
+        (Some(q), None) if ["list", "show", "retry", "purge"].contains(&q.as_str()) => {
+            Err(CliError::new(
+                exit::USAGE,
+                format!("`fleetq dead {q}` needs the queue first: `fleetq dead QUEUE {q}`, e.g. `fleetq dead images {q}`; `fleetq queues` lists the queues"),
+            ))
+        }
+        (Some(q), None) => Err(missing_subcommand(
+            "dead",
+            &format!("fleetq dead {q} SUBCOMMAND"),
+            EXAMPLES,
+        )),
+        (None, None) => Err(missing_subcommand(
+            "dead",
+            "fleetq dead QUEUE SUBCOMMAND",
+            EXAMPLES,
+        )),
     }
 }
 
@@ -151,32 +224,195 @@ async fn enqueue(redis: &Redis, a: EnqueueArgs, as_json: bool) -> Result<(), Cli
     finish(&st, as_json)
 }
 
-/// Prints a final status and maps it to the exit code.
+/// Prints a final status and how the job ended, and maps it to the exit code.
 fn finish(st: &JobStatus, as_json: bool) -> Result<(), CliError> {
     if as_json {
-        json(st);
+        json(&status_json(st, None));
     } else {
-        print_status(st);
+        print_status(st, None, 0);
     }
     if st.state == JobState::Succeeded {
+        if !as_json {
+            let ran = match (st.fields.get("started_ms"), st.fields.get("ended_ms")) {
+                (Some(s), Some(e)) => match (s.parse::<u64>(), e.parse::<u64>()) {
+                    (Ok(s), Ok(e)) => {
+                        format!(" in {}", human_secs(e.saturating_sub(s) as f64 / 1000.0))
+                    }
+                    _ => String::new(),
+                },
+                _ => String::new(),
+            };
+            println!(
+                "job {} succeeded on {} at attempt {}{ran}",
+                st.id,
+                st.node.as_deref().unwrap_or("?"),
+                st.attempts
+            );
+        }
         Ok(())
     } else {
-        Err(CliError::new(
-            exit::JOB_NOT_SUCCEEDED,
-            format!(
-                "job {} ended {}{}",
-                st.id,
-                st.state,
-                st.error
-                    .as_deref()
-                    .map(|e| format!(": {e}"))
-                    .unwrap_or_default()
-            ),
-        ))
+        Err(CliError::new(exit::JOB_NOT_SUCCEEDED, ended_because(st)))
     }
 }
 
-fn print_status(st: &JobStatus) {
+/// How a job that did not succeed ended, and why: its state, reason, timeout and error.
+fn ended_because(st: &JobStatus) -> String {
+    let mut why = Vec::new();
+    if let Some(r) = st.fields.get("reason").filter(|r| !r.is_empty()) {
+        why.push(format!("reason {r}"));
+    }
+    if let Some(t) = st.fields.get("timeout").filter(|t| !t.is_empty()) {
+        why.push(format!("{t} timeout"));
+    }
+    let why = if why.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", why.join(", "))
+    };
+    let after = match st.attempts {
+        0 => " without running".to_owned(),
+        1 => " after 1 attempt".to_owned(),
+        n => format!(" after {n} attempts"),
+    };
+    let error = st
+        .error
+        .as_deref()
+        .filter(|e| !e.is_empty())
+        .map(|e| format!(": {e}"))
+        .unwrap_or_default();
+    format!("job {} ended {}{why}{after}{error}", st.id, st.state)
+}
+
+/// Whether a job in `state` has a worker holding it (whose node's pid and host apply).
+fn held(state: JobState) -> bool {
+    matches!(
+        state,
+        JobState::Taken | JobState::Running | JobState::Cancelling
+    )
+}
+
+/// The record of the node running job `st`, when it runs.
+async fn running_node(
+    redis: &Redis,
+    st: &JobStatus,
+) -> Result<Option<nodes::NodeRecord>, CliError> {
+    match st.node.as_deref() {
+        Some(node) if held(st.state) => Ok(nodes::get(redis, node).await?),
+        _ => Ok(None),
+    }
+}
+
+fn ms_field(st: &JobStatus, key: &str) -> Option<u64> {
+    st.fields.get(key).and_then(|v| v.parse().ok())
+}
+
+/// The job's attempts, oldest first: the records of its `history` (protocol §14), then the
+/// current attempt while one runs, or the one attempt of a job that succeeded at once (which
+/// writes no record). Each is an object with `attempt`, `node`, `outcome` and, when known,
+/// `timeout`, `stage`, `started_ms`, `ended_ms`, `elapsed_ms`, `error`.
+fn attempts_of(st: &JobStatus) -> Vec<Value> {
+    let mut list: Vec<Value> = st
+        .fields
+        .get("history")
+        .and_then(|h| serde_json::from_str::<Value>(h).ok())
+        .and_then(|v| match v {
+            Value::Array(a) => Some(a),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let recorded = |n: u64| list.iter().any(|r| r["attempt"].as_u64() == Some(n));
+    let node = st.node.clone().unwrap_or_default();
+    let started = ms_field(st, "attempt_started_ms").or_else(|| ms_field(st, "started_ms"));
+    let current = match st.state {
+        JobState::Running | JobState::Cancelling => Some((u64::from(st.attempts), "running")),
+        JobState::Taken => Some((u64::from(st.attempts) + 1, "taken")),
+        JobState::Succeeded => Some((u64::from(st.attempts), "succeeded")),
+        _ => None,
+    };
+    if let Some((n, outcome)) = current.filter(|(n, _)| *n > 0 && !recorded(*n)) {
+        let mut rec = serde_json::json!({"attempt": n, "node": node, "outcome": outcome});
+        if let Some(s) = started.filter(|_| outcome != "taken") {
+            rec["started_ms"] = s.into();
+        }
+        if let Some(e) = ms_field(st, "ended_ms").filter(|_| outcome == "succeeded") {
+            rec["ended_ms"] = e.into();
+        }
+        list.push(rec);
+    }
+    list
+}
+
+/// One line for a person about one attempt (an element of [`attempts_of`]); `now_ms` (server
+/// clock) for the time a running attempt has run, 0 when unknown.
+fn attempt_line(rec: &Value, now_ms: u64) -> String {
+    let text = |k: &str| rec[k].as_str().filter(|s| !s.is_empty());
+    let num = |k: &str| rec[k].as_u64();
+    let outcome = text("outcome").unwrap_or("?");
+    let mut line = format!(
+        "#{} on {}: {outcome}",
+        num("attempt").map_or_else(|| "?".to_owned(), |n| n.to_string()),
+        text("node").unwrap_or("?")
+    );
+    if let Some(kind) = text("timeout") {
+        line.push_str(&format!(" ({kind} timeout"));
+        if let Some(stage) = text("stage") {
+            line.push_str(&format!(", in stage {stage}"));
+        }
+        line.push(')');
+    } else if let Some(stage) = text("stage") {
+        line.push_str(&format!(" (stage {stage})"));
+    }
+    match (num("started_ms"), num("ended_ms")) {
+        (Some(s), Some(e)) => line.push_str(&format!(
+            ", started {}, ended after {}",
+            utc_time(s),
+            human_secs(num("elapsed_ms").unwrap_or(e.saturating_sub(s)) as f64 / 1000.0)
+        )),
+        (Some(s), None) if now_ms > 0 => line.push_str(&format!(
+            ", started {}, running for {}",
+            utc_time(s),
+            human_secs(now_ms.saturating_sub(s) as f64 / 1000.0)
+        )),
+        (Some(s), None) => line.push_str(&format!(", started {}", utc_time(s))),
+        (None, Some(e)) => line.push_str(&format!(", never started, ended {}", utc_time(e))),
+        (None, None) => {}
+    }
+    if let Some(err) = text("error") {
+        let mut short: String = err.chars().take(120).collect();
+        if short.len() < err.len() {
+            short.push('…');
+        }
+        line.push_str(&format!(": {short}"));
+    }
+    line
+}
+
+/// The `--json` document of a status: the [`JobStatus`] keys, with `history` as an array of
+/// attempt objects ([`attempts_of`]) instead of the JSON text in `fields`, and `pid`, `host`
+/// and `consumer` of the node running the job when it runs.
+fn status_json(st: &JobStatus, node: Option<&nodes::NodeRecord>) -> Value {
+    let mut doc = serde_json::to_value(st).unwrap_or_else(|_| serde_json::json!({"id": st.id}));
+    if let Some(obj) = doc.as_object_mut() {
+        if let Some(fields) = obj.get_mut("fields").and_then(Value::as_object_mut) {
+            fields.remove("history");
+        }
+        obj.insert("history".into(), Value::Array(attempts_of(st)));
+        if let Some(n) = node {
+            if let Some(pid) = n.pid() {
+                obj.insert("pid".into(), pid.into());
+            }
+            if let Some(host) = n.host() {
+                obj.insert("host".into(), host.into());
+            }
+            if let Some(c) = n.consumer() {
+                obj.insert("consumer".into(), c.into());
+            }
+        }
+    }
+    doc
+}
+
+fn print_status(st: &JobStatus, node: Option<&nodes::NodeRecord>, now_ms: u64) {
     let mut t = table(&["field", "value"]);
     t.add_row(vec!["job".to_owned(), st.id.clone()]);
     t.add_row(vec!["state".to_owned(), st.state.to_string()]);
@@ -186,6 +422,14 @@ fn print_status(st: &JobStatus) {
     t.add_row(vec!["attempts".to_owned(), st.attempts.to_string()]);
     if !st.nodes.is_empty() {
         t.add_row(vec!["nodes".to_owned(), st.nodes.join(" → ")]);
+    }
+    if let Some(n) = node {
+        if let Some(pid) = n.pid() {
+            t.add_row(vec!["pid".to_owned(), pid.to_string()]);
+        }
+        if let Some(host) = n.host() {
+            t.add_row(vec!["host".to_owned(), host.to_owned()]);
+        }
     }
     if let Some(p) = &st.progress {
         t.add_row(vec!["progress".to_owned(), p.to_string()]);
@@ -215,6 +459,13 @@ fn print_status(st: &JobStatus) {
         ]);
     }
     println!("{t}");
+    let attempts = attempts_of(st);
+    if !attempts.is_empty() {
+        println!("attempts:");
+        for rec in &attempts {
+            println!("  {}", attempt_line(rec, now_ms));
+        }
+    }
 }
 
 /// Finds the queue of job `id` (the given one, or the only queue that knows it).
@@ -261,30 +512,119 @@ async fn locate(
     }
 }
 
-async fn status(redis: &Redis, a: JobArgs, as_json: bool) -> Result<(), CliError> {
-    let (_, st) = locate(redis, &a.id, a.queue.as_deref()).await?;
+async fn status(redis: &Redis, a: StatusArgs, as_json: bool) -> Result<(), CliError> {
+    let (_, st) = locate(redis, &a.job.id, a.job.queue.as_deref()).await?;
+    let node = running_node(redis, &st).await?;
+    let doc = status_json(&st, node.as_ref());
+    if let Some(name) = &a.field {
+        return print_field(&st, &doc, name, as_json);
+    }
     if as_json {
-        json(&st);
+        json(&doc);
     } else {
-        print_status(&st);
+        let now = if held(st.state) {
+            nodes::server_ms(redis).await?
+        } else {
+            0
+        };
+        print_status(&st, node.as_ref(), now);
+    }
+    Ok(())
+}
+
+/// `status --field NAME`: the field of the status document `doc` (a key of it, else of its
+/// `fields`) on one line — a string as it is, anything else as JSON; with `--json`, as JSON.
+fn print_field(st: &JobStatus, doc: &Value, name: &str, as_json: bool) -> Result<(), CliError> {
+    let found = doc
+        .get(name)
+        .or_else(|| doc.get("fields").and_then(|f| f.get(name)))
+        .filter(|v| !v.is_null());
+    let Some(value) = found else {
+        let mut have: Vec<&str> = doc
+            .as_object()
+            .map(|o| {
+                o.keys()
+                    .filter(|k| *k != "fields")
+                    .map(String::as_str)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(f) = doc.get("fields").and_then(Value::as_object) {
+            have.extend(f.keys().map(String::as_str));
+        }
+        have.sort_unstable();
+        let running = if matches!(name, "pid" | "host" | "consumer") && !held(st.state) {
+            " (pid, host and consumer are there only while a worker holds the job)".to_owned()
+        } else {
+            String::new()
+        };
+        return Err(CliError::new(
+            exit::NOT_FOUND,
+            format!(
+                "job {} ({}) has no field {name:?}{running}; it has: {}",
+                st.id,
+                st.state,
+                have.join(", ")
+            ),
+        ));
+    };
+    match value {
+        Value::String(s) if !as_json => println!("{s}"),
+        other => println!("{other}"),
     }
     Ok(())
 }
 
 async fn cancel(redis: &Redis, a: JobArgs, as_json: bool) -> Result<(), CliError> {
-    let (p, _) = locate(redis, &a.id, a.queue.as_deref()).await?;
-    let state = p.cancel(&a.id).await?;
-    if as_json {
-        json(&serde_json::json!({"id": a.id, "queue": p.keys().name(), "state": state}));
+    let (p, before) = match locate(redis, &a.id, a.queue.as_deref()).await {
+        Ok(found) => found,
+        Err(e) if e.code == exit::NOT_FOUND && as_json => {
+            json(&serde_json::json!({
+                "id": a.id, "queue": a.queue, "state": JobState::NotFound, "outcome": "not_found",
+            }));
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
+    let queue = p.keys().name().to_owned();
+    let state = if before.state.is_terminal() {
+        before.state
     } else {
-        let what = match state {
-            JobState::Cancelled => "cancelled: it will not run",
-            JobState::Cancelling => {
-                "cancelling: its worker stops it at the next lease renewal (see `fleetq status`)"
+        p.cancel(&a.id).await?
+    };
+    let node = before.node.as_deref().unwrap_or("its node");
+    let (outcome, what) = match state {
+        _ if before.state.is_terminal() => (
+            "already_ended",
+            format!("already ended as {state}; nothing to cancel"),
+        ),
+        JobState::Cancelled => (
+            "cancelled",
+            format!("cancelled while {}; it will not run", before.state),
+        ),
+        JobState::Cancelling => (
+            "cancelling",
+            format!("asked the worker on {node} to stop it (at its next lease renewal; `fleetq watch {}` follows it to `cancelled`)", a.id),
+        ),
+        JobState::NotFound => {
+            let e = CliError::new(
+                exit::NOT_FOUND,
+                format!("job {:?} in queue {queue} is gone (it ended longer ago than its retention)", a.id),
+            );
+            if as_json {
+                json(&serde_json::json!({"id": a.id, "queue": queue, "state": state, "outcome": "not_found"}));
             }
-            _ => "already ended; nothing to cancel",
-        };
-        println!("job {} in queue {}: {what}", a.id, p.keys().name());
+            return Err(e);
+        }
+        other => (
+            "already_ended",
+            format!("already ended as {other}; nothing to cancel"),
+        ),
+    };
+    if as_json {
+        json(&serde_json::json!({"id": a.id, "queue": queue, "state": state, "outcome": outcome}));
+    } else {
+        println!("job {} in queue {queue}: {what}", a.id);
     }
     Ok(())
 }
@@ -330,17 +670,15 @@ async fn follow(
 ) -> Result<JobStatus, CliError> {
     let pb = if bar {
         let pb = ProgressBar::new(0);
-        pb.set_style(
-            ProgressStyle::with_template("{spinner} {msg:40} [{bar:30}] {pos}/{len} {elapsed}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
+        pb.set_style(bar_style(SPINNER));
         pb.enable_steady_tick(Duration::from_millis(120));
         pb.set_message("waiting");
         Some(pb)
     } else {
         None
     };
+    // Whether the bar shows steps (a progress report with a total came for this attempt).
+    let mut steps = false;
     let deadline = Instant::now() + timeout;
     let mut conn = redis
         .blocking_conn(&keys.events(), Duration::from_secs(2))
@@ -370,11 +708,14 @@ async fn follow(
                     continue;
                 }
                 let kind = f.get("type").map(String::as_str).unwrap_or("");
+                let field = |k: &str| f.get(k).map(String::as_str).filter(|v| !v.is_empty());
                 if let Some(pb) = &pb {
                     match kind {
                         "started" | "taken" => pb.set_message(format!(
-                            "{kind} on {}",
-                            f.get("node").map_or("?", String::as_str)
+                            "{kind} on {}{}",
+                            field("node").unwrap_or("?"),
+                            field("attempt")
+                                .map_or_else(String::new, |n| format!(" (attempt {n})"))
                         )),
                         "progress" => {
                             if let Some(prog) = f
@@ -384,6 +725,10 @@ async fn follow(
                                 if let (Some(step), Some(total)) =
                                     (prog["step"].as_u64(), prog["total"].as_u64())
                                 {
+                                    if !steps {
+                                        pb.set_style(bar_style(BAR));
+                                        steps = true;
+                                    }
                                     pb.set_length(total);
                                     pb.set_position(step);
                                 }
@@ -392,15 +737,44 @@ async fn follow(
                                 }
                             }
                         }
-                        "retrying" => pb.set_message(format!(
-                            "retrying ({})",
-                            f.get("error").map_or("", String::as_str)
-                        )),
-                        "timeout" => pb.set_message(format!(
-                            "{} timeout on {}",
-                            f.get("kind").map_or("?", String::as_str),
-                            f.get("node").map_or("?", String::as_str)
-                        )),
+                        // A failed attempt that goes back for another; one ended by a
+                        // timeout is told by the `timeout` event that follows.
+                        "retrying" if field("timeout").is_none() => {
+                            let st = p.status(id).await?;
+                            let node = field("node").unwrap_or("?");
+                            let n = last_attempt(&st, node, None);
+                            let line = format!(
+                                "attempt {n} failed on {node}: {}",
+                                field("error").unwrap_or("no error given")
+                            );
+                            next_attempt(pb, &mut steps, &st, n, true, line);
+                        }
+                        "timeout" => {
+                            let st = p.status(id).await?;
+                            let node = field("node").unwrap_or("?");
+                            let kind = field("kind").unwrap_or("?");
+                            let n = last_attempt(&st, node, Some(kind));
+                            let stage = field("stage")
+                                .map_or_else(String::new, |s| format!(" in stage {s}"));
+                            let started = attempt_started(&st, n);
+                            let line = format!("attempt {n} timed out ({kind}) on {node}{stage}");
+                            next_attempt(pb, &mut steps, &st, n, started, line);
+                        }
+                        "released" => {
+                            let st = p.status(id).await?;
+                            let why = field("reason").unwrap_or("handed back");
+                            let line = format!(
+                                "the attempt on {} was released ({why})",
+                                field("node").unwrap_or("a node whose process is gone")
+                            );
+                            let n = u64::from(st.attempts) + 1;
+                            next_attempt(pb, &mut steps, &st, n, false, line);
+                        }
+                        "cancelling" => pb.suspend(|| {
+                            eprintln!(
+                                "cancel asked: the worker stops the job at its next lease renewal"
+                            );
+                        }),
                         _ => {}
                     }
                 }
@@ -421,6 +795,72 @@ async fn follow(
             return Ok(st);
         }
     }
+}
+
+/// The bar's look until a progress report with a total arrives: a spinner and the message
+/// (a bar of length 0 is drawn full, as if the job were done).
+const SPINNER: &str = "{spinner} {msg} {elapsed}";
+/// The bar's look once the attempt reports steps.
+const BAR: &str = "{spinner} {msg:40} [{bar:30}] {pos}/{len} {elapsed}";
+
+fn bar_style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_spinner())
+        .progress_chars("=> ")
+}
+
+/// The number of the attempt on `node` that just ended (by a timeout of `kind`, or a
+/// failure): its record in the job's history, else the attempts counted.
+fn last_attempt(st: &JobStatus, node: &str, kind: Option<&str>) -> u64 {
+    attempts_of(st)
+        .iter()
+        .rev()
+        .find(|r| {
+            r["node"].as_str() == Some(node)
+                && match kind {
+                    Some(k) => r["outcome"] == "timeout" && r["timeout"].as_str() == Some(k),
+                    None => r["outcome"] == "failed",
+                }
+        })
+        .and_then(|r| r["attempt"].as_u64())
+        .unwrap_or_else(|| u64::from(st.attempts).max(1))
+}
+
+/// Whether attempt `n` had started (a delivery that never started runs the same attempt
+/// number again).
+fn attempt_started(st: &JobStatus, n: u64) -> bool {
+    attempts_of(st)
+        .iter()
+        .rev()
+        .find(|r| r["attempt"].as_u64() == Some(n))
+        .is_none_or(|r| r.get("started_ms").is_some_and(|v| !v.is_null()))
+}
+
+/// Says `line` above the bar and, unless the job has ended, which attempt comes next; the
+/// bar goes back to a spinner for it (the steps were the old attempt's).
+fn next_attempt(
+    pb: &ProgressBar,
+    steps: &mut bool,
+    st: &JobStatus,
+    n: u64,
+    started: bool,
+    line: String,
+) {
+    if st.state.is_terminal() || st.state == JobState::NotFound {
+        pb.suspend(|| eprintln!("{line}"));
+        return;
+    }
+    let next = if started {
+        format!("waiting for attempt {}", n + 1)
+    } else {
+        format!("waiting to run attempt {n} again")
+    };
+    pb.suspend(|| eprintln!("{line}; {next}"));
+    pb.set_style(bar_style(SPINNER));
+    pb.set_length(0);
+    pb.set_position(0);
+    *steps = false;
+    pb.set_message(next);
 }
 
 async fn queue_states(redis: &Redis) -> Result<Vec<QueueState>, CliError> {
@@ -478,6 +918,9 @@ fn nodes_table(fleet: &[nodes::NodeRecord], now_ms: u64) -> comfy_table::Table {
         "state",
         "slots",
         "busy",
+        "pid",
+        "host",
+        "consumer",
         "last seen",
         "failure streak",
         "queues",
@@ -498,6 +941,9 @@ fn nodes_table(fleet: &[nodes::NodeRecord], now_ms: u64) -> comfy_table::Table {
             state,
             n.slots().to_string(),
             n.busy().to_string(),
+            n.pid().map_or_else(|| "-".to_owned(), |p| p.to_string()),
+            n.host().unwrap_or("-").to_owned(),
+            n.consumer().unwrap_or("-").to_owned(),
             format!(
                 "{} ago",
                 human_secs(now_ms.saturating_sub(n.last_seen_ms()) as f64 / 1000.0)
@@ -510,13 +956,34 @@ fn nodes_table(fleet: &[nodes::NodeRecord], now_ms: u64) -> comfy_table::Table {
     t
 }
 
+/// The `--json` form of the fleet: each record's `node` and `fields`, with `pid`, `host` and
+/// `consumers` (its consumer name, as a list) drawn out of them.
+fn nodes_json(fleet: &[nodes::NodeRecord]) -> Vec<Value> {
+    fleet
+        .iter()
+        .map(|n| {
+            let mut v =
+                serde_json::to_value(n).unwrap_or_else(|_| serde_json::json!({"node": n.node}));
+            if let Some(obj) = v.as_object_mut() {
+                obj.insert("pid".into(), n.pid().map_or(Value::Null, Value::from));
+                obj.insert("host".into(), n.host().map_or(Value::Null, Value::from));
+                obj.insert(
+                    "consumers".into(),
+                    n.consumer().into_iter().map(Value::from).collect(),
+                );
+            }
+            v
+        })
+        .collect()
+}
+
 async fn nodes_cmd(redis: &Redis, action: NodeAction, as_json: bool) -> Result<(), CliError> {
     match action {
         NodeAction::List => {
             let fleet = nodes::list(redis).await?;
             let now = nodes::server_ms(redis).await?;
             if as_json {
-                json(&fleet);
+                json(&nodes_json(&fleet));
             } else if fleet.is_empty() {
                 println!("no live nodes; start one with `fleetq-worker --queue QUEUE`");
             } else {
@@ -566,9 +1033,14 @@ fn report(as_json: bool, value: &Value, text: &str) {
     }
 }
 
-async fn dead(redis: &Redis, a: DeadArgs, as_json: bool) -> Result<(), CliError> {
-    let keys = existing_queue(redis, &a.queue).await?;
-    match a.action {
+async fn dead(
+    redis: &Redis,
+    queue: &str,
+    action: DeadAction,
+    as_json: bool,
+) -> Result<(), CliError> {
+    let keys = existing_queue(redis, queue).await?;
+    match action {
         DeadAction::List { count } => {
             let list = inspect::dead_letters(redis, &keys, "-", count).await?;
             if as_json {
@@ -576,7 +1048,7 @@ async fn dead(redis: &Redis, a: DeadArgs, as_json: bool) -> Result<(), CliError>
                 return Ok(());
             }
             if list.is_empty() {
-                println!("no dead letters in {}", a.queue);
+                println!("no dead letters in {}", queue);
                 return Ok(());
             }
             let now = nodes::server_ms(redis).await?;
@@ -611,7 +1083,7 @@ async fn dead(redis: &Redis, a: DeadArgs, as_json: bool) -> Result<(), CliError>
                     exit::NOT_FOUND,
                     format!(
                         "no dead letter {dead_id} in {}; `fleetq dead {} list` shows them",
-                        a.queue, a.queue
+                        queue, queue
                     ),
                 ));
             };
@@ -638,14 +1110,14 @@ async fn dead(redis: &Redis, a: DeadArgs, as_json: bool) -> Result<(), CliError>
             Some(job) => {
                 report(
                     as_json,
-                    &serde_json::json!({"job": job, "queue": a.queue}),
-                    &format!("job {job} is back in line on {}", a.queue),
+                    &serde_json::json!({"job": job, "queue": queue}),
+                    &format!("job {job} is back in line on {}", queue),
                 );
                 Ok(())
             }
             None => Err(CliError::new(
                 exit::NOT_FOUND,
-                format!("no dead letter {dead_id} in {}", a.queue),
+                format!("no dead letter {dead_id} in {}", queue),
             )),
         },
         DeadAction::Purge { dead_id } => {
@@ -654,20 +1126,20 @@ async fn dead(redis: &Redis, a: DeadArgs, as_json: bool) -> Result<(), CliError>
             if dead_id.is_some() && n == 0 {
                 return Err(CliError::new(
                     exit::NOT_FOUND,
-                    format!("no dead letter {} in {}", ids[0], a.queue),
+                    format!("no dead letter {} in {}", ids[0], queue),
                 ));
             }
             report(
                 as_json,
                 &serde_json::json!({"purged": n}),
-                &format!("purged {n} dead letter(s) from {}", a.queue),
+                &format!("purged {n} dead letter(s) from {}", queue),
             );
             Ok(())
         }
     }
 }
 
-/// `fleetq functions load|status`.
+/// `fleetq partitions`.
 async fn partitions_cmd(
     redis: &Redis,
     a: crate::args::PartitionsArgs,
@@ -698,6 +1170,20 @@ async fn partitions_cmd(
     Ok(())
 }
 
+/// `fleetq functions dump`: the library text [`functions::library_source`] gives
+/// `FUNCTION LOAD` (with `--json`, with its version).
+fn dump_functions(as_json: bool) {
+    let source = functions::library_source();
+    if as_json {
+        json(&serde_json::json!({"version": functions::library_version(), "source": source}));
+    } else {
+        use std::io::Write as _;
+        // A closed pipe (`| head`) is the reader's choice, not an error.
+        let _ = std::io::stdout().write_all(source.as_bytes());
+    }
+}
+
+/// `fleetq functions load|status`.
 async fn functions_cmd(
     redis: &Redis,
     action: FunctionsAction,
@@ -758,7 +1244,7 @@ async fn functions_cmd(
             (FunctionsAction::Load, false) => {
                 println!("nothing to load: the server's library is {state}")
             }
-            (FunctionsAction::Status, _) => {}
+            (FunctionsAction::Status | FunctionsAction::Dump, _) => {}
         }
     }
     match after.problem() {
@@ -774,9 +1260,11 @@ async fn top(redis: &Redis, a: TopArgs, as_json: bool) -> Result<(), CliError> {
         let fleet = nodes::list(redis).await?;
         let now = nodes::server_ms(redis).await?;
         if as_json {
-            // One object per line (JSON lines), no screen codes.
-            let doc = serde_json::json!({"queues": states, "nodes": fleet, "server_ms": now});
-            println!("{doc}");
+            // One snapshot, one document, no screen codes.
+            json(
+                &serde_json::json!({"queues": states, "nodes": nodes_json(&fleet), "server_ms": now}),
+            );
+            return Ok(());
         } else {
             // Clear the screen and draw from the top.
             print!("\x1b[2J\x1b[H");

@@ -38,9 +38,36 @@ pub fn human_secs(secs: f64) -> String {
     }
 }
 
+/// A time (ms since the epoch) for people, in UTC: `2026-12-03 12:07:49.120 UTC`.
+pub fn utc_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    // Days since 1970-01-01 to a civil date (H. Hinnant's algorithm).
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {h:02}:{m:02}:{s:02}.{:03} UTC",
+        ms % 1000
+    )
+}
+
 #[cfg(test)]
 mod tests {
-    use super::human_secs;
+    use super::{human_secs, utc_time};
+
+    #[test]
+    fn times_read_as_utc_dates() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00.000 UTC");
+        assert_eq!(utc_time(1_718_000_000_120), "2024-06-10 06:13:20.120 UTC");
+        assert_eq!(utc_time(951_782_400_000), "2000-02-29 00:00:00.000 UTC");
+    }
 
     #[test]
     fn durations_read_well() {

@@ -281,6 +281,10 @@ fn beat_command(
         .arg(env!("CARGO_PKG_VERSION"))
         .arg("consumer")
         .arg(&node.consumer)
+        .arg("pid")
+        .arg(std::process::id())
+        .arg("host")
+        .arg(host_name())
         .arg("started_ms")
         .arg(started_ms)
         .arg("suspended_until")
@@ -293,6 +297,20 @@ fn beat_command(
                 .map_or_else(String::new, |a| a.to_string()),
         );
     cmd
+}
+
+/// This machine's host name, for the record (an operator finds the process by pid and
+/// host): the kernel's (`/proc/sys/kernel/hostname`), else `HOSTNAME`, else empty.
+fn host_name() -> &'static str {
+    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok().map(|h| h.trim().to_owned()))
+            .unwrap_or_default()
+    })
 }
 
 /// Carries out the operator command the heartbeat returned: `resume`, `suspend:<until ms>`,

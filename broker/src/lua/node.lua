@@ -7,7 +7,8 @@
 -- KEYS[1]  the node's record, fleetq:node:<node> (not a queue key: it has no hash tag)
 -- ARGV[1]  time to live in ms (the record disappears when the worker stops renewing it);
 --          stored as `ttl_ms`
--- ARGV[2…] field/value pairs to set (slots, busy, version, queues, suspended_until, …)
+-- ARGV[2…] field/value pairs to set (node, queues, slots, busy, version, consumer, pid, host,
+--          started_ms, suspended_until, failure_streak, metrics_addr; docs/protocol.md §16)
 -- Reply    the operator's pending command for this node, or '' — 'suspend:<until_ms>' or
 --          'resume' — which the call clears (the worker applies it).
 --

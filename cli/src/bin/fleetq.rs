@@ -1,5 +1,5 @@
-//! `fleetq`: the command line. Parses the command, sets up logging (warnings only unless
-//! RUST_LOG says otherwise) and runs it; errors print one line and map to the exit codes listed
+//! `fleetq`: the command line. Parses the command, sets up logging (errors only unless
+//! RUST_LOG says otherwise; on stderr, coloured only when it is a terminal) and runs it; errors print one line and map to the exit codes listed
 //! in `fleetq --help`.
 
 use clap::Parser;
@@ -14,6 +14,7 @@ async fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| "error".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(fleetq_broker::flags::stderr_is_terminal())
         .init();
     match fleetq_cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
