@@ -7,7 +7,7 @@ use std::time::Duration;
 #[non_exhaustive]
 pub enum Error {
     /// The Redis server could not be reached.
-    #[error("cannot connect to Redis at {url}: {source}. Check that redis-server is running there (start one with `redis-server --port 6379`) or set REDIS_URL")]
+    #[error("cannot connect to Redis at {url}: {source}. Check that a Redis server listens at that address (start one with `redis-server --port PORT`, PORT from the URL) or set REDIS_URL (or --redis-url) to where one does")]
     Connect {
         /// The URL with any password replaced by `***`.
         url: String,

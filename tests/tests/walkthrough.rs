@@ -149,12 +149,18 @@ fn every_walkthrough_line_works_as_written() {
         nodes == ["gpu-1", "gpu-2"] || nodes == ["gpu-2", "gpu-1"],
         "{record:?}\n{all}"
     );
-    // Step 8: `top --json` printed one JSON document (a line that parses).
-    assert!(
-        out.lines()
-            .any(|l| l.starts_with('{') && serde_json::from_str::<serde_json::Value>(l).is_ok()),
-        "no JSON document from `fleetq top --json`:\n{all}"
-    );
+    // Step 8: `top --json` printed one JSON document, with the one node left.
+    let top: serde_json::Value = out
+        .match_indices("\n{")
+        .find_map(|(at, _)| {
+            serde_json::Deserializer::from_str(&out[at..])
+                .into_iter::<serde_json::Value>()
+                .next()?
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no JSON document from `fleetq top --json`:\n{all}"));
+    let nodes = top["nodes"].as_array().map(Vec::len);
+    assert_eq!(nodes, Some(1), "{top}\n{all}");
     // The metrics line, from the broker on its port.
     assert!(out.contains("fleetq_queue_waiting{"), "{all}");
     // Nothing written into the checkout.
