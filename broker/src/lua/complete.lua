@@ -28,7 +28,8 @@
 -- not; a released one does not.
 --
 -- succeeded/failed/dead/cancelled end the job (its hash then expires after retention_ms);
--- retry puts the job in the delayed set (due now + delay) with its attempts counted, avoiding
+-- retry puts the job in the delayed set (due now + delay; with delay 0 it is re-added to the
+-- stream at once) with its attempts counted, avoiding
 -- this node (and, for a job with a workflow, blocking this node for that workflow) for
 -- failover_cooldown_ms; release gives an unfinished job back at once without counting the
 -- attempt (shutdown).

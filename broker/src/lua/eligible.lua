@@ -2,7 +2,8 @@
 -- and self suspensions, workflow blocks after a failure, and the job's own avoid list.
 
 -- A node is alive while it was seen (fleetq_take, fleetq_renew, fleetq_reclaim) this recently;
--- an idle worker reclaims at least every 10 s, a busy one renews every lease/3.
+-- a busy worker renews every lease/3, a watcher reclaims at least once a lease, and any other
+-- idle worker is entered until its next call (fleetq_reclaim's seen_until).
 local NODE_ALIVE_MS = 30000
 
 -- Note that `node` is alive (called by fleetq_take, fleetq_renew and fleetq_reclaim).

@@ -16,6 +16,8 @@ import os
 import sys
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 TERMINAL = {"succeeded", "failed", "dead", "expired", "cancelled", "not_found"}
 
@@ -62,8 +64,10 @@ def main() -> int:
         print(f"--payload is not valid JSON ({e}); pass e.g. '{{\"prompt\": \"a red fox\"}}'", file=sys.stderr)
         return 3
     url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
-    # The socket timeout must outlast the blocking wait.
-    r = redis.Redis.from_url(url, decode_responses=True, socket_timeout=args.timeout + 5)
+    # The socket timeout must outlast the blocking wait, and retries stay off: redis-py 8
+    # would send a plain XADD again after a late reply, adding the job twice (protocol.md §19).
+    r = redis.Redis.from_url(url, decode_responses=True, socket_timeout=args.timeout + 5,
+                             socket_connect_timeout=5, retry=Retry(NoBackoff(), 0))
     job_id = enqueue(r, args.queue, payload)
     try:
         st = wait(r, args.queue, job_id, args.timeout)
