@@ -254,7 +254,7 @@ async fn demo(redis_url: Option<String>, opts: Options, log: PathBuf) -> Result<
     let ui = live::Ui::new(
         opts.view,
         &format!(
-            "fleetq demo: {} jobs on queue {queue} · Redis {} · broker http://{}",
+            "fleetq demo: {} jobs on queue {queue}\n  Redis {} · broker http://{}",
             ids.len(),
             redis.url(),
             broker_addr
