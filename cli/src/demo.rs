@@ -3,40 +3,57 @@
 //! A local `redis-server` (unless REDIS_URL is set), a broker, and five simulated GPU nodes
 //! running `sim_gpu.py` children through the process executor: two healthy, one that hangs
 //! mid-job (progress timeout → suspended), one whose child crashes (retried elsewhere →
-//! suspended), and one that dies with jobs in hand (its connections close → the broker puts its jobs back in
-//! line; a frozen one would lose its lease → reclaimed). A burst of
-//! jobs goes in; live bars show each node; the summary proves every job ended exactly once.
+//! suspended), and one whose host dies with a job in hand (its connections close → the broker
+//! puts its jobs back in line; a frozen one would lose its lease → reclaimed). A burst of jobs
+//! goes in; a live view shows each node; the summary tells each incident from the queue's
+//! events and proves every job ended exactly once.
+//!
+//! - [`live`] — what the demo shows while it runs: bars on a terminal, a few plain lines
+//!   otherwise.
+//! - [`story`] — the summary: outcomes, figures, and each incident as it happened.
+//!
+//! The broker and the workers run in-process on a runtime of their own, whose threads log to
+//! a file (named at the end), so that their log lines never share the terminal with the view.
 
-use std::collections::{BTreeMap, HashMap};
+mod live;
+mod story;
+
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use fleetq_broker::metrics::TIMEOUT_KINDS;
 use fleetq_broker::service::BrokerConfig;
 use fleetq_broker::{inspect, JobState, LocalRedis, Producer, QueueConfig, QueueKeys, Redis};
 use fleetq_worker::executor::{ProcessConfig, ProcessExecutor};
 use fleetq_worker::WorkerConfig;
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::args::DemoArgs;
 use crate::exit::{self, CliError};
-use crate::output::{human_secs, json, table};
+use crate::output::json;
+
+pub use story::{
+    Crash, DeadHost, HeldJob, Incidents, Percentiles, Summary, Suspension, TimeoutIncident,
+};
 
 const SIM_GPU: &str = include_str!("../../examples/python/sim_gpu.py");
 const CHILD_HELPER: &str = include_str!("../../examples/python/fleetq_child.py");
 /// The demo gives up after this long.
 const DEMO_LIMIT: Duration = Duration::from_secs(55);
+/// The dying host dies at its job's second progress report (mid-job), or after this long
+/// when none came (a slow machine): then it may hold nothing, and the summary says so.
+const DEATH_AT_THE_LATEST: Duration = Duration::from_secs(10);
+/// What the services log to the demo's log file unless RUST_LOG says otherwise.
+const DEFAULT_LOG_FILTER: &str = "warn,fleetq_broker=info,fleetq_worker=info";
 
 /// One simulated node.
-struct NodeSpec {
-    name: &'static str,
+pub(crate) struct NodeSpec {
+    pub(crate) name: &'static str,
     slots: usize,
     flags: &'static str,
-    role: &'static str,
+    pub(crate) role: &'static str,
 }
 
-const FLEET: &[NodeSpec] = &[
+pub(crate) const FLEET: &[NodeSpec] = &[
     NodeSpec {
         name: "gpu-1",
         slots: 2,
@@ -65,64 +82,105 @@ const FLEET: &[NodeSpec] = &[
         name: "gpu-5",
         slots: 1,
         flags: "--step-ms 400",
-        role: "host dies at 2 s",
+        role: "host dies mid-job",
     },
 ];
-/// The node whose host "dies" (its worker stops dead, renewing nothing).
+/// The node whose host "dies" (its worker stops dead: nothing released, nothing renewed, its
+/// connections closed).
 const DYING: &str = "gpu-5";
 
-/// The summary, as `--json` prints it.
-#[derive(Debug, Serialize)]
-pub struct Summary {
-    /// The queue the demo used.
-    pub queue: String,
-    /// Jobs enqueued.
-    pub jobs: usize,
-    /// Jobs by final state.
-    pub outcomes: BTreeMap<String, usize>,
-    /// Enqueue → start of the successful attempt, ms.
-    pub wait_ms: Percentiles,
-    /// Successful jobs per node.
-    pub per_node: BTreeMap<String, usize>,
-    /// Timeouts by kind.
-    pub timeouts: BTreeMap<String, i64>,
-    /// Entries taken over from dead hosts: reclaimed after a lost lease, or put back in line by
-    /// the broker when the host's connections closed.
-    pub reclaims: i64,
-    /// Attempts retried.
-    pub retries: i64,
-    /// Nodes that suspended themselves.
-    pub suspended_nodes: Vec<String>,
-    /// Every job ended exactly once: one terminal state each, one recorded success per
-    /// succeeded job, and the counters agree.
-    pub exactly_once: bool,
-    /// Wall time of the demo, seconds.
-    pub duration_s: f64,
-}
-
-/// Wait-time percentiles.
-#[derive(Debug, Default, Serialize)]
-pub struct Percentiles {
-    /// Median.
-    pub p50: u64,
-    /// 95th percentile.
-    pub p95: u64,
-}
-
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 /// Runs the demo; `redis_url` is REDIS_URL when set.
+///
+/// Everything runs on a runtime of its own whose threads send their log lines to the demo's
+/// log file: the broker's, the workers' and their children's stderr alike.
 pub async fn run(
     redis_url: Option<String>,
     args: &DemoArgs,
     as_json: bool,
 ) -> Result<(), CliError> {
+    let (log_path, dispatch) = log_file()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("fleetq-demo")
+        .enable_all()
+        .on_thread_start(move || {
+            // The guard lives as long as the thread: every log line of this runtime's tasks
+            // goes to the file.
+            std::mem::forget(tracing::dispatcher::set_default(&dispatch));
+        })
+        .build()
+        .map_err(|e| {
+            CliError::new(
+                exit::BAD_INPUT,
+                format!("cannot start the demo's runtime: {e}"),
+            )
+        })?;
+    let opts = Options {
+        jobs: args.jobs,
+        view: if as_json || args.quiet {
+            live::View::Off
+        } else if live::stdout_is_terminal() {
+            live::View::Bars
+        } else {
+            live::View::Lines
+        },
+        as_json,
+    };
+    let outcome = runtime
+        .spawn(demo(redis_url, opts, log_path.clone()))
+        .await
+        .unwrap_or_else(|e| {
+            Err(CliError::new(
+                exit::BAD_INPUT,
+                format!(
+                    "the demo stopped unexpectedly ({e}); its log is {}",
+                    log_path.display()
+                ),
+            ))
+        });
+    // Whatever is left (connection drivers) ends with the runtime.
+    runtime.shutdown_background();
+    outcome
+}
+
+/// The log file (kept after the demo) and the log dispatcher that writes to it.
+fn log_file() -> Result<(PathBuf, tracing::Dispatch), CliError> {
+    let (file, path) = tempfile::Builder::new()
+        .prefix("fleetq-demo-")
+        .suffix(".log")
+        .tempfile()
+        .and_then(|f| f.keep().map_err(|e| e.error))
+        .map_err(|e| {
+            CliError::new(
+                exit::BAD_INPUT,
+                format!("cannot create the demo's log file in the temporary directory ({e}); set TMPDIR to a writable directory"),
+            )
+        })?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
+        .finish();
+    Ok((path, tracing::Dispatch::new(subscriber)))
+}
+
+/// What the command line asked for.
+struct Options {
+    jobs: usize,
+    view: live::View,
+    as_json: bool,
+}
+
+/// The services the demo starts, to stop them at the end.
+struct Fleet {
+    stop: CancellationToken,
+    broker: tokio::task::JoinHandle<fleetq_broker::Result<()>>,
+    workers: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
+}
+
+async fn demo(redis_url: Option<String>, opts: Options, log: PathBuf) -> Result<(), CliError> {
     let started = Instant::now();
     let (_local, url, queue) = match redis_url {
         Some(url) => {
@@ -169,14 +227,91 @@ pub async fn run(
         backoff_base: Duration::from_millis(100),
         backoff_max: Duration::from_millis(400),
         retention: Duration::from_secs(600),
-        // The live view follows every job through its events.
+        // The live view and the summary follow every job through its events.
         routine_events: true,
         ..QueueConfig::default()
     }
     .store(&mut redis.conn(), &keys)
     .await?;
     let producer = Producer::new(&redis, &queue).await?;
+    let (fleet, broker_addr) = start_fleet(&redis, &queue, dir.path()).await?;
 
+    // The burst.
+    let payloads: Vec<String> = (0..opts.jobs)
+        .map(|i| {
+            serde_json::json!({ "prompt": format!("a red fox, variation {i}"), "seed": i })
+                .to_string()
+        })
+        .collect();
+    let t0_ms = server_ms(&redis, &keys).await?;
+    let ids: Vec<String> = producer
+        .enqueue_batch(&payloads)
+        .await?
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+
+    let ui = live::Ui::new(
+        opts.view,
+        &format!(
+            "fleetq demo: {} jobs on queue {queue}\n  Redis {} · broker http://{}",
+            ids.len(),
+            redis.url(),
+            broker_addr
+        ),
+        ids.len(),
+    );
+    let death = follow(&redis, &keys, &ui, ids.len(), fleet.workers, started).await;
+    let (death, workers) = match death {
+        Ok(v) => v,
+        Err(e) => {
+            fleet.stop.cancel();
+            ui.finish();
+            return Err(e);
+        }
+    };
+    ui.stopping();
+    fleet.stop.cancel();
+    for (_, h) in workers {
+        let _ = h.await;
+    }
+    let _ = fleet.broker.await;
+    ui.finish();
+
+    let summary = story::summarize(
+        &redis,
+        &producer,
+        &keys,
+        &ids,
+        story::Clock {
+            t0_ms,
+            took: started.elapsed(),
+        },
+        death,
+        &log,
+    )
+    .await?;
+    if opts.as_json {
+        json(&summary);
+    } else {
+        story::print(&summary);
+    }
+    let all_ok = summary.outcomes.get("succeeded").copied().unwrap_or(0) == ids.len();
+    if all_ok && summary.exactly_once {
+        Ok(())
+    } else {
+        Err(CliError::new(
+            exit::JOB_NOT_SUCCEEDED,
+            format!(
+                "not every job succeeded exactly once (see the summary; the services' log is {})",
+                log.display()
+            ),
+        ))
+    }
+}
+
+/// Starts the broker and the fleet; answers them and the broker's address.
+async fn start_fleet(redis: &Redis, queue: &str, dir: &Path) -> Result<(Fleet, String), CliError> {
     // The broker: maintenance and metrics, as in production.
     let stop = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -187,11 +322,13 @@ pub async fn run(
                 format!("cannot open a loopback port for the broker: {e}"),
             )
         })?;
-    let broker_addr = listener.local_addr().ok();
+    let broker_addr = listener
+        .local_addr()
+        .map_or_else(|_| "?".into(), |a| a.to_string());
     let broker = {
         let (redis, stop) = (redis.clone(), stop.clone());
         let cfg = BrokerConfig {
-            queues: vec![queue.clone()],
+            queues: vec![queue.to_owned()],
             maintenance_interval: Duration::from_millis(250),
             ..BrokerConfig::default()
         };
@@ -201,10 +338,9 @@ pub async fn run(
         })
     };
 
-    // The fleet.
     let mut workers = Vec::new();
     for spec in FLEET {
-        let mut cfg = WorkerConfig::new(&queue, spec.name);
+        let mut cfg = WorkerConfig::new(queue, spec.name);
         cfg.slots = spec.slots;
         cfg.heartbeat = Duration::from_secs(1);
         cfg.suspend_after = 2;
@@ -213,7 +349,7 @@ pub async fn run(
         cfg.progress_interval = Duration::from_millis(200);
         let command = format!(
             "python3 {} --steps 6 --step-ms 80 {}",
-            dir.path().join("sim_gpu.py").display(),
+            dir.join("sim_gpu.py").display(),
             spec.flags
         );
         let mut pc = ProcessConfig::from_command(&command, spec.slots)
@@ -227,31 +363,33 @@ pub async fn run(
         });
         workers.push((spec.name, handle));
     }
+    Ok((
+        Fleet {
+            stop,
+            broker,
+            workers,
+        },
+        broker_addr,
+    ))
+}
 
-    // The burst.
-    let payloads: Vec<String> = (0..args.jobs)
-        .map(|i| {
-            serde_json::json!({ "prompt": format!("a red fox, variation {i}"), "seed": i })
-                .to_string()
-        })
-        .collect();
-    let ids: Vec<String> = producer
-        .enqueue_batch(&payloads)
-        .await?
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
-
-    let show = !args.quiet && !as_json;
-    let ui = Ui::new(show, &ids);
-    if show {
-        eprintln!(
-            "fleetq demo: {} jobs on queue {queue} · Redis {} · broker http://{}",
-            ids.len(),
-            redis.url(),
-            broker_addr.map_or_else(|| "?".into(), |a| a.to_string())
-        );
-    }
+/// Follows the queue's events into the live view until every job has ended (or the demo's
+/// time is up), killing the dying host mid-job on the way. Answers the death (node and
+/// server time, ms) and the workers still alive.
+async fn follow(
+    redis: &Redis,
+    keys: &QueueKeys,
+    ui: &live::Ui,
+    jobs: usize,
+    mut workers: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
+    started: Instant,
+) -> Result<
+    (
+        Option<story::Death>,
+        Vec<(&'static str, tokio::task::JoinHandle<()>)>,
+    ),
+    CliError,
+> {
     let mut cursor = "0-0".to_owned();
     let mut events_conn = redis
         .blocking_conn(&keys.events(), Duration::from_millis(500))
@@ -261,28 +399,37 @@ pub async fn run(
         .iter()
         .position(|(n, _)| *n == DYING)
         .map(|i| workers.remove(i));
+    let mut dying_reports = 0;
+    let mut death = None;
     loop {
-        if let Some((_, handle)) = &dying {
-            if started.elapsed() > Duration::from_secs(2) {
-                // The host dies with jobs in hand: nothing is released, nothing renewed.
-                handle.abort();
-                ui.node_dead(DYING);
-                dying = None;
-            }
+        let due = dying_reports >= 2 || started.elapsed() > DEATH_AT_THE_LATEST;
+        if let (Some((node, handle)), true) = (&dying, due) {
+            // The host dies with its job in hand: nothing is released, nothing renewed.
+            handle.abort();
+            let at_ms = server_ms(redis, keys).await?;
+            ui.node_dead(node);
+            death = Some(story::Death { node, at_ms });
+            dying = None;
         }
         for (id, fields) in
-            inspect::read_events(&mut events_conn, &keys, &cursor, Duration::from_millis(300))
+            inspect::read_events(&mut events_conn, keys, &cursor, Duration::from_millis(300))
                 .await?
         {
             cursor = id;
+            if dying.is_some()
+                && fields.get("node").map(String::as_str) == Some(DYING)
+                && fields.get("type").map(String::as_str) == Some("progress")
+            {
+                dying_reports += 1;
+            }
             ui.event(&fields);
         }
         if last_depth.elapsed() >= Duration::from_millis(500) {
             last_depth = Instant::now();
-            let st = inspect::queue_state(&redis, &keys).await?;
+            let st = inspect::queue_state(redis, keys).await?;
             ui.depth(&st);
             let ended: i64 = JobState::TERMINAL.iter().map(|t| st.stat(t.name())).sum();
-            if ended >= ids.len() as i64 {
+            if ended >= jobs as i64 {
                 break;
             }
         }
@@ -290,273 +437,22 @@ pub async fn run(
             break;
         }
     }
-    ui.finish();
-    stop.cancel();
-    for (_, h) in workers {
-        let _ = h.await;
+    if let Some((_, handle)) = dying {
+        workers.push((DYING, handle));
     }
-    let _ = broker.await;
-
-    let summary = summarize(&redis, &producer, &keys, &ids, started.elapsed()).await?;
-    if as_json {
-        json(&summary);
-    } else {
-        print_summary(&summary);
-    }
-    let all_ok = summary.outcomes.get("succeeded").copied().unwrap_or(0) == ids.len();
-    if all_ok && summary.exactly_once {
-        Ok(())
-    } else {
-        Err(CliError::new(
-            exit::JOB_NOT_SUCCEEDED,
-            "not every job succeeded exactly once (see the summary)",
-        ))
-    }
+    Ok((death, workers))
 }
 
-async fn summarize(
-    redis: &Redis,
-    p: &Producer,
-    keys: &QueueKeys,
-    ids: &[String],
-    took: Duration,
-) -> Result<Summary, CliError> {
-    let state = inspect::queue_state(redis, keys).await?;
-    let mut outcomes = BTreeMap::new();
-    let mut per_node = BTreeMap::new();
-    let mut waits = Vec::new();
-    let mut succeeded = 0usize;
-    for id in ids {
-        let st = p.status(id).await?;
-        *outcomes.entry(st.state.to_string()).or_insert(0) += 1;
-        if st.state == JobState::Succeeded {
-            succeeded += 1;
-            if let Some(n) = &st.node {
-                *per_node.entry(n.clone()).or_insert(0) += 1;
-            }
-            let ms = |k: &str| st.fields.get(k).and_then(|v| v.parse::<u64>().ok());
-            if let (Some(enq), Some(start)) = (
-                ms("enqueued_ms"),
-                ms("attempt_started_ms").or(ms("started_ms")),
-            ) {
-                waits.push(start.saturating_sub(enq));
-            }
-        }
-    }
-    waits.sort_unstable();
-    // Exactly once: one `succeeded` event per succeeded job, none for the others, and the
-    // counters agree.
-    let events = inspect::events(redis, keys).await?;
-    let mut successes: HashMap<String, usize> = HashMap::new();
-    let mut suspended = Vec::new();
-    for (_, f) in &events {
-        let f: HashMap<&str, &str> = f.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        match f.get("type").copied() {
-            Some("succeeded") => {
-                *successes
-                    .entry(f.get("job").copied().unwrap_or("").to_owned())
-                    .or_insert(0) += 1
-            }
-            Some("node_suspended") => {
-                if let Some(n) = f.get("node") {
-                    if !suspended.contains(&n.to_string()) {
-                        suspended.push((*n).to_owned());
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    let exactly_once = successes.values().all(|n| *n == 1)
-        && successes.len() == succeeded
-        && state.stat("succeeded") == succeeded as i64
-        && outcomes.values().sum::<usize>() == ids.len();
-    let timeouts = TIMEOUT_KINDS
-        .iter()
-        .map(|k| ((*k).to_owned(), state.stat(&format!("timeout:{k}"))))
-        .collect();
-    suspended.sort();
-    Ok(Summary {
-        queue: keys.name().to_owned(),
-        jobs: ids.len(),
-        outcomes,
-        wait_ms: Percentiles {
-            p50: percentile(&waits, 0.5),
-            p95: percentile(&waits, 0.95),
-        },
-        per_node,
-        timeouts,
-        reclaims: state.stat("reclaimed") + state.stat("abandoned"),
-        retries: state.stat("retried"),
-        suspended_nodes: suspended,
-        exactly_once,
-        duration_s: took.as_secs_f64(),
-    })
-}
-
-fn print_summary(s: &Summary) {
-    println!(
-        "\nfleetq demo: {} jobs in {}",
-        s.jobs,
-        human_secs(s.duration_s)
-    );
-    let mut t = table(&["outcome", "jobs"]);
-    for (k, v) in &s.outcomes {
-        t.add_row(vec![k.clone(), v.to_string()]);
-    }
-    println!("{t}");
-    let mut t = table(&["node", "role", "completed", "timeouts / failures"]);
-    for spec in FLEET {
-        let done = s.per_node.get(spec.name).copied().unwrap_or(0);
-        let note = if s.suspended_nodes.iter().any(|n| n == spec.name) {
-            "suspended itself"
-        } else {
-            ""
-        };
-        t.add_row(vec![
-            spec.name.to_owned(),
-            spec.role.to_owned(),
-            done.to_string(),
-            note.to_owned(),
-        ]);
-    }
-    println!("{t}");
-    let mut t = table(&["figure", "value"]);
-    t.add_row(vec![
-        "wait p50 / p95".to_owned(),
-        format!(
-            "{} / {}",
-            human_secs(s.wait_ms.p50 as f64 / 1000.0),
-            human_secs(s.wait_ms.p95 as f64 / 1000.0)
-        ),
-    ]);
-    for (k, v) in &s.timeouts {
-        t.add_row(vec![format!("{k} timeouts"), v.to_string()]);
-    }
-    t.add_row(vec![
-        "taken over from dead hosts".to_owned(),
-        s.reclaims.to_string(),
-    ]);
-    t.add_row(vec!["retries".to_owned(), s.retries.to_string()]);
-    t.add_row(vec![
-        "suspended nodes".to_owned(),
-        if s.suspended_nodes.is_empty() {
-            "-".into()
-        } else {
-            s.suspended_nodes.join(", ")
-        },
-    ]);
-    t.add_row(vec![
-        "every job ended exactly once".to_owned(),
-        if s.exactly_once { "yes" } else { "NO" }.to_owned(),
-    ]);
-    println!("{t}");
-}
-
-/// Live bars: one for the burst, one per node.
-struct Ui {
-    total: ProgressBar,
-    nodes: HashMap<String, ProgressBar>,
-    _multi: MultiProgress,
-}
-
-impl Ui {
-    fn new(show: bool, ids: &[String]) -> Self {
-        let multi = MultiProgress::new();
-        if !show {
-            multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-        }
-        let total = multi.add(ProgressBar::new(ids.len() as u64));
-        total.set_style(
-            ProgressStyle::with_template("jobs  [{bar:30}] {pos}/{len} {elapsed}  {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        let mut nodes = HashMap::new();
-        for spec in FLEET {
-            let pb = multi.add(ProgressBar::new_spinner());
-            pb.set_style(
-                ProgressStyle::with_template("{spinner} {prefix:6} {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-            );
-            pb.set_prefix(spec.name);
-            pb.set_message(format!("idle ({})", spec.role));
-            if show {
-                pb.enable_steady_tick(Duration::from_millis(120));
-            }
-            nodes.insert(spec.name.to_owned(), pb);
-        }
-        Self {
-            total,
-            nodes,
-            _multi: multi,
-        }
-    }
-
-    fn event(&self, f: &HashMap<String, String>) {
-        let get = |k: &str| f.get(k).map_or("", String::as_str);
-        let node = get("node");
-        let Some(pb) = self.nodes.get(node) else {
-            return;
-        };
-        let job = get("job");
-        let short = job.get(job.len().saturating_sub(6)..).unwrap_or(job);
-        match get("type") {
-            "started" | "taken" => pb.set_message(format!("job …{short} started")),
-            "progress" => {
-                let p: serde_json::Value =
-                    serde_json::from_str(get("progress")).unwrap_or_default();
-                pb.set_message(format!(
-                    "job …{short} {} {}/{}",
-                    p["stage"].as_str().unwrap_or(""),
-                    p["step"],
-                    p["total"]
-                ));
-            }
-            "succeeded" => {
-                self.total.inc(1);
-                pb.set_message(format!("job …{short} done"));
-            }
-            "retrying" => pb.set_message(format!(
-                "job …{short} failed: {}",
-                get("error").chars().take(50).collect::<String>()
-            )),
-            "timeout" => pb.set_message(format!("job …{short} {} timeout", get("kind"))),
-            "node_suspended" => pb.set_message("SUSPENDED after repeated failures".to_owned()),
-            _ => {}
-        }
-    }
-
-    fn node_dead(&self, node: &str) {
-        if let Some(pb) = self.nodes.get(node) {
-            pb.set_message("HOST DIED (its jobs move on when their leases run out)".to_owned());
-        }
-    }
-
-    fn depth(&self, st: &inspect::QueueState) {
-        self.total.set_message(format!(
-            "waiting {} · in flight {} · delayed {}",
-            st.waiting, st.in_flight, st.delayed
-        ));
-    }
-
-    fn finish(&self) {
-        for pb in self.nodes.values() {
-            pb.finish();
-        }
-        self.total.finish();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::percentile;
-
-    #[test]
-    fn percentiles_of_a_sorted_list() {
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&v, 0.5), 51);
-        assert_eq!(percentile(&v, 0.95), 95);
-        assert_eq!(percentile(&[], 0.5), 0);
-    }
+/// The Redis server's clock, ms: the clock of the queue's events.
+async fn server_ms(redis: &Redis, keys: &QueueKeys) -> Result<u64, CliError> {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME")
+        .query_async(&mut redis.conn_for(&keys.stream()))
+        .await
+        .map_err(|e| {
+            CliError::new(
+                exit::REDIS,
+                format!("cannot read the Redis server's clock (TIME): {e}"),
+            )
+        })?;
+    Ok(secs * 1000 + micros / 1000)
 }
