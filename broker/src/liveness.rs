@@ -116,11 +116,13 @@ impl Liveness {
         self.seen.remove(consumer);
     }
 
-    /// Gone names whose node record was not dealt with yet.
-    fn records_due(&self) -> Vec<String> {
+    /// Every name seen before and gone now, read once per look: the node records and the
+    /// queues' consumers are then judged alike (a name crossing [`GONE_AFTER`] between the two
+    /// would have its jobs moved and its record left).
+    fn gone_now(&self) -> HashSet<String> {
         self.seen
             .keys()
-            .filter(|name| !self.records_done.contains(*name) && self.is_gone(name))
+            .filter(|name| self.is_gone(name))
             .cloned()
             .collect()
     }
@@ -173,7 +175,13 @@ async fn consumers(redis: &Redis, keys: &QueueKeys) -> Result<Vec<(String, u64)>
 pub async fn tick(redis: &Redis, queues: &[QueueKeys], seen: &mut Liveness) -> Result<u64> {
     seen.observe(redis).await?;
     seen.prune();
-    for consumer in seen.records_due() {
+    let gone = seen.gone_now();
+    let records_due: Vec<String> = gone
+        .iter()
+        .filter(|name| !seen.records_done.contains(*name))
+        .cloned()
+        .collect();
+    for consumer in records_due {
         // Never in the way of putting jobs back in line: a record left over expires anyway.
         match crate::nodes::gone(redis, &consumer).await {
             Ok(true) => tracing::info!(%consumer,
@@ -189,7 +197,7 @@ pub async fn tick(redis: &Redis, queues: &[QueueKeys], seen: &mut Liveness) -> R
     let mut done: HashSet<String> = HashSet::new();
     for keys in queues {
         for (consumer, pending) in consumers(redis, keys).await? {
-            if !seen.is_gone(&consumer) {
+            if !gone.contains(&consumer) {
                 continue;
             }
             // Also for a consumer that holds nothing: it leaves the group (checked and done in
