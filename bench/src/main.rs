@@ -34,8 +34,7 @@ enum Command {
     Worker(WorkerArgs),
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_filter = if cli.command.is_some() {
         "warn"
@@ -49,19 +48,38 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match cli.command {
-        Some(Command::Worker(args)) => match bench_worker::run(args).await {
-            Ok(handled) => {
-                println!("{HANDLED_PREFIX}{handled}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("fleetq-bench worker: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
-        None => bench(cli.quick, cli.json_only).await,
-    }
+    // A worker process runs on the runtime `fleetq-worker` uses; the harness on one thread per
+    // core.
+    let runtime = match &cli.command {
+        Some(Command::Worker(_)) => {
+            fleetq_worker::config::runtime(fleetq_worker::config::DEFAULT_RUNTIME_THREADS)
+        }
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("fleetq-bench: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Some(Command::Worker(args)) => match bench_worker::run(args).await {
+                Ok(handled) => {
+                    println!("{HANDLED_PREFIX}{handled}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("fleetq-bench worker: {e:#}");
+                    ExitCode::FAILURE
+                }
+            },
+            None => bench(cli.quick, cli.json_only).await,
+        }
+    })
 }
 
 async fn bench(quick: bool, json_only: bool) -> ExitCode {

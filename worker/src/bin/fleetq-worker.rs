@@ -46,6 +46,11 @@ struct Args {
     /// Jobs run at once (usually one per GPU).
     #[arg(long, env = "FLEETQ_SLOTS", default_value_t = DEFAULT_SLOTS)]
     slots: usize,
+    /// Threads of the worker's async runtime (it only waits on Redis, children and HTTP: one is
+    /// enough for dozens of slots, and costs the least CPU per job).
+    #[arg(long, env = "FLEETQ_RUNTIME_THREADS", default_value_t = fleetq_worker::config::DEFAULT_RUNTIME_THREADS as u16,
+        value_parser = clap::value_parser!(u16).range(1..=256))]
+    runtime_threads: u16,
     /// Seconds running jobs get to finish after SIGTERM before they are handed to other hosts.
     #[arg(long, env = "FLEETQ_SHUTDOWN_GRACE_SECS", default_value_t = DEFAULT_SHUTDOWN_GRACE.as_secs())]
     shutdown_grace_secs: u64,
@@ -102,10 +107,16 @@ fn host_name() -> String {
         .unwrap_or_else(|| "worker".to_owned())
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    fleetq_broker::flags::exit(run(args).await)
+    let runtime = match fleetq_worker::config::runtime(usize::from(args.runtime_threads)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}; check the process's thread and memory limits");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    fleetq_broker::flags::exit(runtime.block_on(run(args)))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
