@@ -65,7 +65,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    fleetq_worker::config::run_on(&runtime, async move {
         match cli.command {
             Some(Command::Worker(args)) => match bench_worker::run(args).await {
                 Ok(handled) => {

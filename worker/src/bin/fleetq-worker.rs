@@ -116,7 +116,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    fleetq_broker::flags::exit(runtime.block_on(run(args)))
+    fleetq_broker::flags::exit(fleetq_worker::config::run_on(&runtime, run(args)))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
