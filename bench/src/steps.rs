@@ -102,12 +102,13 @@ impl Steps {
             .collect::<anyhow::Result<Vec<TakeEntry>>>()?;
         // The bench handler does not report its start: the job starts when taken.
         // Marked alive at most every lease/4 by a worker: not per batch.
-        let cmd = calls::take(
+        let cmd = calls::take_for(
             &self.keys,
             &self.caller,
             self.config.lease,
             true,
             false,
+            &self.config,
             &args,
         );
         let rows = functions::call(&mut self.redis.conn(), &cmd, "take").await?;

@@ -136,6 +136,62 @@ pub fn take(
     cmd
 }
 
+/// A take of `entries` in the shortest form that says it: `fleetq_take_fresh` when every
+/// entry's values are those it derives from the entry id and `queue`'s config (a plain job's
+/// first attempt: the common case of a busy queue), else `fleetq_take`. Both decide the same.
+pub fn take_for(
+    keys: &QueueKeys,
+    caller: &Caller,
+    lease: Duration,
+    started_now: bool,
+    beat: bool,
+    queue: &crate::QueueConfig,
+    entries: &[TakeEntry],
+) -> redis::Cmd {
+    if entries.is_empty() || !entries.iter().all(|e| e.is_fresh(queue)) {
+        return take(keys, caller, lease, started_now, beat, entries);
+    }
+    let mut cmd = fcall("fleetq_take_fresh", keys);
+    cmd.arg(&caller.consumer)
+        .arg(&caller.node)
+        .arg(lease.as_millis() as u64)
+        .arg(u8::from(started_now))
+        .arg(u8::from(beat))
+        .arg(queue.max_attempts)
+        .arg(queue_timeout_ms(queue));
+    for e in entries {
+        cmd.arg(&e.entry_id)
+            .arg(e.token.as_ref().map_or("", Token::as_str));
+    }
+    cmd
+}
+
+fn queue_timeout_ms(queue: &crate::QueueConfig) -> u64 {
+    queue
+        .queue_timeout
+        .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl TakeEntry {
+    /// Whether `fleetq_take_fresh` derives exactly these values from the entry id and
+    /// `queue`'s config (see take.lua).
+    pub fn is_fresh(&self, queue: &crate::QueueConfig) -> bool {
+        let deadline = match queue_timeout_ms(queue) {
+            0 => 0,
+            t => crate::job::entry_ms(&self.entry_id).saturating_add(t),
+        };
+        self.job_id == self.entry_id
+            && self.prior_attempts == 0
+            && self.max_attempts == queue.max_attempts
+            && self.queue_deadline_ms == deadline
+            && self.enqueued_ms == crate::job::entry_ms(&self.entry_id)
+            && self.avoid.is_empty()
+            && self.avoid_until_ms == 0
+            && self.workflow.is_none()
+            && self.passes == 0
+    }
+}
+
 /// What `fleetq_take` decided for an entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TakeDecision {
@@ -356,8 +412,40 @@ pub struct Completion<'a> {
     pub ending: &'a Ending,
 }
 
-/// `fleetq_complete` of a batch of held entries (each one fenced on its own).
+impl Completion<'_> {
+    /// The result of a first attempt's success that no timeout ended and that has no stage
+    /// profile: what `fleetq_complete_first` records; `None` for any other end.
+    fn first_success(&self) -> Option<&str> {
+        match self.commit {
+            Commit::Succeeded(result)
+                if self.attempt == 1
+                    && self.ending.timeout.is_none()
+                    && self.ending.stages_json.is_empty()
+                    && !self.held.token.as_str().is_empty() =>
+            {
+                Some(result)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// `fleetq_complete` of a batch of held entries (each one fenced on its own), in its short
+/// form `fleetq_complete_first` when every end is a first attempt's plain success (the
+/// common case of a busy queue). Both record the same.
 pub fn complete(keys: &QueueKeys, caller: &Caller, batch: &[Completion<'_>]) -> redis::Cmd {
+    let firsts: Option<Vec<&str>> = batch.iter().map(Completion::first_success).collect();
+    if let Some(results) = firsts.filter(|r| !r.is_empty()) {
+        let mut cmd = fcall("fleetq_complete_first", keys);
+        cmd.arg(&caller.consumer).arg(&caller.node);
+        for (c, result) in batch.iter().zip(results) {
+            cmd.arg(&c.held.entry_id)
+                .arg(c.held.token.as_str())
+                .arg(&c.held.job_id)
+                .arg(result);
+        }
+        return cmd;
+    }
     let mut cmd = fcall("fleetq_complete", keys);
     cmd.arg(&caller.consumer).arg(&caller.node);
     for c in batch {

@@ -29,7 +29,7 @@ use crate::{Error, Result};
 /// The library's name in `FUNCTION LIST`.
 pub const LIBRARY_NAME: &str = "fleetq";
 /// Wire-protocol and library version; the major number is the protocol version.
-pub const LIBRARY_SEMVER: &str = "3.0.0";
+pub const LIBRARY_SEMVER: &str = "3.1.0";
 
 /// The Lua sources, in load order (helpers first). Each file documents its KEYS, ARGV and reply.
 pub const SOURCES: &[(&str, &str)] = &[

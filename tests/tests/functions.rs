@@ -862,3 +862,239 @@ async fn expire_dead_letters_entries_whose_last_lease_ran_out() {
         "a job with attempts left, and one that never started, wait for a reclaim"
     );
 }
+
+/// The long form of a take of a plain job's first delivery: the 11 values a worker derives.
+fn long_entry(entry_id: &str) -> TakeEntry {
+    TakeEntry {
+        entry_id: entry_id.into(),
+        job_id: entry_id.into(),
+        token: Some(Token::new()),
+        max_attempts: fleetq_broker::QueueConfig::default().max_attempts,
+        enqueued_ms: fleetq_broker::job::entry_ms(entry_id),
+        ..TakeEntry::default()
+    }
+}
+
+/// Whether `cmd` is an FCALL of `function`.
+fn calls_function(cmd: &redis::Cmd, function: &str) -> bool {
+    let packed = String::from_utf8_lossy(&cmd.get_packed_command()).into_owned();
+    packed.split("\r\n").nth(4) == Some(function)
+}
+
+/// A job record without what differs between two jobs taken at different moments.
+fn comparable(mut h: HashMap<String, String>) -> HashMap<String, String> {
+    for f in [
+        "entry",
+        "enqueued_ms",
+        "taken_ms",
+        "attempt_started_ms",
+        "started_ms",
+        "ended_ms",
+    ] {
+        if let Some(v) = h.get_mut(f) {
+            *v = "…".into();
+        }
+    }
+    h
+}
+
+#[tokio::test]
+async fn the_short_forms_record_what_the_long_ones_do() {
+    let (_s, keys, mut c) = setup().await;
+    let queue = fleetq_broker::QueueConfig::default();
+    let a = xadd(&mut c, &keys, &[("payload", "{}")]).await;
+    let b = xadd(&mut c, &keys, &[("payload", "{}")]).await;
+    assert_eq!(
+        read(&mut c, &keys, "w1", 2).await,
+        vec![a.clone(), b.clone()]
+    );
+    let (long, short) = (long_entry(&a), long_entry(&b));
+    assert!(long.is_fresh(&queue) && short.is_fresh(&queue));
+    // A: the long form; B: the short one, which the worker's builder picks for it.
+    let replies = take_with(&mut c, &keys, "w1", 10_000, std::slice::from_ref(&long)).await;
+    assert_eq!(replies[0].decision, TakeDecision::Run { attempt: 1 });
+    let cmd = calls::take_for(
+        &keys,
+        &caller("w1"),
+        Duration::from_secs(10),
+        true,
+        true,
+        &queue,
+        std::slice::from_ref(&short),
+    );
+    assert!(
+        calls_function(&cmd, "fleetq_take_fresh"),
+        "a plain first delivery is taken in the short form"
+    );
+    let rows = functions::call(&mut c, &cmd, "take").await.unwrap();
+    let replies = calls::parse_take(rows).unwrap();
+    assert_eq!(replies[0].decision, TakeDecision::Run { attempt: 1 });
+    assert_eq!(replies[0].deliveries, 1);
+    let (ha, hb) = (
+        job_hash(&mut c, &keys, &a).await,
+        job_hash(&mut c, &keys, &b).await,
+    );
+    assert_eq!(hb["state"], "running");
+    assert_eq!(hb["entry"], b);
+    assert_eq!(comparable(ha), comparable(hb));
+    let holds: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(keys.holds())
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(holds.len(), 2, "both tokens are held: {holds:?}");
+    let leases: Vec<String> = redis::cmd("ZRANGE")
+        .arg(keys.leases())
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(leases, vec![a.clone(), b.clone()]);
+
+    // A ends through fleetq_complete written out in full, B through the short form.
+    let mut full = fcall("fleetq_complete", &keys);
+    full.arg("w1")
+        .arg("node-w1")
+        .arg(&a)
+        .arg(long.token.as_ref().unwrap().as_str())
+        .arg(&a);
+    full.arg("succeeded")
+        .arg("{\"ok\":1}")
+        .arg(0)
+        .arg("")
+        .arg("")
+        .arg("")
+        .arg(0)
+        .arg("")
+        .arg(1);
+    let words: Vec<String> = full.query_async(&mut c).await.unwrap();
+    assert_eq!(words, vec!["ok"]);
+    let hb_holding = holding(short);
+    let commit = Commit::Succeeded("{\"ok\":1}".into());
+    let batch = [Completion {
+        held: &hb_holding,
+        attempt: 1,
+        commit: &commit,
+        ending: &Ending::default(),
+    }];
+    let cmd = calls::complete(&keys, &caller("w1"), &batch);
+    assert!(calls_function(&cmd, "fleetq_complete_first"));
+    let words: Vec<String> = functions::call(&mut c, &cmd, "complete").await.unwrap();
+    assert_eq!(words, vec!["ok"]);
+    let (ha, hb) = (
+        job_hash(&mut c, &keys, &a).await,
+        job_hash(&mut c, &keys, &b).await,
+    );
+    assert_eq!(hb["state"], "succeeded");
+    assert_eq!(hb["result"], "{\"ok\":1}");
+    assert_eq!(comparable(ha), comparable(hb));
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(keys.job(&b))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(ttl > 0, "an ended job's record expires: {ttl}");
+    let len: u64 = redis::cmd("XLEN")
+        .arg(keys.stream())
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(len, 0, "both entries are acknowledged and deleted");
+    assert!(pending(&mut c, &keys).await.is_empty());
+}
+
+#[tokio::test]
+async fn the_short_forms_keep_fencing_and_marks() {
+    let (_s, keys, mut c) = setup().await;
+    let queue = fleetq_broker::QueueConfig::default();
+    let a = xadd(&mut c, &keys, &[("payload", "{}")]).await;
+    let b = xadd(&mut c, &keys, &[("payload", "{}")]).await;
+    // B is cancelled while waiting (its record ends, its entry is marked): the short take
+    // finds the mark, reads the record and drops the entry, as the long one does.
+    let mut cancel = fcall("fleetq_cancel", &keys);
+    cancel.arg(&b);
+    let _: redis::Value = cancel.query_async(&mut c).await.unwrap();
+    read(&mut c, &keys, "w1", 2).await;
+    let entries = [long_entry(&a), long_entry(&b)];
+    let cmd = calls::take_for(
+        &keys,
+        &caller("w1"),
+        Duration::from_secs(10),
+        true,
+        true,
+        &queue,
+        &entries,
+    );
+    let rows = functions::call(&mut c, &cmd, "take").await.unwrap();
+    let replies = calls::parse_take(rows).unwrap();
+    assert_eq!(replies[0].decision, TakeDecision::Run { attempt: 1 });
+    assert_eq!(replies[1].decision, TakeDecision::Duplicate);
+    assert_eq!(job_hash(&mut c, &keys, &b).await["state"], "cancelled");
+    let pending_ids: Vec<String> = pending(&mut c, &keys)
+        .await
+        .into_iter()
+        .map(|p| p.0)
+        .collect();
+    assert_eq!(
+        pending_ids,
+        vec![a.clone()],
+        "the cancelled entry is dropped"
+    );
+    // Another consumer's short take of A is lost; a stale token's short commit is fenced.
+    let cmd = calls::take_for(
+        &keys,
+        &caller("w2"),
+        Duration::from_secs(10),
+        true,
+        true,
+        &queue,
+        &[long_entry(&a)],
+    );
+    let rows = functions::call(&mut c, &cmd, "take").await.unwrap();
+    assert_eq!(
+        calls::parse_take(rows).unwrap()[0].decision,
+        TakeDecision::Lost
+    );
+    let stale = Holding {
+        entry_id: a.clone(),
+        token: Token::new(),
+        job_id: a.clone(),
+    };
+    assert_eq!(
+        complete(&mut c, &keys, "w1", &stale, &Commit::Succeeded("1".into())).await,
+        Committed::Fenced
+    );
+    assert_eq!(
+        job_hash(&mut c, &keys, &a).await["state"],
+        "running",
+        "a fenced commit writes nothing"
+    );
+    let held = holding(entries[0].clone());
+    assert_eq!(
+        complete(&mut c, &keys, "w2", &held, &Commit::Succeeded("1".into())).await,
+        Committed::Fenced
+    );
+    assert_eq!(
+        complete(&mut c, &keys, "w1", &held, &Commit::Succeeded("1".into())).await,
+        Committed::Ok
+    );
+    assert_eq!(job_hash(&mut c, &keys, &a).await["state"], "succeeded");
+    // Refused: a short take of a malformed entry id or token.
+    let mut bad = fcall("fleetq_take_fresh", &keys);
+    bad.arg("w1")
+        .arg("n")
+        .arg(10_000)
+        .arg(1)
+        .arg(0)
+        .arg(3)
+        .arg(0)
+        .arg("x")
+        .arg("y");
+    let err = bad.query_async::<redis::Value>(&mut c).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("expected an entry id and a token of 16 hex digits"),
+        "{err}"
+    );
+}

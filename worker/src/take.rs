@@ -163,12 +163,13 @@ pub(crate) async fn take(
         })
         .collect();
     let args: Vec<TakeEntry> = parsed.iter().map(|(e, _)| e.clone()).collect();
-    let cmd = calls::take(
+    let cmd = calls::take_for(
         &taker.keys,
         &taker.caller,
         taker.lease,
         taker.starts_at_once,
         taker.beat_due(),
+        queue,
         &args,
     );
     let rows = functions::call(&mut taker.redis.conn(), &cmd, "take").await?;
