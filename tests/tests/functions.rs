@@ -1098,3 +1098,22 @@ async fn the_short_forms_keep_fencing_and_marks() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_take_finds_its_entries_in_any_order() {
+    let (_s, keys, mut c) = setup().await;
+    let ids = [
+        xadd(&mut c, &keys, &[("payload", "{}")]).await,
+        xadd(&mut c, &keys, &[("payload", "{}")]).await,
+        xadd(&mut c, &keys, &[("payload", "{}")]).await,
+    ];
+    read(&mut c, &keys, "w1", 3).await;
+    // Highest first, the lowest in the middle: the ownership range still spans all three.
+    let order = [&ids[2], &ids[0], &ids[1]];
+    let entries: Vec<TakeEntry> = order.iter().map(|id| long_entry(id)).collect();
+    let replies = take_with(&mut c, &keys, "w1", 10_000, &entries).await;
+    for (reply, id) in replies.iter().zip(order) {
+        assert_eq!(&reply.entry_id, id);
+        assert_eq!(reply.decision, TakeDecision::Run { attempt: 1 }, "{id}");
+    }
+}

@@ -191,11 +191,18 @@ end
 -- Delivery counts of the entries the caller owns among `entries`, by entry id: one XPENDING
 -- over their id range, for the caller only (it holds at most its slots and this batch).
 local function owned_deliveries(K, consumer, entries)
-  local lo, hi = entries[1].entry_id, entries[1].entry_id
+  -- Each id is parsed once (not once per comparison, as id_lt would): a take of 8 spends a
+  -- few µs per job less. Ids that are not of the form ms-seq are left out of the range.
+  local lo, hi, lo_m, lo_s, hi_m, hi_s = nil, nil, 0, 0, 0, 0
   for _, e in ipairs(entries) do
-    if id_lt(e.entry_id, lo) then lo = e.entry_id end
-    if id_lt(hi, e.entry_id) then hi = e.entry_id end
+    local m, q = string.match(e.entry_id, '^(%d+)%-(%d+)$')
+    if m ~= nil then
+      m, q = tonumber(m), tonumber(q)
+      if lo == nil or m < lo_m or (m == lo_m and q < lo_s) then lo, lo_m, lo_s = e.entry_id, m, q end
+      if hi == nil or m > hi_m or (m == hi_m and q > hi_s) then hi, hi_m, hi_s = e.entry_id, m, q end
+    end
   end
+  if lo == nil then lo, hi = entries[1].entry_id, entries[1].entry_id end
   local limit = 4 * #entries + 256
   local ok, r = pcall(redis.call, 'XPENDING', K.stream, GROUP, lo, hi, limit, consumer)
   local out = {}
