@@ -875,6 +875,20 @@ fn long_entry(entry_id: &str) -> TakeEntry {
     }
 }
 
+/// The take a worker sends for `entries` of the default queue config (the short form when they
+/// all fit it).
+fn take_as_worker(keys: &QueueKeys, consumer: &str, entries: &[TakeEntry]) -> redis::Cmd {
+    calls::take_for(
+        keys,
+        &caller(consumer),
+        Duration::from_secs(10),
+        true,
+        true,
+        &fleetq_broker::QueueConfig::default(),
+        entries,
+    )
+}
+
 /// Whether `cmd` is an FCALL of `function`.
 fn calls_function(cmd: &redis::Cmd, function: &str) -> bool {
     let packed = String::from_utf8_lossy(&cmd.get_packed_command()).into_owned();
@@ -913,15 +927,7 @@ async fn the_short_forms_record_what_the_long_ones_do() {
     // A: the long form; B: the short one, which the worker's builder picks for it.
     let replies = take_with(&mut c, &keys, "w1", 10_000, std::slice::from_ref(&long)).await;
     assert_eq!(replies[0].decision, TakeDecision::Run { attempt: 1 });
-    let cmd = calls::take_for(
-        &keys,
-        &caller("w1"),
-        Duration::from_secs(10),
-        true,
-        true,
-        &queue,
-        std::slice::from_ref(&short),
-    );
+    let cmd = take_as_worker(&keys, "w1", std::slice::from_ref(&short));
     assert!(
         calls_function(&cmd, "fleetq_take_fresh"),
         "a plain first delivery is taken in the short form"
@@ -1007,7 +1013,6 @@ async fn the_short_forms_record_what_the_long_ones_do() {
 #[tokio::test]
 async fn the_short_forms_keep_fencing_and_marks() {
     let (_s, keys, mut c) = setup().await;
-    let queue = fleetq_broker::QueueConfig::default();
     let a = xadd(&mut c, &keys, &[("payload", "{}")]).await;
     let b = xadd(&mut c, &keys, &[("payload", "{}")]).await;
     // B is cancelled while waiting (its record ends, its entry is marked): the short take
@@ -1017,15 +1022,7 @@ async fn the_short_forms_keep_fencing_and_marks() {
     let _: redis::Value = cancel.query_async(&mut c).await.unwrap();
     read(&mut c, &keys, "w1", 2).await;
     let entries = [long_entry(&a), long_entry(&b)];
-    let cmd = calls::take_for(
-        &keys,
-        &caller("w1"),
-        Duration::from_secs(10),
-        true,
-        true,
-        &queue,
-        &entries,
-    );
+    let cmd = take_as_worker(&keys, "w1", &entries);
     let rows = functions::call(&mut c, &cmd, "take").await.unwrap();
     let replies = calls::parse_take(rows).unwrap();
     assert_eq!(replies[0].decision, TakeDecision::Run { attempt: 1 });
@@ -1042,15 +1039,7 @@ async fn the_short_forms_keep_fencing_and_marks() {
         "the cancelled entry is dropped"
     );
     // Another consumer's short take of A is lost; a stale token's short commit is fenced.
-    let cmd = calls::take_for(
-        &keys,
-        &caller("w2"),
-        Duration::from_secs(10),
-        true,
-        true,
-        &queue,
-        &[long_entry(&a)],
-    );
+    let cmd = take_as_worker(&keys, "w2", &[long_entry(&a)]);
     let rows = functions::call(&mut c, &cmd, "take").await.unwrap();
     assert_eq!(
         calls::parse_take(rows).unwrap()[0].decision,

@@ -244,23 +244,16 @@ local function finish_succeeded(K, node, fast)
   stat(K, 'node:' .. node .. ':succeeded', #fast)
 end
 
-local function complete(keys, args)
-  local K = open_queue(queue_keys(keys[1]))
-  if #args < COMPLETE_HEADER or (#args - COMPLETE_HEADER) % COMPLETE_STRIDE ~= 0 then
-    return redis.error_reply('fleetq: fleetq_complete takes ' .. COMPLETE_HEADER .. ' values and then ' ..
-      COMPLETE_STRIDE .. ' per entry; got ' .. #args .. ' (a worker of another protocol version?)')
-  end
-  local consumer, node = args[1], args[2]
-  local entries, wanted = {}, {}
-  for i = COMPLETE_HEADER + 1, #args, COMPLETE_STRIDE do
-    local c, wrong = complete_entry(args, i)
-    if c == nil then return redis.error_reply('fleetq: fleetq_complete: ' .. wrong) end
-    entries[#entries + 1] = c
+-- Ends the checked `entries` (complete_entry's tables) of the caller: each fenced on its own,
+-- first-attempt successes written together (finish_succeeded), the rest one by one.
+local function complete_batch(K, consumer, node, entries)
+  if #entries == 0 then return {} end
+  -- One read for the batch: each entry's token and the number of callers waiting on its job.
+  local wanted = {}
+  for _, c in ipairs(entries) do
     wanted[#wanted + 1] = c.entry_id
     wanted[#wanted + 1] = 'w:' .. c.job_id
   end
-  if #entries == 0 then return {} end
-  -- One read for the batch: each entry's token and the number of callers waiting on its job.
   local h = redis.call('HMGET', K.holds, unpack(wanted))
   local out, fast, fenced = {}, {}, 0
   for i, c in ipairs(entries) do
@@ -278,6 +271,21 @@ local function complete(keys, args)
   if #fast > 0 then finish_succeeded(K, node, fast) end
   if fenced > 0 then stat(K, 'fenced', fenced) end
   return out
+end
+
+local function complete(keys, args)
+  local K = open_queue(queue_keys(keys[1]))
+  if #args < COMPLETE_HEADER or (#args - COMPLETE_HEADER) % COMPLETE_STRIDE ~= 0 then
+    return redis.error_reply('fleetq: fleetq_complete takes ' .. COMPLETE_HEADER .. ' values and then ' ..
+      COMPLETE_STRIDE .. ' per entry; got ' .. #args .. ' (a worker of another protocol version?)')
+  end
+  local entries = {}
+  for i = COMPLETE_HEADER + 1, #args, COMPLETE_STRIDE do
+    local c, wrong = complete_entry(args, i)
+    if c == nil then return redis.error_reply('fleetq: fleetq_complete: ' .. wrong) end
+    entries[#entries + 1] = c
+  end
+  return complete_batch(K, args[1], args[2], entries)
 end
 
 -- fleetq_complete_first: fleetq_complete for first-attempt successes without a timeout, in
@@ -300,31 +308,12 @@ local function complete_first(keys, args)
     return redis.error_reply('fleetq: fleetq_complete_first takes ' .. FIRST_HEADER ..
       ' values and then 4 per entry; got ' .. #args .. ' (a worker of another protocol version?)')
   end
-  local consumer, node = args[1], args[2]
-  local wanted = {}
+  local entries = {}
   for i = FIRST_HEADER + 1, #args, 4 do
-    wanted[#wanted + 1] = args[i]
-    wanted[#wanted + 1] = 'w:' .. args[i + 2]
+    entries[#entries + 1] = { entry_id = args[i], token = args[i + 1], job_id = args[i + 2],
+      outcome = 'succeeded', data = args[i + 3], attempt = 1, timeout = '', stages = '' }
   end
-  if #wanted == 0 then return {} end
-  local h = redis.call('HMGET', K.holds, unpack(wanted))
-  local out, fast, fenced = {}, {}, 0
-  local n = 0
-  for i = FIRST_HEADER + 1, #args, 4 do
-    n = n + 1
-    local token = args[i + 1]
-    if token == '' or h[2 * n - 1] ~= hold_value(token, consumer) then
-      fenced = fenced + 1
-      out[n] = 'fenced'
-    else
-      fast[#fast + 1] = { { entry_id = args[i], job_id = args[i + 2], data = args[i + 3], stages = '' },
-        tonumber(h[2 * n]) or 0 }
-      out[n] = 'ok'
-    end
-  end
-  if #fast > 0 then finish_succeeded(K, node, fast) end
-  if fenced > 0 then stat(K, 'fenced', fenced) end
-  return out
+  return complete_batch(K, args[1], args[2], entries)
 end
 
 register('fleetq_complete', complete, DRAIN)
