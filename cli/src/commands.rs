@@ -16,7 +16,7 @@ use crate::args::{
     StatusArgs, TopArgs, WatchArgs,
 };
 use crate::exit::{self, CliError};
-use crate::output::{human_secs, json, table, utc_time};
+use crate::output::{human_secs, json, out, outln, table, utc_time};
 
 /// Runs one command.
 pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
@@ -194,9 +194,12 @@ async fn enqueue(redis: &Redis, a: EnqueueArgs, as_json: bool) -> Result<(), Cli
             } else {
                 "already known"
             };
-            println!(
+            outln!(
                 "{how} job {} on {}: {} (position {})",
-                e.id, a.queue, e.state, e.position
+                e.id,
+                a.queue,
+                e.state,
+                e.position
             );
         }
         return Ok(());
@@ -242,7 +245,7 @@ fn finish(st: &JobStatus, as_json: bool) -> Result<(), CliError> {
                 },
                 _ => String::new(),
             };
-            println!(
+            outln!(
                 "job {} succeeded on {} at attempt {}{ran}",
                 st.id,
                 st.node.as_deref().unwrap_or("?"),
@@ -458,12 +461,12 @@ fn print_status(st: &JobStatus, node: Option<&nodes::NodeRecord>, now_ms: u64) {
             human_secs(end.saturating_sub(start) as f64 / 1000.0),
         ]);
     }
-    println!("{t}");
+    outln!("{t}");
     let attempts = attempts_of(st);
     if !attempts.is_empty() {
-        println!("attempts:");
+        outln!("attempts:");
         for rec in &attempts {
-            println!("  {}", attempt_line(rec, now_ms));
+            outln!("  {}", attempt_line(rec, now_ms));
         }
     }
 }
@@ -569,8 +572,8 @@ fn print_field(st: &JobStatus, doc: &Value, name: &str, as_json: bool) -> Result
         ));
     };
     match value {
-        Value::String(s) if !as_json => println!("{s}"),
-        other => println!("{other}"),
+        Value::String(s) if !as_json => outln!("{s}"),
+        other => outln!("{other}"),
     }
     Ok(())
 }
@@ -624,7 +627,7 @@ async fn cancel(redis: &Redis, a: JobArgs, as_json: bool) -> Result<(), CliError
     if as_json {
         json(&serde_json::json!({"id": a.id, "queue": queue, "state": state, "outcome": outcome}));
     } else {
-        println!("job {} in queue {queue}: {what}", a.id);
+        outln!("job {} in queue {queue}: {what}", a.id);
     }
     Ok(())
 }
@@ -905,9 +908,9 @@ async fn queues(redis: &Redis, as_json: bool) -> Result<(), CliError> {
     if as_json {
         json(&states);
     } else if states.is_empty() {
-        println!("no queues yet; put a job on one with `fleetq enqueue QUEUE '{{...}}'`");
+        outln!("no queues yet; put a job on one with `fleetq enqueue QUEUE '{{...}}'`");
     } else {
-        println!("{}", queues_table(&states));
+        outln!("{}", queues_table(&states));
     }
     Ok(())
 }
@@ -985,9 +988,9 @@ async fn nodes_cmd(redis: &Redis, action: NodeAction, as_json: bool) -> Result<(
             if as_json {
                 json(&nodes_json(&fleet));
             } else if fleet.is_empty() {
-                println!("no live nodes; start one with `fleetq-worker --queue QUEUE`");
+                outln!("no live nodes; start one with `fleetq-worker --queue QUEUE`");
             } else {
-                println!("{}", nodes_table(&fleet, now));
+                outln!("{}", nodes_table(&fleet, now));
             }
             Ok(())
         }
@@ -1029,7 +1032,7 @@ fn report(as_json: bool, value: &Value, text: &str) {
     if as_json {
         json(value);
     } else {
-        println!("{text}");
+        outln!("{text}");
     }
 }
 
@@ -1048,7 +1051,7 @@ async fn dead(
                 return Ok(());
             }
             if list.is_empty() {
-                println!("no dead letters in {}", queue);
+                outln!("no dead letters in {}", queue);
                 return Ok(());
             }
             let now = nodes::server_ms(redis).await?;
@@ -1073,7 +1076,7 @@ async fn dead(
                     err,
                 ]);
             }
-            println!("{t}");
+            outln!("{t}");
             Ok(())
         }
         DeadAction::Show { dead_id } => {
@@ -1102,7 +1105,7 @@ async fn dead(
                 for (k, v) in fields {
                     t.add_row(vec![format!("field {k}"), v.clone()]);
                 }
-                println!("{t}");
+                outln!("{t}");
             }
             Ok(())
         }
@@ -1159,7 +1162,7 @@ async fn partitions_cmd(
     if as_json {
         json(&serde_json::json!({"queue": a.queue, "partitions": p.count(), "streams": names}));
     } else {
-        println!(
+        outln!(
             "queue {} has {} partition{}: {}",
             a.queue,
             p.count(),
@@ -1238,11 +1241,11 @@ async fn functions_cmd(
                 format!("{covered} of 16384"),
             ]);
         }
-        println!("{t}");
+        outln!("{t}");
         match (&action, before != after) {
-            (FunctionsAction::Load, true) => println!("loaded fleetq library {ours}"),
+            (FunctionsAction::Load, true) => outln!("loaded fleetq library {ours}"),
             (FunctionsAction::Load, false) => {
-                println!("nothing to load: the server's library is {state}")
+                outln!("nothing to load: the server's library is {state}")
             }
             (FunctionsAction::Status | FunctionsAction::Dump, _) => {}
         }
@@ -1267,15 +1270,15 @@ async fn top(redis: &Redis, a: TopArgs, as_json: bool) -> Result<(), CliError> {
             return Ok(());
         } else {
             // Clear the screen and draw from the top.
-            print!("\x1b[2J\x1b[H");
-            println!(
+            out!("\x1b[2J\x1b[H");
+            outln!(
                 "fleetq top — {} queue(s), {} node(s) — every {} ms, Ctrl-C to leave\n",
                 states.len(),
                 fleet.len(),
                 a.interval_ms
             );
-            println!("{}", queues_table(&states));
-            println!("{}", nodes_table(&fleet, now));
+            outln!("{}", queues_table(&states));
+            outln!("{}", nodes_table(&fleet, now));
         }
         n += 1;
         if a.iterations.is_some_and(|max| n >= max) {

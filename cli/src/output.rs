@@ -4,6 +4,42 @@ use comfy_table::presets::UTF8_BORDERS_ONLY;
 use comfy_table::{ContentArrangement, Table};
 use serde::Serialize;
 
+/// Writes `args` on stdout, then a newline when `newline`. When stdout is closed (a reader
+/// such as `head` took what it wanted), the process ends at once with status 0, as other Unix
+/// tools do, instead of panicking as `println!` would.
+pub fn write_out(args: std::fmt::Arguments<'_>, newline: bool) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = out
+        .write_fmt(args)
+        .and_then(|()| {
+            if newline {
+                out.write_all(b"\n")
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|()| out.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: cannot write the output to stdout: {e}; check where stdout goes");
+            std::process::exit(1)
+        }
+    }
+}
+
+/// `println!` on stdout through [`write_out`].
+macro_rules! outln {
+    ($($arg:tt)*) => { $crate::output::write_out(format_args!($($arg)*), true) };
+}
+/// `print!` on stdout through [`write_out`].
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::output::write_out(format_args!($($arg)*), false) };
+}
+pub(crate) use {out, outln};
+
 /// A table with a header row, in the CLI's style.
 pub fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
@@ -16,7 +52,7 @@ pub fn table(header: &[&str]) -> Table {
 /// Prints `value` as pretty JSON on stdout.
 pub fn json<T: Serialize>(value: &T) {
     match serde_json::to_string_pretty(value) {
-        Ok(s) => println!("{s}"),
+        Ok(s) => outln!("{s}"),
         Err(e) => eprintln!("error: cannot encode the output as JSON: {e}"),
     }
 }

@@ -818,3 +818,21 @@ async fn logs_go_to_stderr_without_colours_when_it_is_a_pipe() {
         "escape codes in a piped log: {err:?}"
     );
 }
+
+#[test]
+fn output_cut_short_by_its_reader_ends_quietly() {
+    // A reader that is gone before the CLI writes (as `head -1` is gone after its line): the
+    // write finds the pipe closed.
+    let mut child = Command::new(bin_path("fleetq"))
+        .args(["functions", "dump", "--json"])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}; stderr:\n{stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
