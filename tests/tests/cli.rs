@@ -833,6 +833,10 @@ fn output_cut_short_by_its_reader_ends_quietly() {
     drop(child.stdout.take());
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "exit {:?}; stderr:\n{stderr}", out.status);
+    assert!(
+        out.status.success(),
+        "exit {:?}; stderr:\n{stderr}",
+        out.status
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
