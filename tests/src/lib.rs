@@ -572,3 +572,39 @@ pub fn process_gone(pid: u32) -> bool {
             .is_some_and(|(_, r)| r.starts_with('Z'))
     })
 }
+
+/// Fails the test, saying what to install, unless `python3` with redis-py is on the PATH.
+pub fn require_python_redis() {
+    let probe = Command::new("python3")
+        .args(["-c", "import redis"])
+        .output();
+    assert!(
+        probe.as_ref().is_ok_and(|o| o.status.success()),
+        "python3 with redis-py is needed for this test: run `pip install redis` (`./dev test` does)"
+    );
+}
+
+/// Runs the Python script `script` with `args` against `REDIS_URL=url` and parses its stdout
+/// as one JSON document. Fails the test, quoting both outputs, when the script exits non-zero
+/// or prints something else.
+pub async fn run_python_json(script: PathBuf, args: Vec<String>, url: String) -> serde_json::Value {
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(&script)
+            .args(&args)
+            .env("REDIS_URL", url)
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run python3 {}: {e}", script.display()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the python3 runner failed: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the Python script failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}

@@ -18,14 +18,7 @@ fn example(path: &str) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_producer_plain_xadd_and_blocking_wait() {
-    let probe = Command::new("python3")
-        .args(["-c", "import redis"])
-        .output();
-    let ready = probe.as_ref().is_ok_and(|o| o.status.success());
-    assert!(
-        ready,
-        "python3 with redis-py is needed for this test: run `pip install redis` (`./dev test` does)"
-    );
+    fleetq_tests::require_python_redis();
     let s = Stack::start().await;
     let w = s.worker(
         worker_config("images", "gpu-1", 1),
@@ -34,30 +27,21 @@ async fn python_producer_plain_xadd_and_blocking_wait() {
         }),
     );
     let url = s.server.url();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(example("examples/producers/python/producer.py"))
-            .args([
-                "--queue",
-                "images",
-                "--payload",
-                r#"{"prompt": "a red fox; $(rm -rf /)"}"#,
-            ])
-            .args(["--timeout", "20"])
-            .env("REDIS_URL", url)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "producer failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let v = fleetq_tests::run_python_json(
+        example("examples/producers/python/producer.py"),
+        [
+            "--queue",
+            "images",
+            "--payload",
+            r#"{"prompt": "a red fox; $(rm -rf /)"}"#,
+            "--timeout",
+            "20",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+        url,
+    )
+    .await;
     assert_eq!(v["state"], "succeeded");
     assert_eq!(v["result"]["prompt"], "a red fox; $(rm -rf /)");
     assert_eq!(v["result"]["by"], "gpu-1");

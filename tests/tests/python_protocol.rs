@@ -24,13 +24,7 @@ fn repo(path: &str) -> PathBuf {
 }
 
 fn python_ready() {
-    let probe = Command::new("python3")
-        .args(["-c", "import redis"])
-        .output();
-    assert!(
-        probe.as_ref().is_ok_and(|o| o.status.success()),
-        "python3 with redis-py is needed for this test: run `pip install redis` (.ci/run does)"
-    );
+    fleetq_tests::require_python_redis();
 }
 
 /// A worker process (Python or `fleetq-worker`) with its log, killed when dropped.
@@ -120,29 +114,12 @@ impl Drop for Proc {
 
 /// Runs tests/python/producer.py with `args`; its JSON output.
 async fn producer(url: &str, args: &[&str]) -> Value {
-    let (url, args): (String, Vec<String>) = (
-        url.to_owned(),
+    fleetq_tests::run_python_json(
+        repo("tests/python/producer.py"),
         args.iter().map(|a| (*a).to_owned()).collect(),
-    );
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(repo("tests/python/producer.py"))
-            .args(&args)
-            .env("REDIS_URL", url)
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .output()
-            .unwrap()
-    })
+        url.to_owned(),
+    )
     .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "producer.py failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
 /// `fleetq_status` of job `id` as a map.

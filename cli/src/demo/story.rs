@@ -95,10 +95,9 @@ pub struct TimeoutIncident {
     pub at_ms: u64,
     /// The node that took the job next.
     pub retried_on: Option<String>,
-    /// How the job ended (its final state) …
-    pub ended: String,
-    /// … and on which node.
-    pub ended_on: Option<String>,
+    /// How the job ended.
+    #[serde(flatten)]
+    pub end: Ending,
 }
 
 /// A failed attempt that was not a timeout: a child that crashed, an error.
@@ -114,10 +113,9 @@ pub struct Crash {
     pub at_ms: u64,
     /// The node that took the job next.
     pub retried_on: Option<String>,
-    /// How the job ended …
-    pub ended: String,
-    /// … and on which node.
-    pub ended_on: Option<String>,
+    /// How the job ended.
+    #[serde(flatten)]
+    pub end: Ending,
 }
 
 /// A host that died, and the jobs it held then.
@@ -146,10 +144,9 @@ pub struct HeldJob {
     pub taken_by: Option<String>,
     /// … this long after the death.
     pub taken_after_ms: Option<u64>,
-    /// How the job ended …
-    pub ended: String,
-    /// … and on which node.
-    pub ended_on: Option<String>,
+    /// How the job ended.
+    #[serde(flatten)]
+    pub end: Ending,
 }
 
 /// A node that suspended itself.
@@ -177,11 +174,15 @@ pub(super) struct Death {
     pub(super) at_ms: u64,
 }
 
-/// How a job ended: its final state and node.
-#[derive(Debug, Clone, Default)]
-struct Ending {
-    state: String,
-    node: Option<String>,
+/// How a job ended: its final state (`ended`) and the node it ended on (`ended_on`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Ending {
+    /// The final state.
+    #[serde(rename = "ended")]
+    pub state: String,
+    /// The node it ended on.
+    #[serde(rename = "ended_on")]
+    pub node: Option<String>,
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -348,8 +349,7 @@ fn incidents(
                     kind,
                     after_ms,
                     at_ms: since(at),
-                    ended: end.state,
-                    ended_on: end.node,
+                    end,
                 });
             }
             Some("retrying") if f.get("timeout").is_none_or(String::is_empty) => {
@@ -360,8 +360,7 @@ fn incidents(
                     job,
                     node,
                     at_ms: since(at),
-                    ended: end.state,
-                    ended_on: end.node,
+                    end,
                 });
             }
             Some("failed") => {
@@ -372,8 +371,7 @@ fn incidents(
                     job,
                     node,
                     at_ms: since(at),
-                    ended: end.state,
-                    ended_on: end.node,
+                    end,
                 });
             }
             Some("node_suspended") => {
@@ -462,8 +460,7 @@ fn dead_host(
                 lease_timeout_after_ms: lease.map(|(id, _)| event_ms(id).saturating_sub(d.at_ms)),
                 taken_after_ms: taken.as_ref().map(|t| t.1.saturating_sub(d.at_ms)),
                 taken_by: taken.map(|t| t.0),
-                ended: end.state,
-                ended_on: end.node,
+                end,
             }
         })
         .collect();
@@ -484,10 +481,10 @@ fn whole_secs(ms: u64) -> String {
 }
 
 /// "succeeded on gpu-2", "dead", …
-fn ended(state: &str, node: Option<&String>) -> String {
-    match node {
-        Some(n) if state == "succeeded" => format!("{state} on {n}"),
-        _ => state.to_owned(),
+fn ended(end: &Ending) -> String {
+    match &end.node {
+        Some(n) if end.state == "succeeded" => format!("{} on {n}", end.state),
+        _ => end.state.clone(),
     }
 }
 
@@ -526,7 +523,7 @@ fn timeout_line(t: &TimeoutIncident) -> String {
         t.retried_on
             .as_ref()
             .map_or_else(|| "not retried".to_owned(), |n| format!("retried on {n}")),
-        ended(&t.ended, t.ended_on.as_ref())
+        ended(&t.end)
     )
 }
 
@@ -561,7 +558,7 @@ fn incident_lines(s: &Summary) -> Vec<String> {
                 c.retried_on
                     .as_ref()
                     .map_or_else(|| "not retried".to_owned(), |n| format!("retried on {n}")),
-                ended(&c.ended, c.ended_on.as_ref())
+                ended(&c.end)
             ));
         }
     }
@@ -602,7 +599,7 @@ fn incident_lines(s: &Summary) -> Vec<String> {
             lines.push(format!(
                 "    job {}: {back}{taken}, {}",
                 j.job,
-                ended(&j.ended, j.ended_on.as_ref())
+                ended(&j.end)
             ));
         }
     }
@@ -654,25 +651,21 @@ fn node_note(s: &Summary, node: &str) -> String {
         .timeouts
         .iter()
         .filter(|t| t.node != node)
-        .map(|t| (t.job.as_str(), &t.ended, &t.ended_on))
+        .map(|t| (t.job.as_str(), &t.end))
         .chain(
             i.crashes
                 .iter()
                 .filter(|c| c.node != node)
-                .map(|c| (c.job.as_str(), &c.ended, &c.ended_on)),
+                .map(|c| (c.job.as_str(), &c.end)),
         )
         .chain(
             i.dead_hosts
                 .iter()
                 .filter(|d| d.node != node)
-                .flat_map(|d| {
-                    d.jobs
-                        .iter()
-                        .map(|j| (j.job.as_str(), &j.ended, &j.ended_on))
-                }),
+                .flat_map(|d| d.jobs.iter().map(|j| (j.job.as_str(), &j.end))),
         )
-        .filter(|(_, state, on)| *state == "succeeded" && on.as_deref() == Some(node))
-        .map(|(job, _, _)| job)
+        .filter(|(_, end)| end.state == "succeeded" && end.node.as_deref() == Some(node))
+        .map(|(job, _)| job)
         .collect();
     if !rescued.is_empty() {
         parts.push(format!(
