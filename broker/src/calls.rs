@@ -232,27 +232,33 @@ pub struct TakeReply {
 pub fn parse_take(rows: Vec<(String, String, u64, u64)>) -> Result<Vec<TakeReply>> {
     rows.into_iter()
         .map(|(entry_id, word, deliveries, n)| {
-            let decision = match word.as_str() {
-                "run" => TakeDecision::Run {
-                    attempt: u32::try_from(n).unwrap_or(u32::MAX),
-                },
-                "lost" => TakeDecision::Lost,
-                "duplicate" => TakeDecision::Duplicate,
-                "cancelled" => TakeDecision::Cancelled,
-                "expired" => TakeDecision::Expired,
-                "dead" => TakeDecision::Dead,
-                "pass" => TakeDecision::Pass {
-                    delay: Duration::from_millis(n),
-                },
-                other => return Err(unknown("take", other)),
-            };
             Ok(TakeReply {
                 entry_id,
-                decision,
+                decision: TakeDecision::parse(&word, n)?,
                 deliveries,
             })
         })
         .collect()
+}
+
+impl TakeDecision {
+    /// A take's word on one entry, with its number `n` (the attempt, or the delay of a pass).
+    fn parse(word: &str, n: u64) -> Result<Self> {
+        Ok(match word {
+            "run" => Self::Run {
+                attempt: u32::try_from(n).unwrap_or(u32::MAX),
+            },
+            "lost" => Self::Lost,
+            "duplicate" => Self::Duplicate,
+            "cancelled" => Self::Cancelled,
+            "expired" => Self::Expired,
+            "dead" => Self::Dead,
+            "pass" => Self::Pass {
+                delay: Duration::from_millis(n),
+            },
+            other => return Err(unknown("take", other)),
+        })
+    }
 }
 
 /// One held entry as `fleetq_renew` and `fleetq_progress` name it.
@@ -415,7 +421,7 @@ pub struct Completion<'a> {
 impl Completion<'_> {
     /// The result of a first attempt's success that no timeout ended and that has no stage
     /// profile: what `fleetq_complete_first` records; `None` for any other end.
-    fn first_success(&self) -> Option<&str> {
+    pub fn first_success(&self) -> Option<&str> {
         match self.commit {
             Commit::Succeeded(result)
                 if self.attempt == 1
@@ -488,6 +494,102 @@ pub fn parse_complete(words: Vec<String>, n: usize) -> Result<Vec<Committed>> {
         });
     }
     words.iter().map(|w| Committed::parse(w)).collect()
+}
+
+/// `fleetq_take_next`, a busy worker's turn in one call: record `ends` and read and take up to
+/// `tokens.len()` new entries (`tokens[i]` for the i-th read). `None` when an end is not a
+/// first attempt's plain success (those go through [`complete`]).
+#[allow(clippy::too_many_arguments)]
+pub fn take_next(
+    keys: &QueueKeys,
+    caller: &Caller,
+    lease: Duration,
+    started_now: bool,
+    beat: bool,
+    queue: &crate::QueueConfig,
+    ends: &[Completion<'_>],
+    tokens: &[Token],
+) -> Option<redis::Cmd> {
+    let results: Vec<&str> = ends
+        .iter()
+        .map(Completion::first_success)
+        .collect::<Option<_>>()?;
+    let mut cmd = fcall("fleetq_take_next", keys);
+    cmd.arg(&caller.consumer)
+        .arg(&caller.node)
+        .arg(lease.as_millis() as u64)
+        .arg(u8::from(started_now))
+        .arg(u8::from(beat))
+        .arg(queue.max_attempts)
+        .arg(queue_timeout_ms(queue))
+        .arg(ends.len());
+    for (c, result) in ends.iter().zip(results) {
+        cmd.arg(&c.held.entry_id)
+            .arg(c.held.token.as_str())
+            .arg(&c.held.job_id)
+            .arg(result);
+    }
+    for t in tokens {
+        cmd.arg(t.as_str());
+    }
+    Some(cmd)
+}
+
+/// The reply of [`take_next`] as it comes.
+pub type TakeNextRows = (
+    Vec<String>,
+    Vec<(String, String, u64, u64, Vec<(Vec<u8>, Value)>)>,
+    String,
+);
+
+/// What [`take_next`] did.
+#[derive(Debug)]
+pub struct TakeNextReply {
+    /// One word per end, in order.
+    pub ends: Vec<Committed>,
+    /// The entries read and taken (any decision but `read`), with the token each was given.
+    pub taken: Vec<(TakeReply, Token, EntryReply)>,
+    /// The entries read but not taken: the caller passes them to [`take`].
+    pub untaken: Vec<EntryReply>,
+    /// Why the read failed, when it did (the ends are recorded either way).
+    pub read_error: Option<String>,
+}
+
+/// Parses the reply of [`take_next`] for `ends` ends and the `tokens` it was given.
+pub fn parse_take_next(rows: TakeNextRows, ends: usize, tokens: &[Token]) -> Result<TakeNextReply> {
+    let (words, read, error) = rows;
+    let ends = parse_complete(words, ends)?;
+    if read.len() > tokens.len() {
+        return Err(Error::Protocol {
+            step: "take next",
+            detail: format!(
+                "{} entries read for {} tokens: the server's fleetq library is of another version; \
+                 load this one with `fleetq functions load` or restart the broker",
+                read.len(),
+                tokens.len()
+            ),
+        });
+    }
+    let mut taken = Vec::with_capacity(read.len());
+    let mut untaken = Vec::new();
+    for ((entry_id, word, deliveries, n, fields), token) in read.into_iter().zip(tokens) {
+        if word == "read" {
+            untaken.push((entry_id, fields));
+            continue;
+        }
+        let reply = TakeReply {
+            entry_id: entry_id.clone(),
+            decision: TakeDecision::parse(&word, n)?,
+            deliveries,
+        };
+        taken.push((reply, token.clone(), (entry_id, fields)));
+    }
+    Ok(TakeNextReply {
+        ends,
+        taken,
+        untaken,
+        read_error: Some(error).filter(|e| !e.is_empty()),
+    })
 }
 
 /// What `fleetq_complete` said.

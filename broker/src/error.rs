@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 /// Everything that can go wrong talking to a queue.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The Redis server could not be reached.
@@ -59,9 +59,6 @@ pub enum Error {
         /// What Redis said.
         source: redis::RedisError,
     },
-    /// The HTTP server stopped with an error.
-    #[error("the HTTP server failed: {0}; check the listen address and the system's limits")]
-    Serve(std::io::Error),
     /// A local redis-server (demo, tests) could not be started.
     #[error("local redis-server: {0}")]
     LocalRedis(String),

@@ -29,7 +29,7 @@ use crate::{Error, Result};
 /// The library's name in `FUNCTION LIST`.
 pub const LIBRARY_NAME: &str = "fleetq";
 /// Wire-protocol and library version; the major number is the protocol version.
-pub const LIBRARY_SEMVER: &str = "3.1.0";
+pub const LIBRARY_SEMVER: &str = "3.2.0";
 
 /// The Lua sources, in load order (helpers first). Each file documents its KEYS, ARGV and reply.
 pub const SOURCES: &[(&str, &str)] = &[
@@ -46,6 +46,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("take.lua", include_str!("lua/take.lua")),
     ("renew.lua", include_str!("lua/renew.lua")),
     ("complete.lua", include_str!("lua/complete.lua")),
+    ("cycle.lua", include_str!("lua/cycle.lua")),
     ("promote.lua", include_str!("lua/promote.lua")),
     ("reclaim.lua", include_str!("lua/reclaim.lua")),
     ("abandon.lua", include_str!("lua/abandon.lua")),

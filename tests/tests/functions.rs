@@ -1106,3 +1106,242 @@ async fn a_take_finds_its_entries_in_any_order() {
         assert_eq!(reply.decision, TakeDecision::Run { attempt: 1 }, "{id}");
     }
 }
+
+/// `fleetq_take_next` by `consumer` of the default queue config: records `ends` and reads and
+/// takes up to `tokens.len()` entries.
+async fn take_next(
+    c: &mut ConnectionManager,
+    keys: &QueueKeys,
+    consumer: &str,
+    ends: &[Completion<'_>],
+    tokens: &[Token],
+) -> calls::TakeNextReply {
+    let cmd = calls::take_next(
+        keys,
+        &caller(consumer),
+        Duration::from_secs(10),
+        true,
+        true,
+        &fleetq_broker::QueueConfig::default(),
+        ends,
+        tokens,
+    )
+    .expect("first-attempt successes only");
+    let rows: calls::TakeNextRows = functions::call(c, &cmd, "take next").await.unwrap();
+    calls::parse_take_next(rows, ends.len(), tokens).unwrap()
+}
+
+fn tokens(n: usize) -> Vec<Token> {
+    (0..n).map(|_| Token::new()).collect()
+}
+
+#[tokio::test]
+async fn a_turn_in_one_call_records_and_takes_what_the_separate_calls_do() {
+    let (_s, keys, mut c) = setup().await;
+    let a = xadd(&mut c, &keys, &[("payload", "{}")]).await;
+    let b = xadd(&mut c, &keys, &[("payload", "{}")]).await;
+    // A through the separate calls (read, short take, short completion) as the reference.
+    read(&mut c, &keys, "w1", 1).await;
+    let long = long_entry(&a);
+    let rows = functions::call(
+        &mut c,
+        &take_as_worker(&keys, "w1", std::slice::from_ref(&long)),
+        "take",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        calls::parse_take(rows).unwrap()[0].decision,
+        TakeDecision::Run { attempt: 1 }
+    );
+    let running_a = job_hash(&mut c, &keys, &a).await;
+    // B read and taken in one call: with the token given for it, a record like A's.
+    let t = tokens(2);
+    let next = take_next(&mut c, &keys, "w1", &[], &t).await;
+    assert!(next.ends.is_empty() && next.untaken.is_empty() && next.read_error.is_none());
+    assert_eq!(next.taken.len(), 1, "only B is waiting");
+    let (reply, token, (id, fields)) = &next.taken[0];
+    assert_eq!((&reply.entry_id, id), (&b, &b));
+    assert_eq!(reply.decision, TakeDecision::Run { attempt: 1 });
+    assert_eq!(reply.deliveries, 1);
+    assert_eq!(token, &t[0], "the first token goes to the first entry read");
+    assert_eq!(
+        fields.len(),
+        1,
+        "the entry comes with its fields: {fields:?}"
+    );
+    assert_eq!(fields[0].0, b"payload");
+    assert_eq!(
+        comparable(running_a),
+        comparable(job_hash(&mut c, &keys, &b).await)
+    );
+
+    // Both end in one call that reads nothing more (nothing waits).
+    let (ha, hb) = (
+        holding(long),
+        Holding {
+            entry_id: b.clone(),
+            token: t[0].clone(),
+            job_id: b.clone(),
+        },
+    );
+    let commit = Commit::Succeeded("{\"ok\":1}".into());
+    let ending = Ending::default();
+    let ends = [&ha, &hb].map(|held| Completion {
+        held,
+        attempt: 1,
+        commit: &commit,
+        ending: &ending,
+    });
+    let next = take_next(&mut c, &keys, "w1", &ends, &tokens(8)).await;
+    assert_eq!(next.ends, vec![Committed::Ok, Committed::Ok]);
+    assert!(next.taken.is_empty());
+    let (ra, rb) = (
+        job_hash(&mut c, &keys, &a).await,
+        job_hash(&mut c, &keys, &b).await,
+    );
+    assert_eq!(rb["state"], "succeeded");
+    assert_eq!(rb["result"], "{\"ok\":1}");
+    assert_eq!(comparable(ra), comparable(rb));
+    let len: u64 = redis::cmd("XLEN")
+        .arg(keys.stream())
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(len, 0, "both entries are acknowledged and deleted");
+    assert!(pending(&mut c, &keys).await.is_empty());
+    let holds: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(keys.holds())
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(holds.is_empty(), "no token is left held: {holds:?}");
+}
+
+#[tokio::test]
+async fn a_turn_in_one_call_keeps_fencing_marks_and_what_it_must_not_take() {
+    let (_s, keys, mut c) = setup().await;
+    let plain = xadd(&mut c, &keys, &[("payload", "{}")]).await;
+    let named = xadd(&mut c, &keys, &[("payload", "{}"), ("id", "job-n")]).await;
+    let cancelled = xadd(&mut c, &keys, &[("payload", "{}")]).await;
+    let bad = xadd(&mut c, &keys, &[("payload", "not json")]).await;
+    let mut cancel = fcall("fleetq_cancel", &keys);
+    cancel.arg(&cancelled);
+    let _: redis::Value = cancel.query_async(&mut c).await.unwrap();
+
+    // A stale token's end is fenced, and the read goes on.
+    let stale = Holding {
+        entry_id: plain.clone(),
+        token: Token::new(),
+        job_id: plain.clone(),
+    };
+    let commit = Commit::Succeeded("1".into());
+    let ending = Ending::default();
+    let end = [Completion {
+        held: &stale,
+        attempt: 1,
+        commit: &commit,
+        ending: &ending,
+    }];
+    let t = tokens(8);
+    let next = take_next(&mut c, &keys, "w1", &end, &t).await;
+    assert_eq!(next.ends, vec![Committed::Fenced]);
+    let decisions: Vec<(String, TakeDecision)> = next
+        .taken
+        .iter()
+        .map(|(r, _, _)| (r.entry_id.clone(), r.decision))
+        .collect();
+    assert_eq!(
+        decisions,
+        vec![
+            (plain.clone(), TakeDecision::Run { attempt: 1 }),
+            (cancelled.clone(), TakeDecision::Duplicate),
+            // Not the function's to judge: the worker dead-letters it, fenced by its token.
+            (bad.clone(), TakeDecision::Run { attempt: 1 }),
+        ]
+    );
+    // An entry with a job id of its own is read but left to fleetq_take.
+    assert_eq!(next.untaken.len(), 1);
+    assert_eq!(next.untaken[0].0, named);
+    assert!(job_hash(&mut c, &keys, "job-n")
+        .await
+        .get("state")
+        .is_none_or(|s| s != "running"));
+    let replies = take(&mut c, &keys, "w1", &[(&named, "job-n")]).await.0;
+    assert_eq!(replies[0].decision, TakeDecision::Run { attempt: 1 });
+    assert_eq!(
+        job_hash(&mut c, &keys, &cancelled).await["state"],
+        "cancelled"
+    );
+
+    // Another consumer cannot end what w1 holds, even with its token.
+    let held = Holding {
+        entry_id: plain.clone(),
+        token: next.taken[0].1.clone(),
+        job_id: plain.clone(),
+    };
+    let end = [Completion {
+        held: &held,
+        attempt: 1,
+        commit: &commit,
+        ending: &ending,
+    }];
+    assert_eq!(
+        take_next(&mut c, &keys, "w2", &end, &[]).await.ends,
+        vec![Committed::Fenced]
+    );
+    assert_eq!(
+        take_next(&mut c, &keys, "w1", &end, &[]).await.ends,
+        vec![Committed::Ok]
+    );
+    assert_eq!(job_hash(&mut c, &keys, &plain).await["state"], "succeeded");
+}
+
+#[tokio::test]
+async fn a_turn_whose_read_fails_still_records_its_ends() {
+    let (_s, keys, mut c) = setup().await;
+    let a = xadd(&mut c, &keys, &[("payload", "{}")]).await;
+    let t = tokens(1);
+    let next = take_next(&mut c, &keys, "w1", &[], &t).await;
+    let held = Holding {
+        entry_id: a.clone(),
+        token: t[0].clone(),
+        job_id: a.clone(),
+    };
+    // The group goes (the stream deleted and made again, say): the end is recorded all the
+    // same and the read says why it failed.
+    assert_eq!(next.taken.len(), 1);
+    let _: () = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(keys.stream())
+        .arg("workers")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let commit = Commit::Succeeded("1".into());
+    let ending = Ending::default();
+    let end = [Completion {
+        held: &held,
+        attempt: 1,
+        commit: &commit,
+        ending: &ending,
+    }];
+    let next = take_next(&mut c, &keys, "w1", &end, &tokens(4)).await;
+    assert_eq!(next.ends, vec![Committed::Ok]);
+    let why = next.read_error.expect("the read failed");
+    assert!(why.starts_with("NOGROUP"), "{why}");
+    assert_eq!(job_hash(&mut c, &keys, &a).await["state"], "succeeded");
+    // Refused before anything is written: a token that is not 16 hex digits.
+    let mut bad = fcall("fleetq_take_next", &keys);
+    bad.arg("w1")
+        .arg("n")
+        .arg(10_000)
+        .arg(1)
+        .arg(0)
+        .arg(3)
+        .arg(0)
+        .arg(0)
+        .arg("nothex");
+    let err = bad.query_async::<redis::Value>(&mut c).await.unwrap_err();
+    assert!(err.to_string().contains("is not 16 hex digits"), "{err}");
+}

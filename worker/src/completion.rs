@@ -10,14 +10,19 @@
 //! batch's jobs are freed together when Redis has recorded them, so the next read asks for
 //! all of them at once (and the next take and completion are as large).
 //!
+//! While the read loop of a busy stream waits for slots, it *carries* the first-attempt
+//! successes instead ([`Committer::carry`]): the batching task hands them to it, and it
+//! records them with its next read and take in one `fleetq_take_next` (see `intake`).
+//!
 //! A computed result is never thrown away while it can still be recorded: a commit that fails
 //! for a transient reason (Redis down, loading, read-only during a failover) is tried again,
 //! with the job still held and renewed, until Redis answers — accepted or fenced — or the
 //! worker's hard stop. Only a release (nothing computed to keep) gives up once its lease has
 //! surely run out.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use fleetq_broker::calls::{self, Caller, Completion, Holding};
@@ -32,6 +37,9 @@ use crate::lease::HeldJob;
 
 /// Most attempt ends in one `fleetq_complete` call.
 pub(crate) const MAX_BATCH: usize = 128;
+
+/// Scheduler turns a carried end waits for the ends of the other busy slots.
+const GATHER_TURNS: usize = 4;
 
 /// Ends on their way to Redis, across the worker's streams. The read loop waits for them
 /// before it reads for only part of the slots: their slots come free together a moment
@@ -76,6 +84,7 @@ pub(crate) type NotRecorded = (Arc<fleetq_broker::Error>, Option<OwnedSemaphoreP
 
 /// One end waiting for the next call, with the job's slot (freed once it is recorded) and
 /// where its answer goes.
+#[derive(Debug)]
 struct Request {
     holding: Holding,
     attempt: u32,
@@ -83,6 +92,38 @@ struct Request {
     ending: Ending,
     slot: Option<OwnedSemaphorePermit>,
     reply: oneshot::Sender<Result<Committed, NotRecorded>>,
+}
+
+impl Request {
+    fn completion(&self) -> Completion<'_> {
+        Completion {
+            held: &self.holding,
+            attempt: self.attempt,
+            commit: &self.commit,
+            ending: &self.ending,
+        }
+    }
+}
+
+/// Hands each request of `batch` its answer (see [`Carried::answer`]), emptying it.
+fn answer(batch: &mut Vec<Request>, answered: Result<Vec<Committed>, Arc<fleetq_broker::Error>>) {
+    match answered {
+        Ok(words) => {
+            // The batch's slots are freed together, after every job has its answer.
+            let mut slots = Vec::with_capacity(batch.len());
+            for (mut r, c) in batch.drain(..).zip(words) {
+                slots.push(r.slot.take());
+                let _ = r.reply.send(Ok(c));
+            }
+            drop(slots);
+        }
+        Err(e) => {
+            for mut r in batch.drain(..) {
+                let slot = r.slot.take();
+                let _ = r.reply.send(Err((e.clone(), slot)));
+            }
+        }
+    }
 }
 
 /// Where and as whom commits are made.
@@ -94,6 +135,87 @@ pub(crate) struct Committer {
     /// Shared by the committers of all the worker's streams.
     pub(crate) in_flight: Arc<InFlight>,
     batches: mpsc::UnboundedSender<Request>,
+    carry: Arc<Carry>,
+}
+
+/// First-attempt successes held back for the read loop while it carries them.
+#[derive(Debug, Default)]
+struct Carry {
+    state: Mutex<CarryState>,
+    came: Notify,
+}
+
+#[derive(Debug, Default)]
+struct CarryState {
+    on: bool,
+    ends: Vec<Request>,
+}
+
+impl Carry {
+    fn state(&self) -> std::sync::MutexGuard<'_, CarryState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes the first-attempt successes out of `batch` while the read loop carries them.
+    fn divert(&self, batch: &mut Vec<Request>) {
+        let mut state = self.state();
+        if !state.on {
+            return;
+        }
+        let (firsts, rest): (Vec<Request>, Vec<Request>) = batch
+            .drain(..)
+            .partition(|r| r.completion().first_success().is_some());
+        *batch = rest;
+        if !firsts.is_empty() {
+            state.ends.extend(firsts);
+            self.came.notify_one();
+        }
+    }
+}
+
+/// Ends the read loop carries: it records them with its next read ([`Carried::answer`]).
+/// Dropped unanswered, they go back to the batching task.
+#[derive(Debug)]
+pub(crate) struct Carried {
+    batch: Vec<Request>,
+    in_flight: Arc<InFlight>,
+    back: mpsc::UnboundedSender<Request>,
+}
+
+impl Carried {
+    /// How many ends.
+    pub(crate) fn len(&self) -> usize {
+        self.batch.len()
+    }
+
+    /// Whether there are none.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+
+    /// The ends as a call records them.
+    pub(crate) fn completions(&self) -> Vec<Completion<'_>> {
+        self.batch.iter().map(Request::completion).collect()
+    }
+
+    /// Hands each end its answer: the call's words (their slots are freed first, together),
+    /// or the call's error (each end then tries again, with its slot).
+    pub(crate) fn answer(mut self, answered: Result<Vec<Committed>, Arc<fleetq_broker::Error>>) {
+        let _answered = Answered(&self.in_flight, self.batch.len());
+        answer(&mut self.batch, answered);
+    }
+}
+
+impl Drop for Carried {
+    fn drop(&mut self) {
+        for r in self.batch.drain(..) {
+            if let Err(e) = self.back.send(r) {
+                // The batching task has stopped: the end's own loop hears so and gives up.
+                drop(e);
+                self.in_flight.answered(1);
+            }
+        }
+    }
 }
 
 impl Committer {
@@ -107,12 +229,57 @@ impl Committer {
         in_flight: Arc<InFlight>,
     ) -> Self {
         let (batches, rx) = mpsc::unbounded_channel();
-        tokio::spawn(send_batches(redis, keys, caller, rx, in_flight.clone()));
+        let carry = Arc::new(Carry::default());
+        tokio::spawn(send_batches(
+            redis,
+            keys,
+            caller,
+            rx,
+            in_flight.clone(),
+            carry.clone(),
+        ));
         Self {
             lease,
             in_flight,
             hard_stop: CancellationToken::new(),
             batches,
+            carry,
+        }
+    }
+
+    /// Carries the first-attempt successes that end from now on, until one comes or `until`
+    /// resolves: returns those carried (maybe none), to be recorded by the caller's next
+    /// call ([`Carried::answer`]). Other ends are sent as always meanwhile.
+    ///
+    /// `busy`: the slots busy when it starts. Once the first end comes, the others that are
+    /// about to (the jobs that end together) get a few scheduler turns to join it, so that
+    /// the call records and reads for as many slots as it can.
+    pub(crate) async fn carry(&self, until: impl Future<Output = ()>, busy: usize) -> Carried {
+        let came = self.carry.came.notified();
+        tokio::pin!(came, until);
+        came.as_mut().enable();
+        self.carry.state().on = true;
+        let first = tokio::select! {
+            _ = came => true,
+            _ = until => false,
+        };
+        if first {
+            for _ in 0..GATHER_TURNS {
+                if self.carry.state().ends.len() >= busy {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+        let ends = {
+            let mut state = self.carry.state();
+            state.on = false;
+            std::mem::take(&mut state.ends)
+        };
+        Carried {
+            batch: ends,
+            in_flight: self.in_flight.clone(),
+            back: self.batches.clone(),
         }
     }
 
@@ -220,13 +387,14 @@ impl Committer {
 
 /// The batching task of one stream: takes the ends waiting, sends them in one call, hands
 /// each its answer (all of them the same error when the call failed: each end's own loop then
-/// decides to try again).
+/// decides to try again). While the read loop carries, its first-attempt successes go to it.
 async fn send_batches(
     redis: Redis,
     keys: QueueKeys,
     caller: Caller,
     mut rx: mpsc::UnboundedReceiver<Request>,
     in_flight: Arc<InFlight>,
+    carry: Arc<Carry>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {
@@ -239,15 +407,11 @@ async fn send_batches(
                 Err(_) => break,
             }
         }
-        let items: Vec<Completion<'_>> = batch
-            .iter()
-            .map(|r| Completion {
-                held: &r.holding,
-                attempt: r.attempt,
-                commit: &r.commit,
-                ending: &r.ending,
-            })
-            .collect();
+        carry.divert(&mut batch);
+        if batch.is_empty() {
+            continue;
+        }
+        let items: Vec<Completion<'_>> = batch.iter().map(Request::completion).collect();
         // Counted as answered however this turn ends (a panic below included), so that the
         // read loop never waits for an answer that cannot come.
         let _answered = Answered(&in_flight, batch.len());
@@ -257,24 +421,7 @@ async fn send_batches(
                 Ok(words) => calls::parse_complete(words, batch.len()),
                 Err(e) => Err(e),
             };
-        match answered {
-            Ok(words) => {
-                // The batch's slots are freed together, after every job has its answer.
-                let mut slots = Vec::with_capacity(batch.len());
-                for (mut r, c) in batch.drain(..).zip(words) {
-                    slots.push(r.slot.take());
-                    let _ = r.reply.send(Ok(c));
-                }
-                drop(slots);
-            }
-            Err(e) => {
-                let e = Arc::new(e);
-                for mut r in batch.drain(..) {
-                    let slot = r.slot.take();
-                    let _ = r.reply.send(Err((e.clone(), slot)));
-                }
-            }
-        }
+        answer(&mut batch, answered.map_err(Arc::new));
     }
 }
 

@@ -34,13 +34,28 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::attempt;
-use crate::completion::Ending;
+use crate::completion::{Ending, InFlight};
 use crate::handler::Handler;
 use crate::lease::HeldJob;
 use crate::reclaim;
 use crate::runtime::Runtime;
 use crate::take::{self, Taken};
 use crate::Error;
+
+/// Returns once a slot is free while no end is on its way to Redis.
+async fn slot_with_nothing_on_its_way(slots: &Semaphore, in_flight: &InFlight) {
+    loop {
+        in_flight.settled().await;
+        if slots.available_permits() > 0 {
+            return;
+        }
+        // Closed only when the worker is gone.
+        let Ok(permit) = slots.acquire().await else {
+            return std::future::pending().await;
+        };
+        drop(permit);
+    }
+}
 
 /// A waiter on a partitioned queue's stream, on its own task: its connection comes back, with
 /// whether an entry newer than the mark came.
@@ -107,6 +122,9 @@ pub(crate) struct Intake<H> {
     turn: usize,
     /// Set when every waiter's block ended with nothing new: wait again without a sweep.
     idle: bool,
+    /// The last read brought a large entry ([`take::is_large`]): read directly, not through
+    /// `fleetq_take_next`.
+    large: bool,
     /// Woken when a waiter ends.
     woke: Arc<Notify>,
     backoff: Backoff,
@@ -164,6 +182,7 @@ impl<H: Handler> Intake<H> {
             max_block,
             turn: 0,
             idle: false,
+            large: false,
             woke: Arc::new(Notify::new()),
             backoff: Backoff::default(),
             outage: OutageLog::default(),
@@ -209,7 +228,16 @@ impl<H: Handler> Intake<H> {
             self.resign().await;
             return self.wait_suspended(left, stop).await;
         }
-        if self.slots.available_permits() == 0 {
+        let in_flight = self.rt().committer.in_flight.clone();
+        let free = self.slots.available_permits();
+        let waits = free == 0 || (free < self.rt().config.slots && in_flight.busy());
+        if waits && self.may_carry() {
+            if free == 0 {
+                self.resign().await;
+            }
+            return self.carry(stop).await.on(0);
+        }
+        if free == 0 {
             self.resign().await;
             tokio::select! {
                 permit = self.slots.clone().acquire_owned() => drop(permit),
@@ -217,8 +245,7 @@ impl<H: Handler> Intake<H> {
             }
             return Ok(());
         }
-        let in_flight = self.rt().committer.in_flight.clone();
-        if self.slots.available_permits() < self.rt().config.slots && in_flight.busy() {
+        if free < self.rt().config.slots && in_flight.busy() {
             // Slots a batch on its way will free: read for them all at once, when it lands.
             tokio::select! {
                 _ = in_flight.settled() => {}
@@ -236,6 +263,80 @@ impl<H: Handler> Intake<H> {
             1 => self.read_one(stop).await.on(0),
             _ => self.read_many(stop).await,
         }
+    }
+
+    /// Whether to carry the ends of this stream's jobs into its next read (see `carry`): a
+    /// queue read as one stream, whose last entries were small (a big payload costs Redis
+    /// less read directly than through a function).
+    fn may_carry(&self) -> bool {
+        self.sources.len() == 1 && !self.large
+    }
+
+    /// Whether stream `i` is due for a reclaim.
+    fn reclaim_is_due(&self, i: usize) -> bool {
+        let s = &self.sources[i];
+        let now = Instant::now();
+        now >= s.reclaim_at() && now >= s.reclaim_after
+    }
+
+    /// A busy single stream's turn: wait for the next first-attempt successes (or for a slot
+    /// with nothing on its way), then record them and read and take for the slots they free
+    /// and those already free, in one `fleetq_take_next`. A reclaim due, a suspension or the
+    /// stop leave the read to the next turn (the ends are recorded all the same).
+    async fn carry(&mut self, stop: &CancellationToken) -> Result<(), Error> {
+        let rt = self.rt().clone();
+        let (slots, in_flight) = (self.slots.clone(), rt.committer.in_flight.clone());
+        let health = rt.node.health.clone();
+        let until = async move {
+            tokio::select! {
+                _ = slot_with_nothing_on_its_way(&slots, &in_flight) => {}
+                _ = health.changed.notified() => {}
+                _ = stop.cancelled() => {}
+            }
+        };
+        let busy = rt.config.slots - self.slots.available_permits();
+        let carried = rt.committer.carry(until, busy).await;
+        if carried.is_empty() {
+            return Ok(());
+        }
+        self.refresh_config(0).await;
+        let read = !stop.is_cancelled()
+            && rt.node.health.suspended_for().is_none()
+            && !self.reclaim_is_due(0);
+        let count = if read {
+            self.slots.available_permits() + carried.len()
+        } else {
+            0
+        };
+        let queue = rt.queue_config();
+        let next = match take::take_next(&rt.taker, &queue, &carried.completions(), count).await {
+            Ok(next) => next,
+            Err(e) => {
+                carried.answer(Err(Arc::new(e.clone())));
+                return Err(Error::Queue(e));
+            }
+        };
+        carried.answer(Ok(next.ends));
+        if let Some(why) = next.read_error {
+            return self.read_failed(&why).await;
+        }
+        self.large = next.large;
+        self.settle(0, next.taken, &queue).await;
+        self.dispatch(0, next.untaken).await
+    }
+
+    /// A read inside `fleetq_take_next` failed (the ends were recorded): a missing group is
+    /// made again; anything else is a failed step.
+    async fn read_failed(&mut self, why: &str) -> Result<(), Error> {
+        let rt = self.rt().clone();
+        if why.starts_with("NOGROUP") {
+            take::ensure_group(rt.redis(), rt.keys()).await?;
+            return Ok(());
+        }
+        Err(Error::Queue(fleetq_broker::Error::Protocol {
+            step: "take next",
+            detail: format!("the read failed: {why}"),
+        }))
     }
 
     /// Reclaims on every stream where a lease or retry may be due; true when any brought work.
@@ -432,6 +533,7 @@ impl<H: Handler> Intake<H> {
         };
         let entries = r.map_err(|e| fleetq_broker::Error::redis("read jobs", e))?;
         self.sources[0].reader = Some(conn);
+        self.large = entries.iter().any(take::is_large);
         self.hand_over(0, entries).await
     }
 
@@ -644,12 +746,24 @@ impl<H: Handler> Intake<H> {
         let rt = self.sources[i].rt.clone();
         let queue = rt.queue_config();
         let taken = take::take(&rt.taker, &queue, entries).await?;
+        self.settle(i, taken, &queue).await;
+        Ok(())
+    }
+
+    /// Starts a slot task for each job taken that runs here; counts what was settled.
+    async fn settle(
+        &mut self,
+        i: usize,
+        taken: Vec<(Taken, Result<JobEntry, Malformed>)>,
+        queue: &QueueConfig,
+    ) {
+        let rt = self.sources[i].rt.clone();
         let mut started = false;
         for (t, job) in taken {
             match t.decision {
                 TakeDecision::Run { attempt } => {
                     started = true;
-                    self.start(&rt, t, attempt, job, &queue).await;
+                    self.start(&rt, t, attempt, job, queue).await;
                 }
                 TakeDecision::Pass { delay } => rt.schedule_promote(delay),
                 other => count_settled(&rt, other),
@@ -659,7 +773,6 @@ impl<H: Handler> Intake<H> {
             self.sources[i].busy_since = true;
             rt.node.health.busy_changed();
         }
-        Ok(())
     }
 
     async fn start(

@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use fleetq_broker::calls::{self, Caller, Holding, TakeDecision, TakeEntry, Token};
+use fleetq_broker::calls::{
+    self, Caller, Committed, Completion, Holding, TakeDecision, TakeEntry, TakeNextRows, Token,
+};
 use fleetq_broker::functions;
 use fleetq_broker::job::entry_ms;
 use fleetq_broker::keys::GROUP;
@@ -114,7 +116,7 @@ pub(crate) struct Taker {
 impl Taker {
     /// Whether this take should note the worker alive on the queue (the nodes zset and the
     /// queue's last worker call): at most every lease/4, so a busy queue pays it rarely.
-    fn beat_due(&self) -> bool {
+    pub(crate) fn beat_due(&self) -> bool {
         let now = std::time::Instant::now();
         let mut last = self
             .last_beat
@@ -195,4 +197,82 @@ pub(crate) async fn take(
             )
         })
         .collect())
+}
+
+/// An entry this big (names and values) is read with `XREADGROUP` itself rather than through
+/// `fleetq_take_next`, which would copy it into the function and out again.
+const LARGE_ENTRY_BYTES: usize = 64 * 1024;
+
+/// Whether `raw` is large (see [`LARGE_ENTRY_BYTES`]).
+pub(crate) fn is_large(raw: &RawEntry) -> bool {
+    raw.fields
+        .iter()
+        .map(|(n, v)| n.len() + v.len())
+        .sum::<usize>()
+        > LARGE_ENTRY_BYTES
+}
+
+/// What [`take_next`] did.
+pub(crate) struct Next {
+    /// The ends' words, in order.
+    pub(crate) ends: Vec<Committed>,
+    /// The entries read and taken, each with its parsed job.
+    pub(crate) taken: Vec<(Taken, Result<JobEntry, Malformed>)>,
+    /// The entries read but not taken: for [`take`].
+    pub(crate) untaken: Vec<RawEntry>,
+    /// Why the read failed, when it did.
+    pub(crate) read_error: Option<String>,
+    /// Whether an entry read was large ([`is_large`]).
+    pub(crate) large: bool,
+}
+
+/// Runs `fleetq_take_next`: records `ends` (first-attempt successes) and reads and takes up to
+/// `count` new entries, in one call.
+pub(crate) async fn take_next(
+    taker: &Taker,
+    queue: &QueueConfig,
+    ends: &[Completion<'_>],
+    count: usize,
+) -> Result<Next, fleetq_broker::Error> {
+    let tokens: Vec<Token> = (0..count).map(|_| Token::new()).collect();
+    let cmd = calls::take_next(
+        &taker.keys,
+        &taker.caller,
+        taker.lease,
+        taker.starts_at_once,
+        count > 0 && taker.beat_due(),
+        queue,
+        ends,
+        &tokens,
+    )
+    .ok_or_else(|| {
+        fleetq_broker::Error::Config("only first-attempt successes go with a read".into())
+    })?;
+    let rows: TakeNextRows = functions::call(&mut taker.redis.conn(), &cmd, "take next").await?;
+    let reply = calls::parse_take_next(rows, ends.len(), &tokens)?;
+    let untaken: Vec<RawEntry> = reply.untaken.into_iter().map(raw_entry).collect();
+    let mut large = untaken.iter().any(is_large);
+    let taken = reply
+        .taken
+        .into_iter()
+        .map(|(t, token, entry)| {
+            let raw = raw_entry(entry);
+            large |= is_large(&raw);
+            let job = JobEntry::parse(&raw, queue.max_payload_bytes);
+            let holding = Holding {
+                job_id: raw.id,
+                entry_id: t.entry_id,
+                token,
+            };
+            let decision = t.decision;
+            (Taken { holding, decision }, job)
+        })
+        .collect();
+    Ok(Next {
+        ends: reply.ends,
+        taken,
+        untaken,
+        read_error: reply.read_error,
+        large,
+    })
 }

@@ -302,18 +302,23 @@ end
 -- fleetq_complete. Written as fleetq_complete writes a first attempt's success.
 local FIRST_HEADER = 2
 
+-- The first-attempt successes in ARGV[from…to], 4 values each, as complete_batch's entries.
+local function first_entries(args, from, to)
+  local entries = {}
+  for i = from, to, 4 do
+    entries[#entries + 1] = { entry_id = args[i], token = args[i + 1], job_id = args[i + 2],
+      outcome = 'succeeded', data = args[i + 3], attempt = 1, timeout = '', stages = '' }
+  end
+  return entries
+end
+
 local function complete_first(keys, args)
   local K = open_queue(queue_keys(keys[1]))
   if #args < FIRST_HEADER or (#args - FIRST_HEADER) % 4 ~= 0 then
     return redis.error_reply('fleetq: fleetq_complete_first takes ' .. FIRST_HEADER ..
       ' values and then 4 per entry; got ' .. #args .. ' (a worker of another protocol version?)')
   end
-  local entries = {}
-  for i = FIRST_HEADER + 1, #args, 4 do
-    entries[#entries + 1] = { entry_id = args[i], token = args[i + 1], job_id = args[i + 2],
-      outcome = 'succeeded', data = args[i + 3], attempt = 1, timeout = '', stages = '' }
-  end
-  return complete_batch(K, args[1], args[2], entries)
+  return complete_batch(K, args[1], args[2], first_entries(args, FIRST_HEADER + 1, #args))
 end
 
 register('fleetq_complete', complete, DRAIN)

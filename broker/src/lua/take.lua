@@ -238,13 +238,15 @@ local function take_header(K, args)
 end
 
 -- Decides for checked `entries` (their ids in `ids`) and writes the batch's leases and tokens.
-local function take_batch(K, T, entries, ids, beat)
+-- `owned`: the delivery counts of the entries the caller owns, by entry id, when the caller
+-- of take_batch knows them (it read them itself); else they are looked up.
+local function take_batch(K, T, entries, ids, beat, owned)
   if beat then
     seen(K, T.node)
     worker_called(K, T.lease, T.now)
   end
   if #entries == 0 then return {} end
-  local owned = owned_deliveries(K, T.consumer, entries)
+  owned = owned or owned_deliveries(K, T.consumer, entries)
   local marks = redis.call('HMGET', K.holds, unpack(ids))
   local out = {}
   for i, e in ipairs(entries) do
@@ -305,6 +307,31 @@ end
 -- holds hash (cancelled or expired while waiting) and the delivery count are checked as
 -- fleetq_take checks them, and decided the same way.
 local FRESH_HEADER = 7
+local NO_AVOID = {}
+
+-- The header of fleetq_take_fresh (and fleetq_take_next): take_header's T with the queue's
+-- max_attempts and queue timeout, or nil and what is wrong.
+local function fresh_header(K, args)
+  local T, bad = take_header(K, args)
+  if T == nil then return nil, bad end
+  T.max_attempts = whole(args[6], { 1, 4294967295 })
+  T.max_attempts_s = args[6]
+  T.queue_timeout = whole(args[7], { 0, ENTRY_NUMBERS.enqueued_ms[2] })
+  if T.max_attempts == nil or T.queue_timeout == nil then
+    return nil, 'max_attempts ' .. shown(args[6]) .. ' or queue_timeout_ms ' .. shown(args[7]) ..
+      ' is not a whole number of its range'
+  end
+  return T
+end
+
+-- A plain job's first delivery as take_batch's entry: entry `id` (time `ms`, its digits), `token`.
+local function fresh_entry(T, id, token, ms)
+  local deadline = 0
+  if T.queue_timeout > 0 then deadline = tonumber(ms) + T.queue_timeout end
+  return { entry_id = id, job_id = id, token = token, prior = 0, max_attempts = T.max_attempts,
+    max_attempts_s = T.max_attempts_s, deadline = deadline, enqueued = ms, avoid = NO_AVOID,
+    avoid_until = 0, workflow = '', passes = 0 }
+end
 
 local function take_fresh(keys, args)
   local K = open_queue(queue_keys(keys[1]))
@@ -312,15 +339,9 @@ local function take_fresh(keys, args)
     return redis.error_reply('fleetq: fleetq_take_fresh takes ' .. FRESH_HEADER ..
       ' values and then 2 per entry; got ' .. #args .. ' (a worker of another protocol version?)')
   end
-  local T, bad = take_header(K, args)
-  local max_attempts = whole(args[6], { 1, 4294967295 })
-  local timeout = whole(args[7], { 0, ENTRY_NUMBERS.enqueued_ms[2] })
-  if T == nil or max_attempts == nil or timeout == nil then
-    return redis.error_reply('fleetq: fleetq_take_fresh: ' .. (bad or ('max_attempts ' .. shown(args[6]) ..
-      ' or queue_timeout_ms ' .. shown(args[7]) .. ' is not a whole number of its range')))
-  end
+  local T, bad = fresh_header(K, args)
+  if T == nil then return redis.error_reply('fleetq: fleetq_take_fresh: ' .. bad) end
   local entries, ids = {}, {}
-  local none = {}
   for i = FRESH_HEADER + 1, #args, 2 do
     local id, token = args[i], args[i + 1]
     local ms = string.match(id, '^(%d+)%-%d+$')
@@ -328,11 +349,7 @@ local function take_fresh(keys, args)
       return redis.error_reply('fleetq: fleetq_take_fresh: entry ' .. shown(id) .. ' with token ' .. shown(token) ..
         ': expected an entry id and a token of 16 hex digits')
     end
-    local deadline = 0
-    if timeout > 0 then deadline = tonumber(ms) + timeout end
-    entries[#entries + 1] = { entry_id = id, job_id = id, token = token, prior = 0,
-      max_attempts = max_attempts, max_attempts_s = args[6], deadline = deadline, enqueued = ms,
-      avoid = none, avoid_until = 0, workflow = '', passes = 0 }
+    entries[#entries + 1] = fresh_entry(T, id, token, ms)
     ids[#ids + 1] = id
   end
   return take_batch(K, T, entries, ids, args[5] == '1')
