@@ -190,6 +190,22 @@ async fn read_enqueued(
     Ok(length)
 }
 
+/// The entries of a stream not yet delivered to fleetq's group, from its `XINFO GROUPS` reply
+/// and its length, as the functions count them: the group's lag, else (when Redis cannot tell
+/// it) the entries neither pending nor delivered, `length − pending`; without a group, all.
+pub(crate) fn undelivered(groups: Vec<Vec<redis::Value>>, length: u64) -> u64 {
+    let group = groups
+        .into_iter()
+        .map(map_of)
+        .find(|g| text(g, "name").as_deref() == Some(GROUP));
+    match group {
+        Some(g) => {
+            num(&g, "lag").unwrap_or_else(|| length.saturating_sub(num(&g, "pending").unwrap_or(0)))
+        }
+        None => length,
+    }
+}
+
 /// fleetq's consumer group on the stream, if it was created yet.
 async fn read_group(conn: &mut SharedConn, keys: &QueueKeys) -> Result<Option<Info>> {
     let groups: Vec<Vec<redis::Value>> = redis::cmd("XINFO")

@@ -201,8 +201,73 @@ impl Producer {
         self.enqueue_checked(payload, opts).await
     }
 
-    /// One `fleetq_enqueue` call for a payload known to be JSON.
+    /// Whether a job is added with a plain `XADD` (see [`PLAIN_PAYLOAD_BYTES`]).
+    fn plain(&self, payload: &str, opts: &EnqueueOptions) -> bool {
+        payload.len() >= PLAIN_PAYLOAD_BYTES && !self.parts.is_split() && opts.args().is_empty()
+    }
+
+    /// Adds large payloads (known to be JSON) with plain `XADD`s, after one
+    /// `fleetq_enqueue_check` of the largest: in [`BATCH_CALL_BYTES`] runs, each in one
+    /// `MULTI` with the group's counters, which say the positions.
+    async fn enqueue_plain(&self, payloads: &[&str]) -> Result<Vec<Enqueued>> {
+        let largest = payloads.iter().map(|p| p.len()).max().unwrap_or(0);
+        let mut check = fcall("fleetq_enqueue_check", &self.keys);
+        check.arg(largest);
+        let _: String = functions::call(&mut self.redis.conn(), &check, "enqueue")
+            .await
+            .map_err(|e| e.refused_enqueue("job"))?;
+        let stream = self.keys.stream();
+        let mut out = Vec::with_capacity(payloads.len());
+        for run in chunks(payloads, |p| p.len()) {
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for payload in run {
+                pipe.cmd("XADD")
+                    .arg(&stream)
+                    .arg("*")
+                    .arg("payload")
+                    .arg(*payload);
+            }
+            pipe.cmd("XINFO").arg("GROUPS").arg(&stream);
+            pipe.cmd("XLEN").arg(&stream);
+            let mut replies: Vec<redis::Value> = pipe
+                .query_async(&mut self.redis.conn())
+                .await
+                .map_err(|e| Error::redis("enqueue", e).refused_enqueue("job"))?;
+            if replies.len() != run.len() + 2 {
+                return Err(plain_reply(format!(
+                    "{} values for {} entries",
+                    replies.len(),
+                    run.len()
+                )));
+            }
+            let length: u64 = parse_plain(replies.pop())?;
+            let groups: Vec<Vec<redis::Value>> = parse_plain(replies.pop())?;
+            // The run's entries are the last ones added: the last is at the end of the line.
+            let last = crate::inspect::undelivered(groups, length);
+            let n = replies.len() as u64;
+            for (i, id) in replies.into_iter().enumerate() {
+                out.push(Enqueued {
+                    id: parse_plain(Some(id))?,
+                    state: JobState::Waiting,
+                    position: last.saturating_sub(n - 1 - i as u64),
+                    created: true,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// One `fleetq_enqueue` call for a payload known to be JSON (a large one without options:
+    /// a plain `XADD`).
     async fn enqueue_checked(&self, payload: &str, opts: &EnqueueOptions) -> Result<Enqueued> {
+        if self.plain(payload, opts) {
+            let mut one = self.enqueue_plain(&[payload]).await?;
+            return one.pop().ok_or_else(|| Error::Protocol {
+                step: "enqueue",
+                detail: "no reply for the job".into(),
+            });
+        }
         let cmd = self.enqueue_cmd(payload, opts);
         let reply: (String, String, u64, u8) =
             functions::call(&mut self.redis.conn(), &cmd, "enqueue")
@@ -245,6 +310,23 @@ impl Producer {
                 Error::Rejected(format!("job {} of {} in the batch: {e}", i + 1, jobs.len()))
             })?;
         }
+        // In order: runs of large payloads without options go as plain XADDs, the rest
+        // through the functions.
+        let mut out = Vec::with_capacity(jobs.len());
+        for run in jobs.chunk_by(|a, b| self.plain(a.0, a.1) == self.plain(b.0, b.1)) {
+            if self.plain(run[0].0, run[0].1) {
+                let payloads: Vec<&str> = run.iter().map(|(p, _)| *p).collect();
+                out.extend(self.enqueue_plain(&payloads).await?);
+            } else {
+                out.extend(self.enqueue_functions(run).await?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Jobs known to be JSON through `fleetq_enqueue_batch`, one pipeline per queue or
+    /// partition.
+    async fn enqueue_functions(&self, jobs: &[(&str, &EnqueueOptions)]) -> Result<Vec<Enqueued>> {
         // The jobs of each queue or partition, in order, with the id given to those without.
         let mut homes: Vec<(&QueueKeys, Vec<Placed>)> = Vec::new();
         for (i, (_, opts)) in jobs.iter().enumerate() {
@@ -463,6 +545,13 @@ impl deadpool::managed::Manager for WaitConns {
 /// pipeline. 100.
 pub const BATCH_CALL_JOBS: usize = 100;
 
+/// A payload this big or bigger, of a job without options on a queue that is not split, is
+/// added with a plain `XADD` (in a `MULTI` with the group's counters, for its position) after
+/// a `fleetq_enqueue_check` of its size, not passed to `fleetq_enqueue`: Redis 7.0's Lua
+/// hashes every byte of every string a function is given, which for a payload of 1 MB costs
+/// about ten times the `XADD` that stores it. 64 KiB.
+pub const PLAIN_PAYLOAD_BYTES: usize = 64 * 1024;
+
 /// Most payload bytes in one `fleetq_enqueue_batch` call (a job larger than this goes alone):
 /// bounds the arguments Redis holds for one call. 1 MiB.
 pub const BATCH_CALL_BYTES: usize = 1 << 20;
@@ -491,6 +580,19 @@ fn chunks<T>(items: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
 type Placed = (usize, Option<String>);
 
 /// A function's reply `[job_id, state, position, created]` as an [`Enqueued`].
+/// A value of the reply to a plain enqueue (`XADD`s, `XINFO GROUPS`, `XLEN` in one `MULTI`).
+fn parse_plain<T: redis::FromRedisValue>(v: Option<redis::Value>) -> Result<T> {
+    let v = v.ok_or_else(|| plain_reply("too few values".into()))?;
+    redis::from_redis_value(v).map_err(|e| plain_reply(e.to_string()))
+}
+
+fn plain_reply(detail: String) -> Error {
+    Error::Protocol {
+        step: "enqueue (plain XADD)",
+        detail,
+    }
+}
+
 fn enqueued((id, state, position, created): (String, String, u64, u8)) -> Result<Enqueued> {
     Ok(Enqueued {
         id,

@@ -794,6 +794,14 @@ async fn roles_work_under_their_own_users(flavor: Flavor) {
     assert_eq!(st.state, JobState::Succeeded, "{st:?}\n{}", w1.log());
     assert_eq!(st.result.unwrap()["node"], "gpu-1");
 
+    // A large payload goes around the functions (MULTI, XADD, XINFO GROUPS, XLEN as the
+    // producer's user) and runs under the worker's.
+    let large = json!({ "blob": "x".repeat(fleetq_broker::producer::PLAIN_PAYLOAD_BYTES) });
+    let big = p.enqueue(&large, &EnqueueOptions::default()).await.unwrap();
+    assert!(big.created && big.position >= 1, "{big:?}");
+    let st = p.wait(&big.id, Duration::from_secs(15)).await.unwrap();
+    assert_eq!(st.state, JobState::Succeeded, "{st:?}\n{}", w1.log());
+
     // The worker heartbeats its own record (between beats with news it only renews the
     // record's time to live: the broker reads the last heartbeat from the expiry).
     let seen = || async {

@@ -147,6 +147,18 @@ async fn one_seed_url_serves_queues_on_every_primary() {
     .await;
     let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200);
+
+    // A large payload goes around the functions (a plain XADD in a MULTI, on its queue's
+    // primary) and runs there too.
+    let large = json!({ "blob": "x".repeat(fleetq_broker::producer::PLAIN_PAYLOAD_BYTES) });
+    for q in &queues {
+        let p = Producer::new(&redis, q).await.unwrap();
+        let e = p.enqueue(&large, &EnqueueOptions::default()).await.unwrap();
+        assert_eq!((e.state, e.created), (JobState::Waiting, true), "{q}");
+        assert!(e.position >= 1, "{q}: {e:?}");
+        let st = p.wait(&e.id, Duration::from_secs(20)).await.unwrap();
+        assert_eq!(st.state, JobState::Succeeded, "{q}: {st:?}");
+    }
     stop.cancel();
     drop(workers);
 }

@@ -63,6 +63,9 @@ fn with_id(id: impl Into<String>) -> EnqueueOptions {
     }
 }
 
+/// The largest payload a producer sends through `fleetq_enqueue`.
+const LARGEST_THROUGH_FUNCTIONS: usize = fleetq_broker::producer::PLAIN_PAYLOAD_BYTES - 1;
+
 fn payload_of(bytes: usize) -> String {
     json!({ "blob": "x".repeat(bytes.saturating_sub(12)) }).to_string()
 }
@@ -80,8 +83,9 @@ async fn cost_of_singles(s: &Stack, queue: &str, n: usize, bytes: usize) -> BTre
     calls(s).await
 }
 
-/// What an enqueue costs Redis does not depend on the payload: the same commands, as many of
-/// each, for 200 B and for 1 MB payloads, none of them reading entries (`XINFO STREAM`
+/// What an enqueue through the functions costs Redis does not depend on the payload: the same
+/// commands, as many of each, for 200 B and for the largest payload sent through them (a
+/// larger one goes around them, below), none of them reading entries (`XINFO STREAM`
 /// copies the first and last entries, `XRANGE` any), in every state the group can be in:
 /// made by fleetq_enqueue with its counter, made by a worker without one and never
 /// delivered, and with the lag unknown to Redis (a job still running ahead of one that
@@ -101,9 +105,13 @@ async fn enqueue_cost_does_not_depend_on_the_payload() {
     }
     for queue in ["q", "cold"] {
         let small = cost_of_singles(&s, queue, N, 200).await;
-        let large = cost_of_singles(&s, queue, N, 1_000_000).await;
+        let large = cost_of_singles(&s, queue, N, LARGEST_THROUGH_FUNCTIONS).await;
         assert_eq!(small["fcall"], N as u64, "{small:?}");
-        assert_eq!(inner(&small), inner(&large), "{queue}: 200 B vs 1 MB");
+        assert_eq!(
+            inner(&small),
+            inner(&large),
+            "{queue}: 200 B vs the largest"
+        );
         for reads in ["xinfo|stream", "xrange", "xrevrange", "exists"] {
             assert!(!small.contains_key(reads), "{queue}: {reads} in {small:?}");
         }
@@ -143,8 +151,12 @@ async fn enqueue_cost_does_not_depend_on_the_payload() {
         .await
         .unwrap();
     let small = cost_of_singles(&s, "q", N, 200).await;
-    let large = cost_of_singles(&s, "q", N, 1_000_000).await;
-    assert_eq!(inner(&small), inner(&large), "lag unknown: 200 B vs 1 MB");
+    let large = cost_of_singles(&s, "q", N, LARGEST_THROUGH_FUNCTIONS).await;
+    assert_eq!(
+        inner(&small),
+        inner(&large),
+        "lag unknown: 200 B vs the largest"
+    );
     assert_eq!(
         small["xlen"], N as u64,
         "the line's end from XLEN: {small:?}"
@@ -617,4 +629,98 @@ async fn expire_reads_nothing_of_a_backlog_without_queue_timeouts() {
         .await
         .unwrap();
     assert_eq!(indexed, N as u64);
+}
+
+/// A large payload of a job without options goes around the functions (Redis 7.0's Lua would
+/// hash every byte of it): a plain XADD in one MULTI with the group's counters, after a
+/// check of its size. It waits in line like any job (its position exact, one to n in a batch
+/// after the jobs ahead), runs, and is refused over the queue's limit with the functions'
+/// message and nothing added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_payload_goes_around_the_functions_and_waits_in_line() {
+    let s = Stack::start().await;
+    let p = s.producer("big").await;
+    let keys = QueueKeys::new("big").unwrap();
+    let small = p
+        .enqueue_json("{}", &EnqueueOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(small.position, 1);
+    let large = payload_of(1_000_000);
+    reset_stats(&s).await;
+    let one = p
+        .enqueue_json(&large, &EnqueueOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        (one.state, one.position, one.created),
+        (JobState::Waiting, 2, true)
+    );
+    let ran = calls(&s).await;
+    assert_eq!(ran.get("fcall"), Some(&1), "one size check: {ran:?}");
+    assert_eq!(ran.get("xadd"), Some(&1), "{ran:?}");
+    assert_eq!(ran.get("multi"), Some(&1), "{ran:?}");
+    // A batch: the large ones in order with the small one between them.
+    let batch = vec![large.clone(), "{}".to_owned(), large.clone(), large.clone()];
+    let done = p.enqueue_batch(&batch).await.unwrap();
+    let positions: Vec<u64> = done.iter().map(|e| e.position).collect();
+    assert_eq!(positions, vec![3, 4, 5, 6]);
+    let st = p.status(&one.id).await.unwrap();
+    assert_eq!(
+        (st.state, st.position),
+        (JobState::Waiting, Some(2)),
+        "{st:?}"
+    );
+    // Over the limit: refused with the functions' words, nothing added.
+    let mut c = s.conn();
+    let _: () = redis::cmd("HSET")
+        .arg(keys.config())
+        .arg("max_payload_bytes")
+        .arg(500_000)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let before: u64 = redis::cmd("XLEN")
+        .arg(keys.stream())
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let err = p
+        .enqueue_json(&large, &EnqueueOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Rejected(m) if m.contains("over the queue limit of 500000")),
+        "{err}"
+    );
+    let after: u64 = redis::cmd("XLEN")
+        .arg(keys.stream())
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(before, after, "nothing was added");
+    let _: () = redis::cmd("HDEL")
+        .arg(keys.config())
+        .arg("max_payload_bytes")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    // A worker runs them all, the large payloads whole.
+    let w = s.worker(
+        worker_config("big", "n1", 4),
+        FnHandler::new(|job, _| async move {
+            Outcome::Succeeded(json!({ "bytes": job.payload.to_string().len() }))
+        }),
+    );
+    for e in std::iter::once(&one).chain(&done) {
+        let st = p.wait(&e.id, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(st.state, JobState::Succeeded, "{st:?}");
+    }
+    let st = p.status(&one.id).await.unwrap();
+    assert_eq!(
+        st.result,
+        Some(json!({ "bytes": large.len() })),
+        "the payload arrived whole"
+    );
+    w.stop().await;
 }

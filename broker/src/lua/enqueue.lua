@@ -42,6 +42,14 @@ local DEFAULT_MAX_PAYLOAD_BYTES = 1048576
 -- Most jobs in one fleetq_enqueue_batch call (a call holds Redis for its whole run).
 local BATCH_MAX = 1000
 
+-- What is wrong with a payload of `size` bytes for the queue, or nil.
+local function over_limit(K, size)
+  local limit = config_num(K, 'max_payload_bytes', DEFAULT_MAX_PAYLOAD_BYTES)
+  if size <= limit then return nil end
+  return 'payload is ' .. size .. ' bytes, over the queue limit of ' .. limit ..
+    ' (config max_payload_bytes); store large inputs elsewhere and pass a reference'
+end
+
 -- One job's payload and optional pairs, args[from] to args[to]: checked into
 -- { payload, fields (the entry's), id, delay }, or nil and what is wrong.
 local function enqueue_job(K, args, from, to)
@@ -49,11 +57,8 @@ local function enqueue_job(K, args, from, to)
   if payload == nil or payload == '' then
     return nil, 'payload is missing; pass the job payload as a JSON text'
   end
-  local limit = config_num(K, 'max_payload_bytes', DEFAULT_MAX_PAYLOAD_BYTES)
-  if #payload > limit then
-    return nil, 'payload is ' .. #payload .. ' bytes, over the queue limit of ' .. limit ..
-      ' (config max_payload_bytes); store large inputs elsewhere and pass a reference'
-  end
+  local too_large = over_limit(K, #payload)
+  if too_large then return nil, too_large end
   if (to - from) % 2 ~= 0 then
     return nil, 'optional fields must come in field/value pairs'
   end
@@ -196,5 +201,27 @@ local function enqueue_batch(keys, args)
   return add_jobs(K, jobs, line_once(K))
 end
 
+-- fleetq_enqueue_check: before a producer adds large payloads of jobs without options with
+-- plain XADDs (no function sees them: Redis 7.0's Lua would hash every byte), the checks
+-- fleetq_enqueue would make of them.
+-- KEYS[1]  queue stream key
+-- ARGV[1]  the largest payload's size in bytes
+-- Reply    'ok'; the error fleetq_enqueue gives for a payload over max_payload_bytes (or for a
+--          bad queue config). Makes the group when the queue has none, as fleetq_enqueue
+--          does, so that positions come from its counters from the first entry on.
+local function enqueue_check(keys, args)
+  local K = open_queue(queue_keys(keys[1]))
+  local size = whole(args[1], { 0, ENTRY_NUMBERS.enqueued_ms[2] })
+  if size == nil then
+    return redis.error_reply('fleetq: fleetq_enqueue_check takes a payload size in bytes, got ' .. shown(args[1]))
+  end
+  local too_large = over_limit(K, size)
+  if too_large then return redis.error_reply('fleetq: ' .. too_large) end
+  local g, exists = group_of(K)
+  if g == nil then make_group(K, exists) end
+  return 'ok'
+end
+
 register('fleetq_enqueue', enqueue)
+register('fleetq_enqueue_check', enqueue_check)
 register('fleetq_enqueue_batch', enqueue_batch)
