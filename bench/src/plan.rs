@@ -66,6 +66,11 @@ pub struct Plan {
     /// run), with their job counts: full 10 000 B × 5 000 and 1 000 000 B × 200, quick
     /// 10 000 B × 500 and 1 000 000 B × 30.
     pub payload_sweep: Vec<(usize, usize)>,
+    /// Rounds of each bigger size of the payload sweep (an end-to-end run and a floor run
+    /// each; the median round by its cost over the floor is reported): full 3, quick 1. A
+    /// big payload's cost is mostly its copy, which moves between runs by more than what
+    /// fleetq adds to it.
+    pub payload_rounds: usize,
     /// Jobs per drain of the drain-by-slots scenario (once per entry of [`DRAIN_SLOTS`]).
     /// Full 10 000, quick 1 000.
     pub slots_jobs: usize,
@@ -90,6 +95,7 @@ impl Plan {
             cluster_jobs: 30_000,
             by_step_jobs: 20_000,
             payload_sweep: vec![(10_000, 5_000), (1_000_000, 200)],
+            payload_rounds: 3,
             slots_jobs: 10_000,
         }
     }
@@ -109,6 +115,7 @@ impl Plan {
             cluster_jobs: 3_000,
             by_step_jobs: 2_000,
             payload_sweep: vec![(10_000, 500), (1_000_000, 30)],
+            payload_rounds: 1,
             slots_jobs: 1_000,
         }
     }

@@ -1345,3 +1345,48 @@ async fn a_turn_whose_read_fails_still_records_its_ends() {
     let err = bad.query_async::<redis::Value>(&mut c).await.unwrap_err();
     assert!(err.to_string().contains("is not 16 hex digits"), "{err}");
 }
+
+#[tokio::test]
+async fn a_turn_in_one_call_expires_what_waited_past_its_queue_timeout() {
+    let (_s, keys, mut c) = setup().await;
+    let late = xadd(&mut c, &keys, &[("payload", "{}")]).await;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let fresh = xadd(&mut c, &keys, &[("payload", "{}")]).await;
+    // A queue timeout of 20 ms: the first entry waited past it, the second did not.
+    let queue = fleetq_broker::QueueConfig {
+        queue_timeout: Some(Duration::from_millis(20)),
+        ..fleetq_broker::QueueConfig::default()
+    };
+    let t = tokens(2);
+    let cmd = calls::take_next(
+        &keys,
+        &caller("w1"),
+        Duration::from_secs(10),
+        true,
+        false,
+        &queue,
+        &[],
+        &t,
+    )
+    .unwrap();
+    let rows: calls::TakeNextRows = functions::call(&mut c, &cmd, "take next").await.unwrap();
+    let next = calls::parse_take_next(rows, 0, &t).unwrap();
+    let decisions: Vec<(String, TakeDecision)> = next
+        .taken
+        .iter()
+        .map(|(r, _, _)| (r.entry_id.clone(), r.decision))
+        .collect();
+    assert_eq!(
+        decisions,
+        vec![
+            (late.clone(), TakeDecision::Expired),
+            (fresh.clone(), TakeDecision::Run { attempt: 1 }),
+        ]
+    );
+    let h = job_hash(&mut c, &keys, &late).await;
+    assert_eq!(
+        (h["state"].as_str(), h["timeout"].as_str()),
+        ("expired", "queue")
+    );
+    assert_eq!(job_hash(&mut c, &keys, &fresh).await["state"], "running");
+}

@@ -125,9 +125,28 @@ end
 -- Reads and checks the queue's config hash, once per call; returns K. Every function that
 -- uses the config calls it first, so a bad value fails the call before anything is written:
 -- the same values Rust refuses (QueueConfig::from_map), with the field, value and range.
+-- The config last checked: its key, its HGETALL reply and what the checks made of it. A call
+-- that reads the same reply (nearly every call) skips the checks, which it would pass again.
+-- Kept between calls by the library (lost with it, and then only read again).
+local checked_key, checked_flat, checked_nums = nil, nil, nil
+
+-- Whether two HGETALL replies are the same, value for value.
+local function same_flat(a, b)
+  if b == nil or #a ~= #b then return false end
+  for i = 1, #a do
+    if a[i] ~= b[i] then return false end
+  end
+  return true
+end
+
 local function open_queue(K)
   if call_config ~= nil and call_config.key == K.config then return K end
-  local m = to_map(redis.call('HGETALL', K.config))
+  local flat = redis.call('HGETALL', K.config)
+  if checked_key == K.config and same_flat(flat, checked_flat) then
+    call_config = { key = K.config, nums = checked_nums }
+    return K
+  end
+  local m = to_map(flat)
   local nums = {}
   for _, name in ipairs(CONFIG_ORDER) do
     local range, v = CONFIG_NUMBERS[name], m[name]
@@ -148,6 +167,7 @@ local function open_queue(K)
       ' < ' .. base .. '); raise it with HSET ' .. K.config .. ' backoff_max_ms <number>'))
   end
   call_config = { key = K.config, nums = nums }
+  checked_key, checked_flat, checked_nums = K.config, flat, nums
   return K
 end
 

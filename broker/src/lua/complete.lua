@@ -219,6 +219,9 @@ end
 -- of the caller's node `node`, with one write of each kind for the batch.
 local function finish_succeeded(K, node, fast)
   local now, retention = tostring(now_ms()), tostring(retention_ms(K))
+  -- The `succeeded` event is routine: written when the queue asks for routine events, or for
+  -- a job someone waits on.
+  local routine = config_num(K, 'routine_events', 0) == 1
   local ids, holds = {}, {}
   for _, f in ipairs(fast) do
     local c, waiters = f[1], f[2]
@@ -233,7 +236,7 @@ local function finish_succeeded(K, node, fast)
       wake_waiters(K, c.job_id, 'succeeded', waiters)
       holds[#holds + 1] = 'w:' .. c.job_id
     end
-    emit(K, 'succeeded', c.job_id, { 'node', node }, waiters > 0)
+    if routine or waiters > 0 then emit(K, 'succeeded', c.job_id, { 'node', node }, waiters > 0) end
     ids[#ids + 1] = c.entry_id
     holds[#holds + 1] = c.entry_id
   end

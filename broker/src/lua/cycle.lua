@@ -68,19 +68,59 @@ local function take_next(keys, args)
   end
   local got = read and read[1][2] or {}
 
-  -- taken[i] is the i-th entry read: 'read' now, or filled in below from take_batch's reply.
-  local entries, ids, owned, at = {}, {}, {}, {}
   local taken = {}
+  if #got == 0 then
+    if args[5] == '1' then take_batch(K, T, {}, {}, true, {}) end
+    return { done, taken, read_error }
+  end
+  -- One read of the holds hash for the marks of what came (cancelled or expired while waiting).
+  local read_ids = {}
+  for i, entry in ipairs(got) do read_ids[i] = entry[1] end
+  local marks = redis.call('HMGET', K.holds, unpack(read_ids))
+  -- taken[i] is the i-th entry read: taken here when it is a plain first delivery with no mark
+  -- and its queue deadline not passed (written as take_run writes it, without building the
+  -- job record as a table), 'read' when fleetq_take must be told its fields, or decided by
+  -- take_batch.
+  local entries, ids, owned, at = {}, {}, {}, {}
+  local leases, tokens = {}, {}
+  local state = T.started_now and 'running' or 'taken'
   for i, entry in ipairs(got) do
     local id, fields = entry[1], entry[2]
     local ms = string.match(id, '^(%d+)%-%d+$')
-    taken[i] = { id, 'read', 1, 0, fields }
-    if ms ~= nil and fresh_fields(fields) then
-      entries[#entries + 1] = fresh_entry(T, id, args[tokens_from + i - 1], ms)
+    local token = args[tokens_from + i - 1]
+    if ms == nil or not fresh_fields(fields) then
+      taken[i] = { id, 'read', 1, 0, fields }
+    elseif marks[i] == false and (T.queue_timeout == 0 or T.now <= tonumber(ms) + T.queue_timeout) then
+      local jk = job_key(K, id)
+      if T.started_now then
+        redis.call('HSET', jk, 'state', state, 'entry', id, 'consumer', T.consumer, 'node', T.node,
+          'attempt', '1', 'attempts', '1', 'max_attempts', T.max_attempts_s, 'taken_ms', T.now_s,
+          'nodes', T.node, 'enqueued_ms', ms, 'deliveries', '1', 'attempt_started_ms', T.now_s,
+          'started_ms', T.now_s)
+      else
+        redis.call('HSET', jk, 'state', state, 'entry', id, 'consumer', T.consumer, 'node', T.node,
+          'attempt', '1', 'attempts', '0', 'max_attempts', T.max_attempts_s, 'taken_ms', T.now_s,
+          'nodes', T.node, 'enqueued_ms', ms, 'deliveries', '1')
+      end
+      leases[#leases + 1] = T.deadline_s
+      leases[#leases + 1] = id
+      tokens[#tokens + 1] = id
+      tokens[#tokens + 1] = hold_value(token, T.consumer)
+      if T.routine then
+        emit(K, state == 'running' and 'started' or 'taken', id, { 'node', T.node, 'attempt', '1' })
+      end
+      taken[i] = { id, 'run', 1, 1, fields }
+    else
+      taken[i] = { id, 'read', 1, 0, fields }
+      entries[#entries + 1] = fresh_entry(T, id, token, ms)
       ids[#ids + 1] = id
       owned[id] = 1
       at[#at + 1] = i
     end
+  end
+  if #leases > 0 then
+    redis.call('ZADD', K.leases, unpack(leases))
+    redis.call('HSET', K.holds, unpack(tokens))
   end
   for j, t in ipairs(take_batch(K, T, entries, ids, args[5] == '1', owned)) do
     local row = taken[at[j]]

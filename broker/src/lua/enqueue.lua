@@ -63,6 +63,7 @@ local function enqueue_job(K, args, from, to)
     return nil, 'optional fields must come in field/value pairs'
   end
   local job = { fields = { 'payload', payload }, id = nil, delay = 0 }
+  if to == from then return job end
   local given = {}
   for i = from + 1, to, 2 do
     local f, v = args[i], args[i + 1]
@@ -117,6 +118,8 @@ end
 -- Adds checked jobs in order; `line()` gives the end of the line (read once per call).
 local function add_jobs(K, jobs, line)
   local out = {}
+  -- `queued` is a routine event (events.lua).
+  local routine = config_num(K, 'routine_events', 0) == 1
   for _, job in ipairs(jobs) do
     local reply = nil
     if job.id ~= nil then
@@ -140,7 +143,7 @@ local function add_jobs(K, jobs, line)
         end
         redis.call(unpack(set))
       end
-      emit(K, 'queued', job_id)
+      if routine then emit(K, 'queued', job_id) end
       reply = { job_id, 'waiting', pos, 1 }
     end
     out[#out + 1] = reply
