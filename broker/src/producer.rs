@@ -207,7 +207,7 @@ impl Producer {
     }
 
     /// Adds large payloads (known to be JSON) with plain `XADD`s, after one
-    /// `fleetq_enqueue_check` of the largest: in [`BATCH_CALL_BYTES`] runs, each in one
+    /// `fleetq_enqueue_check` of the largest: in [`PLAIN_CALL_BYTES`] runs, each in one
     /// `MULTI` with the group's counters, which say the positions.
     async fn enqueue_plain(&self, payloads: &[&str]) -> Result<Vec<Enqueued>> {
         let largest = payloads.iter().map(|p| p.len()).max().unwrap_or(0);
@@ -218,7 +218,7 @@ impl Producer {
             .map_err(|e| e.refused_enqueue("job"))?;
         let stream = self.keys.stream();
         let mut out = Vec::with_capacity(payloads.len());
-        for run in chunks(payloads, |p| p.len()) {
+        for run in chunks(payloads, PLAIN_CALL_BYTES, |p| p.len()) {
             let mut pipe = redis::pipe();
             pipe.atomic();
             for payload in run {
@@ -340,7 +340,7 @@ impl Producer {
         for (keys, list) in homes {
             let mut pipe = redis::pipe();
             let mut order = Vec::with_capacity(list.len());
-            for chunk in chunks(&list, |(i, _)| jobs[*i].0.len()) {
+            for chunk in chunks(&list, BATCH_CALL_BYTES, |(i, _)| jobs[*i].0.len()) {
                 let mut cmd = fcall("fleetq_enqueue_batch", keys);
                 for (i, generated) in chunk {
                     let (payload, opts) = jobs[*i];
@@ -556,14 +556,18 @@ pub const PLAIN_PAYLOAD_BYTES: usize = 64 * 1024;
 /// bounds the arguments Redis holds for one call. 1 MiB.
 pub const BATCH_CALL_BYTES: usize = 1 << 20;
 
-/// `items` cut into runs of at most [`BATCH_CALL_JOBS`] items and [`BATCH_CALL_BYTES`] of
-/// `size` (each run holds at least one item).
-fn chunks<T>(items: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
+/// Most payload bytes in one `MULTI` of plain `XADD`s ([`PLAIN_PAYLOAD_BYTES`]): Redis holds a
+/// transaction's commands until its `EXEC`. 8 MiB.
+pub const PLAIN_CALL_BYTES: usize = 8 << 20;
+
+/// `items` cut into runs of at most [`BATCH_CALL_JOBS`] items and `max_bytes` of `size`
+/// (each run holds at least one item).
+fn chunks<T>(items: &[T], max_bytes: usize, size: impl Fn(&T) -> usize) -> Vec<&[T]> {
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, item) in items.iter().enumerate() {
         let n = size(item);
-        if i > start && (i - start == BATCH_CALL_JOBS || bytes + n > BATCH_CALL_BYTES) {
+        if i > start && (i - start == BATCH_CALL_JOBS || bytes + n > max_bytes) {
             out.push(&items[start..i]);
             (start, bytes) = (i, 0);
         }
@@ -618,11 +622,17 @@ mod tests {
     #[test]
     fn batches_are_cut_by_count_and_by_bytes() {
         let small = vec![10usize; 250];
-        let runs: Vec<usize> = chunks(&small, |n| *n).iter().map(|r| r.len()).collect();
+        let runs: Vec<usize> = chunks(&small, BATCH_CALL_BYTES, |n| *n)
+            .iter()
+            .map(|r| r.len())
+            .collect();
         assert_eq!(runs, vec![100, 100, 50]);
         let big = vec![BATCH_CALL_BYTES / 2 + 1, 5, BATCH_CALL_BYTES * 3, 5];
-        let runs: Vec<usize> = chunks(&big, |n| *n).iter().map(|r| r.len()).collect();
+        let runs: Vec<usize> = chunks(&big, BATCH_CALL_BYTES, |n| *n)
+            .iter()
+            .map(|r| r.len())
+            .collect();
         assert_eq!(runs, vec![2, 1, 1], "a run holds at least one job");
-        assert!(chunks(&Vec::<usize>::new(), |n| *n).is_empty());
+        assert!(chunks(&Vec::<usize>::new(), BATCH_CALL_BYTES, |n| *n).is_empty());
     }
 }
