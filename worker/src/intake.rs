@@ -796,7 +796,15 @@ impl<H: Handler> Intake<H> {
                 .await;
             return;
         };
-        let attempt = attempt::run(rt.clone(), t, attempt, entry, queue.clone(), permit);
+        // Boxed: the attempt's state is large, and a task is moved into place when spawned.
+        let attempt = Box::pin(attempt::run(
+            rt.clone(),
+            t,
+            attempt,
+            entry,
+            queue.clone(),
+            permit,
+        ));
         let health = rt.node.health.clone();
         self.tasks.spawn(async move {
             attempt.await;
