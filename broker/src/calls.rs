@@ -151,7 +151,34 @@ pub fn take_for(
     if entries.is_empty() || !entries.iter().all(|e| e.is_fresh(queue)) {
         return take(keys, caller, lease, started_now, beat, entries);
     }
-    let mut cmd = fcall("fleetq_take_fresh", keys);
+    let mut cmd = fresh_header(
+        "fleetq_take_fresh",
+        keys,
+        caller,
+        lease,
+        started_now,
+        beat,
+        queue,
+    );
+    for e in entries {
+        cmd.arg(&e.entry_id)
+            .arg(e.token.as_ref().map_or("", Token::as_str));
+    }
+    cmd
+}
+
+/// An `FCALL` of `function` with the 7 header values `fleetq_take_fresh` and
+/// `fleetq_take_next` share.
+fn fresh_header(
+    function: &str,
+    keys: &QueueKeys,
+    caller: &Caller,
+    lease: Duration,
+    started_now: bool,
+    beat: bool,
+    queue: &crate::QueueConfig,
+) -> redis::Cmd {
+    let mut cmd = fcall(function, keys);
     cmd.arg(&caller.consumer)
         .arg(&caller.node)
         .arg(lease.as_millis() as u64)
@@ -159,11 +186,18 @@ pub fn take_for(
         .arg(u8::from(beat))
         .arg(queue.max_attempts)
         .arg(queue_timeout_ms(queue));
-    for e in entries {
-        cmd.arg(&e.entry_id)
-            .arg(e.token.as_ref().map_or("", Token::as_str));
-    }
     cmd
+}
+
+/// The 4 values per end of `fleetq_complete_first` (and `fleetq_take_next`): entry id, token,
+/// job id and the result of each first-attempt success of `batch`.
+fn first_ends(cmd: &mut redis::Cmd, batch: &[Completion<'_>], results: &[&str]) {
+    for (c, result) in batch.iter().zip(results) {
+        cmd.arg(&c.held.entry_id)
+            .arg(c.held.token.as_str())
+            .arg(&c.held.job_id)
+            .arg(*result);
+    }
 }
 
 fn queue_timeout_ms(queue: &crate::QueueConfig) -> u64 {
@@ -444,12 +478,7 @@ pub fn complete(keys: &QueueKeys, caller: &Caller, batch: &[Completion<'_>]) -> 
     if let Some(results) = firsts.filter(|r| !r.is_empty()) {
         let mut cmd = fcall("fleetq_complete_first", keys);
         cmd.arg(&caller.consumer).arg(&caller.node);
-        for (c, result) in batch.iter().zip(results) {
-            cmd.arg(&c.held.entry_id)
-                .arg(c.held.token.as_str())
-                .arg(&c.held.job_id)
-                .arg(result);
-        }
+        first_ends(&mut cmd, batch, &results);
         return cmd;
     }
     let mut cmd = fcall("fleetq_complete", keys);
@@ -514,21 +543,17 @@ pub fn take_next(
         .iter()
         .map(Completion::first_success)
         .collect::<Option<_>>()?;
-    let mut cmd = fcall("fleetq_take_next", keys);
-    cmd.arg(&caller.consumer)
-        .arg(&caller.node)
-        .arg(lease.as_millis() as u64)
-        .arg(u8::from(started_now))
-        .arg(u8::from(beat))
-        .arg(queue.max_attempts)
-        .arg(queue_timeout_ms(queue))
-        .arg(ends.len());
-    for (c, result) in ends.iter().zip(results) {
-        cmd.arg(&c.held.entry_id)
-            .arg(c.held.token.as_str())
-            .arg(&c.held.job_id)
-            .arg(result);
-    }
+    let mut cmd = fresh_header(
+        "fleetq_take_next",
+        keys,
+        caller,
+        lease,
+        started_now,
+        beat,
+        queue,
+    );
+    cmd.arg(ends.len());
+    first_ends(&mut cmd, ends, &results);
     for t in tokens {
         cmd.arg(t.as_str());
     }

@@ -1131,6 +1131,16 @@ async fn take_next(
     calls::parse_take_next(rows, ends.len(), tokens).unwrap()
 }
 
+/// The end of a first attempt of `held`.
+fn first_end<'a>(held: &'a Holding, commit: &'a Commit, ending: &'a Ending) -> Completion<'a> {
+    Completion {
+        held,
+        attempt: 1,
+        commit,
+        ending,
+    }
+}
+
 fn tokens(n: usize) -> Vec<Token> {
     (0..n).map(|_| Token::new()).collect()
 }
@@ -1187,12 +1197,7 @@ async fn a_turn_in_one_call_records_and_takes_what_the_separate_calls_do() {
     );
     let commit = Commit::Succeeded("{\"ok\":1}".into());
     let ending = Ending::default();
-    let ends = [&ha, &hb].map(|held| Completion {
-        held,
-        attempt: 1,
-        commit: &commit,
-        ending: &ending,
-    });
+    let ends = [&ha, &hb].map(|held| first_end(held, &commit, &ending));
     let next = take_next(&mut c, &keys, "w1", &ends, &tokens(8)).await;
     assert_eq!(next.ends, vec![Committed::Ok, Committed::Ok]);
     assert!(next.taken.is_empty());
@@ -1237,12 +1242,7 @@ async fn a_turn_in_one_call_keeps_fencing_marks_and_what_it_must_not_take() {
     };
     let commit = Commit::Succeeded("1".into());
     let ending = Ending::default();
-    let end = [Completion {
-        held: &stale,
-        attempt: 1,
-        commit: &commit,
-        ending: &ending,
-    }];
+    let end = [first_end(&stale, &commit, &ending)];
     let t = tokens(8);
     let next = take_next(&mut c, &keys, "w1", &end, &t).await;
     assert_eq!(next.ends, vec![Committed::Fenced]);
@@ -1280,12 +1280,7 @@ async fn a_turn_in_one_call_keeps_fencing_marks_and_what_it_must_not_take() {
         token: next.taken[0].1.clone(),
         job_id: plain.clone(),
     };
-    let end = [Completion {
-        held: &held,
-        attempt: 1,
-        commit: &commit,
-        ending: &ending,
-    }];
+    let end = [first_end(&held, &commit, &ending)];
     assert_eq!(
         take_next(&mut c, &keys, "w2", &end, &[]).await.ends,
         vec![Committed::Fenced]
@@ -1320,12 +1315,7 @@ async fn a_turn_whose_read_fails_still_records_its_ends() {
         .unwrap();
     let commit = Commit::Succeeded("1".into());
     let ending = Ending::default();
-    let end = [Completion {
-        held: &held,
-        attempt: 1,
-        commit: &commit,
-        ending: &ending,
-    }];
+    let end = [first_end(&held, &commit, &ending)];
     let next = take_next(&mut c, &keys, "w1", &end, &tokens(4)).await;
     assert_eq!(next.ends, vec![Committed::Ok]);
     let why = next.read_error.expect("the read failed");
