@@ -249,15 +249,21 @@ end
 
 -- Ends the checked `entries` (complete_entry's tables) of the caller: each fenced on its own,
 -- first-attempt successes written together (finish_succeeded), the rest one by one.
-local function complete_batch(K, consumer, node, entries)
-  if #entries == 0 then return {} end
-  -- One read for the batch: each entry's token and the number of callers waiting on its job.
-  local wanted = {}
+-- The fields of the holds hash complete_batch reads for `entries`, appended to `wanted`: each
+-- entry's token and the number of callers waiting on its job.
+local function holds_wanted(entries, wanted)
   for _, c in ipairs(entries) do
     wanted[#wanted + 1] = c.entry_id
     wanted[#wanted + 1] = 'w:' .. c.job_id
   end
-  local h = redis.call('HMGET', K.holds, unpack(wanted))
+  return wanted
+end
+
+-- `h`: the holds hash's values of holds_wanted(entries), when the caller read them already.
+local function complete_batch(K, consumer, node, entries, h)
+  if #entries == 0 then return {} end
+  -- One read for the batch.
+  h = h or redis.call('HMGET', K.holds, unpack(holds_wanted(entries, {})))
   local out, fast, fenced = {}, {}, 0
   for i, c in ipairs(entries) do
     local held, waiters = h[2 * i - 1], tonumber(h[2 * i]) or 0

@@ -57,8 +57,11 @@ local function take_next(keys, args)
       return redis.error_reply('fleetq: fleetq_take_next: token ' .. shown(args[i]) .. ' is not 16 hex digits')
     end
   end
-  local done = complete_batch(K, T.consumer, T.node, first_entries(args, NEXT_HEADER + 1, tokens_from - 1))
+  local ended = first_entries(args, NEXT_HEADER + 1, tokens_from - 1)
 
+  -- The read first: one read of the holds hash then serves both the ends (their tokens and
+  -- waiters) and what came (marks of jobs cancelled or expired while waiting). The entries
+  -- read are new, so none of them is among the ends.
   local count = #args - tokens_from + 1
   local read_error = ''
   local read = false
@@ -67,16 +70,20 @@ local function take_next(keys, args)
     if ok then read = r else read_error = r.err or tostring(r) end
   end
   local got = read and read[1][2] or {}
+  local wanted = holds_wanted(ended, {})
+  local marks_from = #wanted
+  for _, entry in ipairs(got) do wanted[#wanted + 1] = entry[1] end
+  local h = {}
+  if #wanted > 0 then h = redis.call('HMGET', K.holds, unpack(wanted)) end
+  local done = complete_batch(K, T.consumer, T.node, ended, h)
 
   local taken = {}
   if #got == 0 then
     if args[5] == '1' then take_batch(K, T, {}, {}, true, {}) end
     return { done, taken, read_error }
   end
-  -- One read of the holds hash for the marks of what came (cancelled or expired while waiting).
-  local read_ids = {}
-  for i, entry in ipairs(got) do read_ids[i] = entry[1] end
-  local marks = redis.call('HMGET', K.holds, unpack(read_ids))
+  local marks = {}
+  for i = 1, #got do marks[i] = h[marks_from + i] end
   -- taken[i] is the i-th entry read: taken here when it is a plain first delivery with no mark
   -- and its queue deadline not passed (written as take_run writes it, without building the
   -- job record as a table), 'read' when fleetq_take must be told its fields, or decided by
