@@ -583,7 +583,6 @@ fn chunks<T>(items: &[T], max_bytes: usize, size: impl Fn(&T) -> usize) -> Vec<&
 /// any (see [`Producer::place`]).
 type Placed = (usize, Option<String>);
 
-/// A function's reply `[job_id, state, position, created]` as an [`Enqueued`].
 /// A value of the reply to a plain enqueue (`XADD`s, `XINFO GROUPS`, `XLEN` in one `MULTI`).
 fn parse_plain<T: redis::FromRedisValue>(v: Option<redis::Value>) -> Result<T> {
     let v = v.ok_or_else(|| plain_reply("too few values".into()))?;
@@ -597,6 +596,7 @@ fn plain_reply(detail: String) -> Error {
     }
 }
 
+/// A function's reply `[job_id, state, position, created]` as an [`Enqueued`].
 fn enqueued((id, state, position, created): (String, String, u64, u8)) -> Result<Enqueued> {
     Ok(Enqueued {
         id,

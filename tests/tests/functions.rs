@@ -1185,6 +1185,14 @@ async fn a_turn_in_one_call_records_and_takes_what_the_separate_calls_do() {
         comparable(running_a),
         comparable(job_hash(&mut c, &keys, &b).await)
     );
+    let leases: Vec<String> = redis::cmd("ZRANGE")
+        .arg(keys.leases())
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(leases, vec![a.clone(), b.clone()], "both are leased");
 
     // Both end in one call that reads nothing more (nothing waits).
     let (ha, hb) = (

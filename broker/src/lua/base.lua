@@ -122,9 +122,6 @@ local function shown(v)
   return '"' .. string.gsub(string.sub(tostring(v), 1, 100), '%c', '?') .. '"'
 end
 
--- Reads and checks the queue's config hash, once per call; returns K. Every function that
--- uses the config calls it first, so a bad value fails the call before anything is written:
--- the same values Rust refuses (QueueConfig::from_map), with the field, value and range.
 -- The config last checked: its key, its HGETALL reply and what the checks made of it. A call
 -- that reads the same reply (nearly every call) skips the checks, which it would pass again.
 -- Kept between calls by the library (lost with it, and then only read again).
@@ -139,6 +136,9 @@ local function same_flat(a, b)
   return true
 end
 
+-- Reads and checks the queue's config hash, once per call; returns K. Every function that
+-- uses the config calls it first, so a bad value fails the call before anything is written:
+-- the same values Rust refuses (QueueConfig::from_map), with the field, value and range.
 local function open_queue(K)
   if call_config ~= nil and call_config.key == K.config then return K end
   local flat = redis.call('HGETALL', K.config)

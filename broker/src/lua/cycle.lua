@@ -77,57 +77,28 @@ local function take_next(keys, args)
   if #wanted > 0 then h = redis.call('HMGET', K.holds, unpack(wanted)) end
   local done = complete_batch(K, T.consumer, T.node, ended, h)
 
+  -- taken[i] is the i-th entry read: taken here (take_plain) when it is a plain first delivery
+  -- with no mark and its queue deadline not passed; 'read' when fleetq_take must be told its
+  -- fields; else decided by take_batch. take_batch also notes the caller alive (beat) and
+  -- writes the leases and tokens of all that run.
   local taken = {}
-  if #got == 0 then
-    if args[5] == '1' then take_batch(K, T, {}, {}, true, {}) end
-    return { done, taken, read_error }
-  end
-  local marks = {}
-  for i = 1, #got do marks[i] = h[marks_from + i] end
-  -- taken[i] is the i-th entry read: taken here when it is a plain first delivery with no mark
-  -- and its queue deadline not passed (written as take_run writes it, without building the
-  -- job record as a table), 'read' when fleetq_take must be told its fields, or decided by
-  -- take_batch.
   local entries, ids, owned, at = {}, {}, {}, {}
-  local leases, tokens = {}, {}
-  local state = T.started_now and 'running' or 'taken'
   for i, entry in ipairs(got) do
     local id, fields = entry[1], entry[2]
     local ms = string.match(id, '^(%d+)%-%d+$')
     local token = args[tokens_from + i - 1]
-    if ms == nil or not fresh_fields(fields) then
-      taken[i] = { id, 'read', 1, 0, fields }
-    elseif marks[i] == false and (T.queue_timeout == 0 or T.now <= tonumber(ms) + T.queue_timeout) then
-      local jk = job_key(K, id)
-      if T.started_now then
-        redis.call('HSET', jk, 'state', state, 'entry', id, 'consumer', T.consumer, 'node', T.node,
-          'attempt', '1', 'attempts', '1', 'max_attempts', T.max_attempts_s, 'taken_ms', T.now_s,
-          'nodes', T.node, 'enqueued_ms', ms, 'deliveries', '1', 'attempt_started_ms', T.now_s,
-          'started_ms', T.now_s)
+    taken[i] = { id, 'read', 1, 0, fields }
+    if ms ~= nil and fresh_fields(fields) then
+      local mark = h[marks_from + i]
+      if mark == false and (T.queue_timeout == 0 or T.now <= tonumber(ms) + T.queue_timeout) then
+        taken[i][2], taken[i][4] = 'run', take_plain(K, T, id, token, ms, T.max_attempts_s)
       else
-        redis.call('HSET', jk, 'state', state, 'entry', id, 'consumer', T.consumer, 'node', T.node,
-          'attempt', '1', 'attempts', '0', 'max_attempts', T.max_attempts_s, 'taken_ms', T.now_s,
-          'nodes', T.node, 'enqueued_ms', ms, 'deliveries', '1')
+        entries[#entries + 1] = fresh_entry(T, id, token, ms)
+        ids[#ids + 1] = id
+        owned[id] = 1
+        at[#at + 1] = i
       end
-      leases[#leases + 1] = T.deadline_s
-      leases[#leases + 1] = id
-      tokens[#tokens + 1] = id
-      tokens[#tokens + 1] = hold_value(token, T.consumer)
-      if T.routine then
-        emit(K, state == 'running' and 'started' or 'taken', id, { 'node', T.node, 'attempt', '1' })
-      end
-      taken[i] = { id, 'run', 1, 1, fields }
-    else
-      taken[i] = { id, 'read', 1, 0, fields }
-      entries[#entries + 1] = fresh_entry(T, id, token, ms)
-      ids[#ids + 1] = id
-      owned[id] = 1
-      at[#at + 1] = i
     end
-  end
-  if #leases > 0 then
-    redis.call('ZADD', K.leases, unpack(leases))
-    redis.call('HSET', K.holds, unpack(tokens))
   end
   for j, t in ipairs(take_batch(K, T, entries, ids, args[5] == '1', owned)) do
     local row = taken[at[j]]

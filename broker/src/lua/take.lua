@@ -55,6 +55,32 @@ end
 local SMALL = { [0] = '0', '1', '2', '3' }
 local function small(n) return SMALL[n] or tostring(n) end
 
+-- The caller runs a plain job's first delivery (entry `id`, which is its job id, enqueued at
+-- `enqueued_ms`, allowed `max_attempts_s` attempts): what take_run writes for it, with one
+-- HSET of literal fields (no record read, nothing carried over to clear). Returns 1, the
+-- attempt's number.
+local function take_plain(K, T, id, token, enqueued_ms, max_attempts_s)
+  local jk = job_key(K, id)
+  if T.started_now then
+    redis.call('HSET', jk, 'state', 'running', 'entry', id, 'consumer', T.consumer, 'node', T.node,
+      'attempt', '1', 'attempts', '1', 'max_attempts', max_attempts_s, 'taken_ms', T.now_s,
+      'nodes', T.node, 'enqueued_ms', enqueued_ms, 'deliveries', '1', 'attempt_started_ms', T.now_s,
+      'started_ms', T.now_s)
+  else
+    redis.call('HSET', jk, 'state', 'taken', 'entry', id, 'consumer', T.consumer, 'node', T.node,
+      'attempt', '1', 'attempts', '0', 'max_attempts', max_attempts_s, 'taken_ms', T.now_s,
+      'nodes', T.node, 'enqueued_ms', enqueued_ms, 'deliveries', '1')
+  end
+  T.leases[#T.leases + 1] = T.deadline_s
+  T.leases[#T.leases + 1] = id
+  T.tokens[#T.tokens + 1] = id
+  T.tokens[#T.tokens + 1] = hold_value(token, T.consumer)
+  if T.routine then
+    emit(K, T.started_now and 'started' or 'taken', id, { 'node', T.node, 'attempt', '1' })
+  end
+  return 1
+end
+
 -- The caller runs it: record the holder; its token and lease go into T.tokens and T.leases,
 -- written once for the batch.
 local function take_run(K, T, e, h, used, deliveries)
@@ -237,7 +263,24 @@ local function take_header(K, args)
   return T
 end
 
--- Decides for checked `entries` (their ids in `ids`) and writes the batch's leases and tokens.
+-- Decides for each of `entries` (delivery counts of those the caller owns in `owned`, their
+-- marks in `marks`), appending a reply row to `out`.
+local function take_each(K, T, entries, owned, marks, out)
+  for i, e in ipairs(entries) do
+    local deliveries = owned[e.entry_id]
+    if deliveries == nil or e.token == '' then
+      out[#out + 1] = { e.entry_id, 'lost', deliveries or 0, 0 }
+    elseif plain_first(T, e, deliveries, marks[i]) then
+      out[#out + 1] = { e.entry_id, 'run', deliveries, take_plain(K, T, e.entry_id, e.token, e.enqueued, e.max_attempts_s) }
+    else
+      local decision, n = take_owned(K, T, e, deliveries)
+      out[#out + 1] = { e.entry_id, decision, deliveries, n }
+    end
+  end
+end
+
+-- Decides for checked `entries` (their ids in `ids`) and writes the batch's leases and tokens
+-- (those of T, which the caller may have added to: fleetq_take_next's own takes).
 -- `owned`: the delivery counts of the entries the caller owns, by entry id, when the caller
 -- of take_batch knows them (it read them itself); else they are looked up.
 local function take_batch(K, T, entries, ids, beat, owned)
@@ -245,20 +288,11 @@ local function take_batch(K, T, entries, ids, beat, owned)
     seen(K, T.node)
     worker_called(K, T.lease, T.now)
   end
-  if #entries == 0 then return {} end
-  owned = owned or owned_deliveries(K, T.consumer, entries)
-  local marks = redis.call('HMGET', K.holds, unpack(ids))
   local out = {}
-  for i, e in ipairs(entries) do
-    local deliveries = owned[e.entry_id]
-    if deliveries == nil or e.token == '' then
-      out[#out + 1] = { e.entry_id, 'lost', deliveries or 0, 0 }
-    elseif plain_first(T, e, deliveries, marks[i]) then
-      out[#out + 1] = { e.entry_id, 'run', deliveries, take_run(K, T, e, {}, 0, deliveries) }
-    else
-      local decision, n = take_owned(K, T, e, deliveries)
-      out[#out + 1] = { e.entry_id, decision, deliveries, n }
-    end
+  if #entries > 0 then
+    owned = owned or owned_deliveries(K, T.consumer, entries)
+    local marks = redis.call('HMGET', K.holds, unpack(ids))
+    take_each(K, T, entries, owned, marks, out)
   end
   if #T.leases > 0 then
     redis.call('ZADD', K.leases, unpack(T.leases))
