@@ -4,7 +4,8 @@
 // with jobs/s, Redis CPU per job (INFO cpu, user + sys, over the drain) and Redis commands
 // per job (INFO commandstats, whole lifecycle).
 //
-// Needs a redis-server of its own (pass its port) and BullMQ, installed outside the repo:
+// Needs a redis-server of its own (pass its port; the script resets its INFO counters) and
+// BullMQ, installed outside the repo:
 //
 //   mkdir /tmp/bullmq && cd /tmp/bullmq && npm init -y && npm install bullmq@6.7.6
 //   redis-server --port 6420 --save '' &
@@ -48,7 +49,7 @@ const calls = async () => {
   return total;
 };
 
-await admin.flushall();
+// The server's counters start from here (its data is left alone: the queue's name is new).
 await admin.config('RESETSTAT');
 const name = `drain-${Date.now()}`;
 const queue = new Queue(name, { connection });

@@ -1347,12 +1347,24 @@ async fn a_turn_whose_read_fails_still_records_its_ends() {
 #[tokio::test]
 async fn a_turn_in_one_call_expires_what_waited_past_its_queue_timeout() {
     let (_s, keys, mut c) = setup().await;
-    let late = xadd(&mut c, &keys, &[("payload", "{}")]).await;
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // The first entry's id says it was added a minute ago (ids carry their time), the second
+    // one now. With a queue timeout of 30 s, the first waited past it, the second did not.
+    let a_minute_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        - 60_000;
+    let late: String = redis::cmd("XADD")
+        .arg(keys.stream())
+        .arg(format!("{a_minute_ago}-0"))
+        .arg("payload")
+        .arg("{}")
+        .query_async(&mut c)
+        .await
+        .unwrap();
     let fresh = xadd(&mut c, &keys, &[("payload", "{}")]).await;
-    // A queue timeout of 20 ms: the first entry waited past it, the second did not.
     let queue = fleetq_broker::QueueConfig {
-        queue_timeout: Some(Duration::from_millis(20)),
+        queue_timeout: Some(Duration::from_secs(30)),
         ..fleetq_broker::QueueConfig::default()
     };
     let t = tokens(2);

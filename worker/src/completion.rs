@@ -209,9 +209,9 @@ impl Carried {
 impl Drop for Carried {
     fn drop(&mut self) {
         for r in self.batch.drain(..) {
-            if let Err(e) = self.back.send(r) {
-                // The batching task has stopped: the end's own loop hears so and gives up.
-                drop(e);
+            // Refused only when the batching task has stopped: the end's own loop then hears
+            // so and gives up.
+            if self.back.send(r).is_err() {
                 self.in_flight.answered(1);
             }
         }

@@ -310,7 +310,10 @@ impl<H: Handler> Intake<H> {
         };
         let queue = rt.queue_config();
         let next = match take::take_next(&rt.taker, &queue, &carried.completions(), count).await {
-            Ok(next) => next,
+            Ok(Some(next)) => next,
+            // Only first-attempt successes are carried; any other end would go back to the
+            // batching task with the rest, as `carried` does when dropped.
+            Ok(None) => return Ok(()),
             Err(e) => {
                 carried.answer(Err(Arc::new(e.clone())));
                 return Err(Error::Queue(e));

@@ -226,16 +226,17 @@ pub(crate) struct Next {
     pub(crate) large: bool,
 }
 
-/// Runs `fleetq_take_next`: records `ends` (first-attempt successes) and reads and takes up to
-/// `count` new entries, in one call.
+/// Runs `fleetq_take_next`: records `ends` and reads and takes up to `count` new entries, in
+/// one call. `None`, with nothing sent, when an end is not a first attempt's plain success
+/// (it goes through `fleetq_complete`).
 pub(crate) async fn take_next(
     taker: &Taker,
     queue: &QueueConfig,
     ends: &[Completion<'_>],
     count: usize,
-) -> Result<Next, fleetq_broker::Error> {
+) -> Result<Option<Next>, fleetq_broker::Error> {
     let tokens: Vec<Token> = (0..count).map(|_| Token::new()).collect();
-    let cmd = calls::take_next(
+    let Some(cmd) = calls::take_next(
         &taker.keys,
         &taker.caller,
         taker.lease,
@@ -244,10 +245,9 @@ pub(crate) async fn take_next(
         queue,
         ends,
         &tokens,
-    )
-    .ok_or_else(|| {
-        fleetq_broker::Error::Config("only first-attempt successes go with a read".into())
-    })?;
+    ) else {
+        return Ok(None);
+    };
     let rows: TakeNextRows = functions::call(&mut taker.redis.conn(), &cmd, "take next").await?;
     let reply = calls::parse_take_next(rows, ends.len(), &tokens)?;
     let untaken: Vec<RawEntry> = reply.untaken.into_iter().map(raw_entry).collect();
@@ -268,11 +268,11 @@ pub(crate) async fn take_next(
             (Taken { holding, decision }, job)
         })
         .collect();
-    Ok(Next {
+    Ok(Some(Next {
         ends: reply.ends,
         taken,
         untaken,
         read_error: reply.read_error,
         large,
-    })
+    }))
 }

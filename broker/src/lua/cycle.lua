@@ -1,5 +1,5 @@
 -- fleetq_take_next: a busy worker's whole turn in one call — record the attempts that just
--- ended (first-attempt successes, as fleetq_complete_first records them), then read new
+-- ended (first-attempt successes, as fleetq_complete_first records them), and read new
 -- entries for its free slots and take them (as XREADGROUP … > and fleetq_take_fresh would).
 -- One round trip instead of three, and no ownership lookup: the entries were read here, by
 -- the caller, for the first time.
