@@ -889,6 +889,20 @@ fn take_as_worker(keys: &QueueKeys, consumer: &str, entries: &[TakeEntry]) -> re
     )
 }
 
+/// An FCALL of `function` (`fleetq_take_fresh`, `fleetq_take_next`) by w1 with well-formed
+/// header values, for the entries' values to follow.
+fn fresh_header(function: &str, keys: &QueueKeys) -> redis::Cmd {
+    let mut cmd = fcall(function, keys);
+    cmd.arg("w1")
+        .arg("n")
+        .arg(10_000)
+        .arg(1)
+        .arg(0)
+        .arg(3)
+        .arg(0);
+    cmd
+}
+
 /// Whether `cmd` is an FCALL of `function`.
 fn calls_function(cmd: &redis::Cmd, function: &str) -> bool {
     let packed = String::from_utf8_lossy(&cmd.get_packed_command()).into_owned();
@@ -1070,16 +1084,8 @@ async fn the_short_forms_keep_fencing_and_marks() {
     );
     assert_eq!(job_hash(&mut c, &keys, &a).await["state"], "succeeded");
     // Refused: a short take of a malformed entry id or token.
-    let mut bad = fcall("fleetq_take_fresh", &keys);
-    bad.arg("w1")
-        .arg("n")
-        .arg(10_000)
-        .arg(1)
-        .arg(0)
-        .arg(3)
-        .arg(0)
-        .arg("x")
-        .arg("y");
+    let mut bad = fresh_header("fleetq_take_fresh", &keys);
+    bad.arg("x").arg("y");
     let err = bad.query_async::<redis::Value>(&mut c).await.unwrap_err();
     assert!(
         err.to_string()
@@ -1330,16 +1336,8 @@ async fn a_turn_whose_read_fails_still_records_its_ends() {
     assert!(why.starts_with("NOGROUP"), "{why}");
     assert_eq!(job_hash(&mut c, &keys, &a).await["state"], "succeeded");
     // Refused before anything is written: a token that is not 16 hex digits.
-    let mut bad = fcall("fleetq_take_next", &keys);
-    bad.arg("w1")
-        .arg("n")
-        .arg(10_000)
-        .arg(1)
-        .arg(0)
-        .arg(3)
-        .arg(0)
-        .arg(0)
-        .arg("nothex");
+    let mut bad = fresh_header("fleetq_take_next", &keys);
+    bad.arg(0).arg("nothex");
     let err = bad.query_async::<redis::Value>(&mut c).await.unwrap_err();
     assert!(err.to_string().contains("is not 16 hex digits"), "{err}");
 }
